@@ -1,0 +1,22 @@
+"""pergrad: per-example gradients for any ``nn.Module``, and their sufficient statistics.
+
+>>> engine = pergrad.PerExample(model, nn.CrossEntropyLoss(reduction="none"))
+>>> loss = engine.backward(x, y)   # p.grad = mean_b g_b, p.grad_stats = (n, mean_b g_b²)
+"""
+
+from pergrad.checks import InputError
+from pergrad.engine import FallbackWarning, PerExample
+from pergrad.modes import ModeError
+from pergrad.stats import GradStats, grad_stats, zero_grad
+
+__all__ = [
+    "FallbackWarning",
+    "GradStats",
+    "InputError",
+    "ModeError",
+    "PerExample",
+    "grad_stats",
+    "zero_grad",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,128 @@
+"""Validation of models, inputs and losses, with messages that say what to do."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class InputError(ValueError):
+    """Bad input to :class:`pergrad.PerExample`: the message says what was wrong and the fix."""
+
+
+def batch(inputs: Tensor | Sequence[Tensor], target: Tensor) -> tuple[tuple[Tensor, ...], int]:
+    """Normalize ``inputs`` to a tuple and return it with the batch size ``B``.
+
+    Raises:
+        TypeError: an input or the target is not a Tensor.
+        InputError: a tensor has no batch dimension, the tensors disagree on ``B``, or ``B = 0``.
+    """
+    if isinstance(inputs, Tensor):
+        inputs = (inputs,)
+    elif isinstance(inputs, Sequence) and not isinstance(inputs, str):
+        inputs = tuple(inputs)
+    else:
+        raise TypeError(
+            f"inputs must be a Tensor or a tuple of Tensors passed as model(*inputs), "
+            f"got {type(inputs).__name__}"
+        )
+    if not inputs:
+        raise InputError("inputs is an empty tuple: pass at least one Tensor for the model")
+    for i, x in enumerate(inputs):
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"inputs[{i}] is a {type(x).__name__}, not a Tensor: every input must be a "
+                f"Tensor with the batch on dim 0 (convert it with torch.as_tensor)"
+            )
+    if not isinstance(target, Tensor):
+        raise TypeError(
+            f"target is a {type(target).__name__}, not a Tensor: pass the targets as a Tensor "
+            f"with the batch on dim 0"
+        )
+    named = [(f"inputs[{i}]", x) for i, x in enumerate(inputs)] + [("target", target)]
+    for name, x in named:
+        if x.dim() == 0:
+            raise InputError(
+                f"{name} is 0-dimensional: every input and the target carry the batch on dim 0"
+            )
+    sizes = {name: x.shape[0] for name, x in named}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name}: {b}" for name, b in sizes.items())
+        raise InputError(f"inputs and target disagree on the batch size (dim 0): {listed}")
+    size = sizes["target"]
+    if size == 0:
+        raise InputError("the batch is empty (B = 0): pass at least one example")
+    return inputs, size
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that get per-example gradients: ``requires_grad``, named as in
+    ``model.named_parameters()`` (a tied parameter appears once, under its first name).
+
+    Raises:
+        InputError: there is nothing to differentiate.
+    """
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise InputError(
+            f"{type(model).__name__} has no trainable floating-point parameter: nothing to "
+            f"differentiate. Give it float parameters with requires_grad=True."
+        )
+    return params
+
+
+def no_batch_mixing(model: nn.Module) -> None:
+    """Refuse layers whose output for one example depends on the other examples.
+
+    Raises:
+        InputError: a BatchNorm layer is in training mode.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise InputError(
+                f"layer '{name or type(model).__name__}' ({type(module).__name__}) is in "
+                f"training mode, where it normalizes with the statistics of the whole batch, so "
+                f"no example has a gradient of its own. Put it in eval mode "
+                f"(model.{name}.eval()) or replace it with GroupNorm or LayerNorm."
+            )
+
+
+def per_example_loss(loss: object, batch_size: int) -> Tensor:
+    """Return ``loss`` if it holds one loss per example, shape ``(B,)``.
+
+    Raises:
+        InputError: the loss is not a Tensor of shape ``(B,)``.
+    """
+    if not isinstance(loss, Tensor):
+        raise InputError(f"loss_fn returned a {type(loss).__name__}, not a Tensor of shape (B,)")
+    if loss.shape != (batch_size,):
+        hint = (
+            " It looks reduced over the batch: use reduction='none', "
+            "e.g. nn.CrossEntropyLoss(reduction='none')."
+            if loss.dim() == 0
+            else " Reduce every dimension but the batch, e.g. loss.flatten(1).mean(1)."
+        )
+        raise InputError(
+            f"loss_fn must return one loss per example, shape ({batch_size},), "
+            f"got shape {tuple(loss.shape)}.{hint}"
+        )
+    if not loss.is_floating_point():
+        raise InputError(f"loss_fn returned dtype {loss.dtype}: losses must be floating point")
+    return loss
+
+
+def finite(grads: dict[str, Tensor], what: str) -> None:
+    """Raise if any gradient statistic is NaN or infinite.
+
+    Raises:
+        FloatingPointError: naming the parameters whose ``what`` is not finite.
+    """
+    bad = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite {what} for parameter(s) {', '.join(bad)}: some example's loss or "
+            f"gradient is NaN or infinite. Nothing was accumulated; inspect engine.last_losses, "
+            f"lower the learning rate, or skip this batch."
+        )

@@ -1,0 +1,206 @@
+"""``PerExample``: per-example gradients and their statistics for any ``nn.Module``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from pergrad import checks, stats
+from pergrad.modes import (
+    MODES,
+    FuncMode,
+    HooksMode,
+    LoopMode,
+    Mode,
+    ModeError,
+    PerExampleResult,
+    agree,
+)
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Inputs = Tensor | Sequence[Tensor]
+
+VERIFIED_EXAMPLES = 2
+"""How many examples ``"auto"`` checks against one backward each before trusting ``"hooks"``."""
+
+
+class FallbackWarning(UserWarning):
+    """``mode="auto"`` could not use its fastest mode and says which layer forced the fallback."""
+
+
+class PerExample:
+    """Per-example gradients ``g_b = ∇_Φ loss_fn(model(x_b), y_b)`` of a model's parameters.
+
+    The model is wrapped, not copied: its own parameters receive ``.grad`` and the statistics.
+
+    Args:
+        model: any ``nn.Module``. Its trainable parameters (``requires_grad=True``) get
+            per-example gradients; a tied parameter appears once, under its first name.
+        loss_fn: ``loss_fn(output, target) -> Tensor`` of shape ``(B,)``, one loss per example,
+            e.g. ``nn.CrossEntropyLoss(reduction="none")``.
+        mode: ``"func"`` (``torch.func`` ``vmap(grad)``), ``"hooks"`` (Opacus hooks), ``"loop"``
+            (one backward per example), or ``"auto"``: the first of these that runs the model
+            and, for ``"hooks"``, agrees with ``"loop"`` on the first examples. The choice is
+            made on the first call, announced by a :class:`FallbackWarning` if it is not
+            ``"func"``, and kept.
+        chunk_size: at most this many examples' gradients exist at once; ``None`` for the
+            whole batch. Results do not depend on it.
+        process_group: reserved for data-parallel statistics; not supported yet.
+
+    Example:
+        >>> engine = PerExample(model, nn.CrossEntropyLoss(reduction="none"))
+        >>> grads = engine.grads(x, y)        # {name: (B, *param.shape)}
+        >>> loss = engine.backward(x, y)      # p.grad = mean, p.grad_stats = (n, mean of squares)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        *,
+        mode: str = "auto",
+        chunk_size: int | None = None,
+        process_group: object | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if mode != "auto" and mode not in MODES:
+            raise ValueError(f"Invalid mode: {mode!r}; choose 'auto' or one of {sorted(MODES)}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
+            raise ValueError(f"Invalid chunk_size: {chunk_size!r}; use None or an int >= 1")
+        if process_group is not None:
+            raise NotImplementedError("process_group is not supported yet")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.chunk_size = chunk_size
+        self._requested = mode
+        self._mode: Mode | None = None if mode == "auto" else MODES[mode](model, loss_fn)
+        self.last_losses: Tensor | None = None
+        """Per-example losses ``(B,)`` of the last call, detached."""
+
+    @property
+    def mode(self) -> str:
+        """The mode in use: ``"auto"`` until the first call has chosen one."""
+        return self._requested if self._mode is None else self._mode.name
+
+    def grads(self, inputs: Inputs, target: Tensor) -> dict[str, Tensor]:
+        """Per-example gradients, ``{name: Tensor of shape (B, *param.shape)}``.
+
+        Leaves ``.grad`` and the statistics untouched.
+
+        Raises:
+            TypeError, ValueError: bad inputs, loss or model; the message says what to do.
+            FloatingPointError: some per-example gradient is NaN or infinite.
+        """
+        params, chunks = self._prepare(inputs, target)
+        results = [self._per_example(params, x, y) for x, y in chunks]
+        grads = {name: torch.cat([g[name] for g, _ in results]) for name in params}
+        checks.finite(grads, "per-example gradients")
+        self.last_losses = torch.cat([losses for _, losses in results])
+        return grads
+
+    def backward(self, inputs: Inputs, target: Tensor) -> Tensor:
+        """Accumulate ``ĝ = mean_b g_b`` into ``p.grad`` and ``(n, mean_b g_b²)`` into
+        ``p.grad_stats`` for every trainable parameter, chunk by chunk, and return the mean loss.
+
+        Calling it again before the statistics are cleared accumulates: two halves of a batch
+        leave what the whole batch would. Clear with ``optimizer.zero_grad()`` of an ``optim``
+        optimizer or :meth:`zero_grad`.
+
+        Raises:
+            TypeError, ValueError: bad inputs, loss or model; the message says what to do.
+            FloatingPointError: a gradient statistic is NaN or infinite; nothing is accumulated.
+        """
+        params, chunks = self._prepare(inputs, target)
+        grad_sums, sq_sums, losses = {}, {}, []
+        for x, y in chunks:
+            grads, chunk_losses = self._per_example(params, x, y)
+            chunk_sums, chunk_sq_sums = stats.sums(grads)
+            del grads
+            for name in params:
+                grad_sums[name] = grad_sums.get(name, 0) + chunk_sums[name]
+                sq_sums[name] = sq_sums.get(name, 0) + chunk_sq_sums[name]
+            losses.append(chunk_losses)
+        checks.finite(sq_sums, "sum of squared per-example gradients")
+        self.last_losses = torch.cat(losses)
+        stats.accumulate(params, len(self.last_losses), grad_sums, sq_sums)
+        return self.last_losses.mean()
+
+    def zero_grad(self) -> None:
+        """Clear ``.grad`` and the per-example statistics of every parameter of the model."""
+        stats.zero_grad(self.model.parameters())
+
+    def _prepare(
+        self, inputs: Inputs, target: Tensor
+    ) -> tuple[dict[str, nn.Parameter], Iterator[tuple[tuple[Tensor, ...], Tensor]]]:
+        inputs, size = checks.batch(inputs, target)
+        checks.no_batch_mixing(self.model)
+        params = checks.trainable(self.model)
+        step = self.chunk_size or size
+        chunks = (
+            (tuple(x[start : start + step] for x in inputs), target[start : start + step])
+            for start in range(0, size, step)
+        )
+        return params, chunks
+
+    def _per_example(
+        self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
+    ) -> PerExampleResult:
+        with torch.enable_grad():
+            if self._mode is None:
+                return self._choose_mode(params, inputs, target)
+            return self._mode(params, inputs, target)
+
+    def _choose_mode(
+        self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
+    ) -> PerExampleResult:
+        """Run the first mode that can, remember it, and warn if it is not the fastest."""
+        reasons = []
+        for mode in (FuncMode(self.model, self.loss_fn), HooksMode(self.model, self.loss_fn)):
+            try:
+                result = mode(params, inputs, target)
+                if mode.name == "hooks":
+                    _agree_with_loop(self.model, self.loss_fn, params, inputs, target, result)
+            except ModeError as error:
+                reasons.append(f"mode={error.mode!r} failed {error.reason}")
+                continue
+            return self._adopt(mode, reasons, result)
+        mode = LoopMode(self.model, self.loss_fn)
+        return self._adopt(mode, reasons, mode(params, inputs, target))
+
+    def _adopt(self, mode: Mode, reasons: list[str], result: PerExampleResult) -> PerExampleResult:
+        self._mode = mode
+        if reasons:
+            slow = " (one backward per example: correct, slow)" if mode.name == "loop" else ""
+            warnings.warn(
+                f"pergrad: {'; '.join(reasons)}. Using mode={mode.name!r}{slow}.",
+                FallbackWarning,
+                stacklevel=5,
+            )
+        return result
+
+
+def _agree_with_loop(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: dict[str, nn.Parameter],
+    inputs: tuple[Tensor, ...],
+    target: Tensor,
+    result: PerExampleResult,
+) -> None:
+    """Raise ``ModeError`` unless ``result`` matches one backward per example on the first
+    :data:`VERIFIED_EXAMPLES` examples (a model with random layers fails this, and falls back)."""
+    k = min(VERIFIED_EXAMPLES, len(target))
+    reference, _ = LoopMode(model, loss_fn)(params, tuple(x[:k] for x in inputs), target[:k])
+    for name, g in reference.items():
+        if not agree(result[0][name][:k], g):
+            raise ModeError(
+                "hooks",
+                f"on '{name}': its per-example gradients differ from one backward per example "
+                f"(a layer Opacus gets wrong, or a random layer such as Dropout)",
+            )

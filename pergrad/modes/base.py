@@ -1,0 +1,67 @@
+"""What every mode shares: its signature, and the error that says it cannot run a model."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+PerExampleResult = tuple[dict[str, Tensor], Tensor]
+"""Per-example gradients (name -> ``(b, *param.shape)``) and per-example losses ``(b,)``."""
+
+
+class Mode(Protocol):
+    """A way of computing per-example gradients of ``loss_fn(model(*inputs), target)``."""
+
+    name: str
+
+    def __call__(
+        self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
+    ) -> PerExampleResult: ...
+
+
+class ModeError(RuntimeError):
+    """A mode cannot compute per-example gradients for this model.
+
+    ``reason`` names the layer where it failed and the first line of the underlying error.
+    """
+
+    def __init__(self, mode: str, reason: str):
+        super().__init__(
+            f"mode={mode!r} cannot run this model: {reason}. "
+            f"Use mode='auto' to fall back to a mode that can."
+        )
+        self.mode = mode
+        self.reason = reason
+
+    @classmethod
+    def wrap(cls, mode: str, model: nn.Module, error: BaseException) -> ModeError:
+        """Describe ``error``, raised while ``mode`` ran ``model``, naming the innermost layer
+        whose ``forward`` (or backward) was running when it was raised."""
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        layer = _innermost_layer(model, error)
+        where = f"in layer {layer}: " if layer else ""
+        return cls(mode, f"{where}{type(error).__name__}: {first_line}")
+
+
+def _innermost_layer(model: nn.Module, error: BaseException) -> str | None:
+    names = {id(module): name for name, module in model.named_modules()}
+    found = None
+    tb = error.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if id(owner) in names and isinstance(owner, nn.Module):
+            name = names[id(owner)] or "<root>"
+            found = f"'{name}' ({type(owner).__name__})"
+        tb = tb.tb_next
+    return found
+
+
+def agree(actual: Tensor, expected: Tensor) -> bool:
+    """Whether two computations of the same gradients agree, to a tolerance set by the dtype
+    and relative to the largest finite entry; NaN and infinities must stand in the same places."""
+    tolerance = 1e-2 if expected.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    finite = expected[torch.isfinite(expected)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return torch.allclose(actual, expected, rtol=tolerance, atol=tolerance * scale, equal_nan=True)

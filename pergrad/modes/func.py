@@ -1,0 +1,48 @@
+"""Whole-model per-example gradients with ``torch.func``: ``vmap(grad(loss of one example))``."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from pergrad import checks
+from pergrad.modes.base import ModeError, PerExampleResult
+
+
+class FuncMode:
+    """``g_b = ∇_Φ loss_fn(model(x_b), y_b)`` for every ``b`` at once, by ``vmap`` over examples.
+
+    The model runs on one example at a time with a batch dimension of 1, so layers see the
+    shapes they expect. Parameters are passed as detached views (never copied); frozen
+    parameters and buffers are passed as they are. Random layers draw a separate sample for
+    every example (``randomness="different"``).
+    """
+
+    name = "func"
+
+    def __init__(self, model: nn.Module, loss_fn):
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def __call__(
+        self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
+    ) -> PerExampleResult:
+        fixed = {n: p for n, p in self.model.named_parameters() if n not in params}
+        fixed.update(self.model.named_buffers())
+
+        def example_loss(free: dict[str, Tensor], xs: tuple[Tensor, ...], y: Tensor):
+            one = tuple(x.unsqueeze(0) for x in xs)
+            output = functional_call(self.model, (free, fixed), one)
+            loss = checks.per_example_loss(self.loss_fn(output, y.unsqueeze(0)), 1)[0]
+            return loss, loss.detach()
+
+        per_example = vmap(
+            grad(example_loss, has_aux=True), in_dims=(None, 0, 0), randomness="different"
+        )
+        free = {n: p.detach() for n, p in params.items()}
+        try:
+            return per_example(free, inputs, target)
+        except checks.InputError:
+            raise
+        except Exception as error:
+            raise ModeError.wrap(self.name, self.model, error) from error

@@ -1,0 +1,95 @@
+"""Per-example gradients from Opacus's hook-based ``GradSampleHooks``.
+
+Opacus records each layer's inputs in a forward hook and its output gradients in a backward
+hook, and forms per-example gradients layer by layer. It runs models that ``vmap`` cannot
+(``.item()``, data-dependent control flow, autograd Functions without vmap support), but
+only for layers it knows or can ``vmap`` one at a time. Its hooks and attributes live only
+for the duration of one call.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from pergrad import checks
+from pergrad.modes.base import ModeError, PerExampleResult, agree
+
+logging.getLogger("opacus").setLevel(logging.ERROR)
+
+_MODULE_ATTRIBUTES = ("activations", "max_batch_len")
+
+
+def _opacus_hooks():
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+
+    class EvalModeHooks(GradSampleHooks):
+        """Opacus ignores layers in eval mode; per-example gradients do not depend on it."""
+
+        def capture_activations_hook(self, module, forward_input, forward_output):
+            training, module.training = module.training, True
+            try:
+                super().capture_activations_hook(module, forward_input, forward_output)
+            finally:
+                module.training = training
+
+    return EvalModeHooks
+
+
+class HooksMode:
+    """``g_b`` from Opacus, with ``loss_reduction="sum"`` so that ``grad_sample[b]`` is the
+    gradient of example ``b``'s own loss.
+
+    As a guard against layers Opacus gets wrong, every call checks ``Σ_b g_b`` against the
+    gradient autograd computes for the summed loss, and that every parameter autograd reaches
+    has a ``grad_sample``.
+    """
+
+    name = "hooks"
+
+    def __init__(self, model: nn.Module, loss_fn):
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def __call__(
+        self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
+    ) -> PerExampleResult:
+        hooks = None
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+                hooks = _opacus_hooks()(self.model, loss_reduction="sum", strict=False)
+                output = self.model(*inputs)
+                losses = checks.per_example_loss(self.loss_fn(output, target), len(target))
+                totals = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
+            grads = {
+                name: self._grad_sample(name, p, total, len(target))
+                for (name, p), total in zip(params.items(), totals)
+            }
+        except (checks.InputError, ModeError):
+            raise
+        except Exception as error:
+            raise ModeError.wrap(self.name, self.model, error) from error
+        finally:
+            if hooks is not None:
+                hooks.cleanup()
+            for module in self.model.modules():
+                for attribute in _MODULE_ATTRIBUTES:
+                    module.__dict__.pop(attribute, None)
+        return grads, losses.detach()
+
+    def _grad_sample(self, name: str, p: nn.Parameter, total: Tensor | None, size: int) -> Tensor:
+        sample = getattr(p, "grad_sample", None)
+        if total is None:  # not used by the forward pass: every example's gradient is zero
+            return torch.zeros((size, *p.shape), dtype=p.dtype, device=p.device)
+        if not isinstance(sample, Tensor) or sample.shape != (size, *p.shape):
+            raise ModeError(self.name, f"Opacus gave no per-example gradient for '{name}'")
+        if not agree(sample.sum(0), total):
+            raise ModeError(
+                self.name,
+                f"Opacus's per-example gradients of '{name}' do not sum to the batch gradient",
+            )
+        return sample

@@ -1,0 +1,37 @@
+"""Per-example gradients one example at a time: one forward and backward per example.
+
+Slow, and right for every model that autograd can differentiate on a batch of one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pergrad import checks
+from pergrad.modes.base import PerExampleResult
+
+
+class LoopMode:
+    """``g_b = ∇_Φ loss_fn(model(x_b), y_b)`` by ``torch.autograd.grad``, for ``b = 1 … B``."""
+
+    name = "loop"
+
+    def __init__(self, model: nn.Module, loss_fn):
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def __call__(
+        self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
+    ) -> PerExampleResult:
+        names, tensors = list(params), list(params.values())
+        grads: dict[str, list[Tensor]] = {name: [] for name in names}
+        losses = []
+        for b in range(target.shape[0]):
+            output = self.model(*(x[b : b + 1] for x in inputs))
+            loss = checks.per_example_loss(self.loss_fn(output, target[b : b + 1]), 1)
+            example = torch.autograd.grad(loss[0], tensors, allow_unused=True)
+            for name, p, g in zip(names, tensors, example):
+                grads[name].append(torch.zeros_like(p) if g is None else g)
+            losses.append(loss.detach())
+        return {name: torch.stack(gs) for name, gs in grads.items()}, torch.cat(losses)

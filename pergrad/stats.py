@@ -1,0 +1,95 @@
+"""Sufficient statistics of per-example gradients, kept beside ``p.grad`` on each parameter.
+
+For the ``n`` examples seen since the statistics were last cleared, a trainable parameter
+``p`` holds
+
+- ``p.grad``: the mean gradient ``ĝ = (1/n) Σ_b g_b`` (what ``loss.mean().backward()`` gives);
+- ``p.grad_stats``: a :class:`GradStats` with the count ``n`` and the mean of squares
+  ``q = (1/n) Σ_b g_b²`` (element-wise).
+
+Both are means over every example seen, so accumulating two halves of a batch gives the
+statistics of the whole batch. :func:`zero_grad` (or an ``optim`` optimizer's ``zero_grad``)
+clears both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pergrad.checks import InputError
+
+ATTRIBUTE = "grad_stats"
+"""The name of the attribute that holds a parameter's :class:`GradStats`."""
+
+
+@dataclass
+class GradStats:
+    """Per-example statistics of one parameter's gradient; its mean is ``p.grad``.
+
+    Attributes:
+        count: ``n``, the number of examples seen.
+        sq_mean: ``q = (1/n) Σ_b g_b²``, the mean of the squared per-example gradients.
+    """
+
+    count: int
+    sq_mean: Tensor
+
+    def variance(self, mean: Tensor) -> Tensor:
+        """The per-example variance ``q − ĝ²`` (clamped at 0), given the mean ``ĝ = p.grad``."""
+        return (self.sq_mean - mean.square()).clamp_(min=0)
+
+
+def grad_stats(param: Tensor) -> GradStats | None:
+    """The :class:`GradStats` that ``pergrad`` left on ``param``, or ``None``."""
+    return getattr(param, ATTRIBUTE, None)
+
+
+def accumulate(
+    params: dict[str, Tensor], count: int, grad_sums: dict[str, Tensor], sq_sums: dict[str, Tensor]
+) -> None:
+    """Merge ``count`` more examples, with ``Σ_b g_b = grad_sums[name]`` and
+    ``Σ_b g_b² = sq_sums[name]``, into each parameter's ``.grad`` and ``.grad_stats``:
+    ``mean ← (n·mean + Σ) / (n + count)``. Nothing changes if any parameter is refused.
+
+    Raises:
+        InputError: a parameter has a ``.grad`` that was not computed by ``pergrad``.
+    """
+    foreign = [n for n, p in params.items() if p.grad is not None and grad_stats(p) is None]
+    if foreign:
+        raise InputError(
+            f"parameter(s) {', '.join(foreign)} already have a .grad that pergrad did not "
+            f"compute (from loss.backward() or zero_grad(set_to_none=False)), so their "
+            f"per-example statistics are unknown. Clear them first: optimizer.zero_grad() or "
+            f"pergrad.zero_grad(model.parameters())."
+        )
+    for name, p in params.items():
+        stats = grad_stats(p)
+        if stats is None:
+            p.grad = (grad_sums[name] / count).to(p.dtype)
+            setattr(p, ATTRIBUTE, GradStats(count, (sq_sums[name] / count).to(p.dtype)))
+            continue
+        total = stats.count + count
+        p.grad.mul_(stats.count / total).add_(grad_sums[name], alpha=1 / total)
+        stats.sq_mean.mul_(stats.count / total).add_(sq_sums[name], alpha=1 / total)
+        stats.count = total
+
+
+def zero_grad(params: Iterable[Tensor]) -> None:
+    """Clear ``p.grad`` and the per-example statistics of every parameter in ``params``."""
+    for p in params:
+        p.grad = None
+        if hasattr(p, ATTRIBUTE):
+            delattr(p, ATTRIBUTE)
+
+
+@torch.no_grad()
+def sums(grads: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients ``g`` of shape ``(B, *param.shape)``."""
+    return (
+        {name: g.sum(0) for name, g in grads.items()},
+        {name: g.square().sum(0) for name, g in grads.items()},
+    )

@@ -1,0 +1,21 @@
+"""The project's own promises: CI runs the README's test line; the public names exist."""
+
+from pathlib import Path
+
+import optim
+import pergrad
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ci_runs_the_test_line_written_in_the_readme():
+    ci_line = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci_line in (ROOT / "README.md").read_text()
+
+
+def test_public_names():
+    assert {"PerExample", "GradStats", "FallbackWarning", "zero_grad", "grad_stats"} <= set(
+        pergrad.__all__
+    )
+    assert all(hasattr(pergrad, name) for name in pergrad.__all__)
+    assert all(hasattr(optim, name) for name in optim.__all__)

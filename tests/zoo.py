@@ -1,0 +1,224 @@
+"""Models the tests run every mode on, the references they compare with, and tolerances."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+RTOL, ATOL = 1e-6, 1e-9
+"""Tolerances for float64 comparisons, defined once."""
+
+ALL_MODES = frozenset({"func", "hooks", "loop"})
+
+
+def reference_grads(model: nn.Module, loss_fn, inputs, target) -> dict[str, Tensor]:
+    """Per-example gradients by one ``loss.backward()`` per example: the independent reference."""
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = {n: p.grad for n, p in params.items()}
+    out: dict[str, list[Tensor]] = {n: [] for n in params}
+    for b in range(len(target)):
+        for p in params.values():
+            p.grad = None
+        loss_fn(model(*(x[b : b + 1] for x in inputs)), target[b : b + 1]).sum().backward()
+        for n, p in params.items():
+            out[n].append(torch.zeros_like(p) if p.grad is None else p.grad.clone())
+    for n, p in params.items():
+        p.grad = saved[n]
+    return {n: torch.stack(gs) for n, gs in out.items()}
+
+
+def assert_close_dicts(actual: dict[str, Tensor], expected: dict[str, Tensor], **tolerances):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(
+            actual[name], expected[name], **(tolerances or {"rtol": RTOL, "atol": ATOL}), msg=name
+        )
+
+
+class Cube(torch.autograd.Function):
+    """A custom autograd Function with no vmap support (no ``setup_context``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class CustomFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(6, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(Cube.apply(self.hidden(x)))
+
+
+class ItemControlFlow(nn.Module):
+    """Data-dependent Python control flow through ``.item()``, the same branch for every example."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(6, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.hidden(x)
+        if h.abs().max().item() < 1e6:  # a guard like this is common, and vmap cannot trace it
+            h = 2 * h
+        return self.out(torch.tanh(h))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase]):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.rnn = cell(6, 7, batch_first=True)
+        self.out = nn.Linear(7, 3)
+
+    def forward(self, tokens):
+        return self.out(self.rnn(self.embed(tokens))[0][:, -1])
+
+
+class Transformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        return self.out(self.encoder(self.embed(tokens)).mean(1))
+
+
+class EmbeddingLayerNorm(nn.Module):
+    def __init__(self, padding_idx: int | None = None):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8, padding_idx=padding_idx)
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        return self.out(self.norm(self.embed(tokens)).mean(1))
+
+
+class Tied(nn.Module):
+    """An embedding whose weight is also the output projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.hidden = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 11, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.hidden(self.embed(tokens))).mean(1))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.b = nn.Linear(4, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x, z):
+        return self.out(torch.tanh(self.a(x) + self.b(z)))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def frozen() -> nn.Module:
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    return model
+
+
+def cnn1d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3)
+    )
+
+
+def cnn2d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3)
+    )
+
+
+def batchnorm_eval() -> nn.Module:
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+def _features(b: int) -> tuple[Tensor, ...]:
+    return (torch.randn(b, 6, dtype=torch.float64),)
+
+
+def _tokens(b: int) -> tuple[Tensor, ...]:
+    return (torch.randint(0, 11, (b, 5)),)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A model, a way to make its inputs, and the modes that can run it."""
+
+    make: Callable[[], nn.Module]
+    inputs: Callable[[int], tuple[Tensor, ...]]
+    modes: frozenset[str]
+    auto: str
+    classes: int = 3
+
+    def build(self, batch_size: int, seed: int = 0):
+        torch.manual_seed(seed)
+        model = self.make().double()
+        inputs = self.inputs(batch_size)
+        target = torch.randint(0, self.classes, (batch_size,))
+        return model, inputs, target
+
+
+CASES = {
+    "mlp": Case(mlp, _features, ALL_MODES, "func"),
+    "frozen": Case(frozen, _features, ALL_MODES, "func"),
+    "two_inputs": Case(
+        TwoInputs,
+        lambda b: (torch.randn(b, 6, dtype=torch.float64), torch.randn(b, 4, dtype=torch.float64)),
+        ALL_MODES,
+        "func",
+    ),
+    "cnn1d_groupnorm": Case(
+        cnn1d, lambda b: (torch.randn(b, 2, 8, dtype=torch.float64),), ALL_MODES, "func"
+    ),
+    "cnn2d_groupnorm": Case(
+        cnn2d, lambda b: (torch.randn(b, 2, 7, 7, dtype=torch.float64),), ALL_MODES, "func"
+    ),
+    "embedding_layernorm": Case(EmbeddingLayerNorm, _tokens, ALL_MODES, "func"),
+    # Opacus gives the padding row a gradient; the hooks guard catches it
+    "embedding_padding_idx": Case(
+        lambda: EmbeddingLayerNorm(padding_idx=0), _tokens, frozenset({"func", "loop"}), "func"
+    ),
+    "batchnorm_eval": Case(batchnorm_eval, _features, frozenset({"func", "loop"}), "func"),
+    "transformer": Case(Transformer, _tokens, frozenset({"func", "loop"}), "func"),
+    "tied": Case(Tied, _tokens, frozenset({"func", "hooks", "loop"}), "func", classes=11),
+    # vmap runs a float32 LSTM on CPU, not a float64 one
+    "lstm": Case(lambda: Recurrent(nn.LSTM), _tokens, frozenset({"loop"}), "loop"),
+    "gru": Case(lambda: Recurrent(nn.GRU), _tokens, frozenset({"loop"}), "loop"),
+    "item": Case(ItemControlFlow, _features, frozenset({"hooks", "loop"}), "hooks"),
+    "custom_function": Case(CustomFunction, _features, frozenset({"hooks", "loop"}), "hooks"),
+}
+
+CROSS_ENTROPY = nn.CrossEntropyLoss(reduction="none")
