@@ -1,0 +1,65 @@
+"""Conversions between per-example hyperparameters and ``torch.optim``'s, at a batch size.
+
+A horizon of ``N⁰`` examples spans ``N = max(1, N⁰/B)`` steps of ``B`` examples, which a
+PyTorch running average writes as ``β = 1 − 1/N``. The conversions hold once the running
+averages are past their warm-up (PyTorch's bias corrections and ours differ before).
+"""
+
+from __future__ import annotations
+
+
+def horizon_to_beta(horizon: float, batch_size: int) -> float:
+    """``β = 1 − 1/N`` with ``N = max(1, N⁰/B)`` steps."""
+    return 1 - 1 / max(1.0, horizon / batch_size)
+
+
+def beta_to_horizon(beta: float, batch_size: int) -> float:
+    """``N⁰ = B / (1 − β)`` examples."""
+    if not 0 <= beta < 1:
+        raise ValueError(f"Invalid beta: {beta!r}; it must be in [0, 1)")
+    return batch_size / (1 - beta)
+
+
+def to_torch_sgd(lr: float, grad_horizon: float, batch_size: int) -> dict[str, float]:
+    """``torch.optim.SGD`` arguments: ``momentum μ = 1 − 1/N_g`` and ``lr = (1 − μ)·B·η₀``
+    (its buffer ``v = N_g·m``)."""
+    momentum = horizon_to_beta(grad_horizon, batch_size)
+    return {"lr": (1 - momentum) * batch_size * lr, "momentum": momentum}
+
+
+def from_torch_sgd(lr: float, momentum: float, batch_size: int) -> dict[str, float]:
+    """``optim.SGD`` arguments for ``torch.optim.SGD(lr, momentum)`` at ``B``: the inverse
+    of :func:`to_torch_sgd`."""
+    return {
+        "lr": lr / ((1 - momentum) * batch_size),
+        "grad_horizon": beta_to_horizon(momentum, batch_size),
+    }
+
+
+def to_torch_adam(
+    lr: float, grad_horizon: float, sq_horizon: float, batch_size: int
+) -> dict[str, object]:
+    """``torch.optim.Adam`` arguments: ``lr = B·η₀``, ``betas = (1 − 1/N_g, 1 − 1/N_s)``.
+
+    ``torch.optim.Adam`` feeds ``ĝ²``: it matches ``optim.Adam(second_moment="batch")``."""
+    betas = (horizon_to_beta(grad_horizon, batch_size), horizon_to_beta(sq_horizon, batch_size))
+    return {"lr": batch_size * lr, "betas": betas}
+
+
+def from_torch_adam(lr: float, betas: tuple[float, float], batch_size: int) -> dict[str, float]:
+    """``optim.Adam`` arguments for ``torch.optim.Adam(lr, betas)`` at ``B``."""
+    return {
+        "lr": lr / batch_size,
+        "grad_horizon": beta_to_horizon(betas[0], batch_size),
+        "sq_horizon": beta_to_horizon(betas[1], batch_size),
+    }
+
+
+def to_torch_rmsprop(lr: float, sq_horizon: float, batch_size: int) -> dict[str, float]:
+    """``torch.optim.RMSprop`` arguments (no momentum): ``lr = B·η₀``, ``alpha = 1 − 1/N_s``."""
+    return {"lr": batch_size * lr, "alpha": horizon_to_beta(sq_horizon, batch_size)}
+
+
+def from_torch_rmsprop(lr: float, alpha: float, batch_size: int) -> dict[str, float]:
+    """``optim.RMSprop`` arguments for ``torch.optim.RMSprop(lr, alpha)`` (no momentum)."""
+    return {"lr": lr / batch_size, "sq_horizon": beta_to_horizon(alpha, batch_size)}

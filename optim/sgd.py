@@ -1,0 +1,57 @@
+"""SGD with momentum as a running average over ``grad_horizon`` examples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import pergrad
+from optim import functional as F
+from optim.base import PerExampleOptimizer
+
+
+class SGD(PerExampleOptimizer):
+    """Batch-size-invariant SGD (MATH.md)::
+
+        m ← (1 − w_g)·m + w_g·ĝ,   w_g = min(1, B / min(n, N_g⁰))
+        Φ ← Φ − B·lr·m
+
+    Args:
+        params: parameters or parameter groups, as for ``torch.optim.SGD``.
+        lr: ``η₀``, the learning rate for one example; a step moves by ``B·lr·m``.
+        grad_horizon: ``N_g⁰``, the examples the momentum average spans; ``1`` (the default)
+            is vanilla SGD, ``Φ −= lr · Σ_b g_b``.
+        weight_decay: ``λ``, decoupled and per example: ``Φ −= B·lr·λ·Φ`` before the update.
+
+    Example:
+        >>> engine = pergrad.PerExample(model, nn.CrossEntropyLoss(reduction="none"))
+        >>> opt = optim.SGD(model.parameters(), lr=0.01, grad_horizon=320)
+        >>> opt.zero_grad(); engine.backward(x, y); opt.step()
+
+    References:
+        Goyal et al. 2017, "Accurate, Large Minibatch SGD"; Smith et al. 2018, "Don't Decay
+        the Learning Rate, Increase the Batch Size".
+    """
+
+    def __init__(self, params, lr: float, *, grad_horizon: float = 1, weight_decay: float = 0.0):
+        defaults = {"lr": lr, "grad_horizon": grad_horizon, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+
+    def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        state["seen"] = 0  # n: examples seen, this step included
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # m
+
+    def _update(
+        self, p: Tensor, stats: pergrad.GradStats, state: dict[str, Any], group: dict[str, Any]
+    ) -> None:
+        F.sgd(
+            p,
+            p.grad,
+            state["exp_avg"],
+            lr=group["lr"],
+            batch_size=stats.count,
+            grad_weight=F.average_weight(stats.count, state["seen"], group["grad_horizon"]),
+            weight_decay=group["weight_decay"],
+        )

@@ -1,0 +1,221 @@
+"""The optimizers against a literal transcription of MATH.md, and as torch.optim citizens."""
+
+import io
+
+import pytest
+import torch
+from literal import feed, run
+from zoo import CASES, CROSS_ENTROPY
+
+import optim
+import pergrad
+
+KINDS = {"sgd": optim.SGD, "rmsprop": optim.RMSprop, "adam": optim.Adam}
+
+OPTIONS = {
+    "sgd": [
+        {"lr": 0.05},
+        {"lr": 0.05, "grad_horizon": 40},
+        {"lr": 0.05, "grad_horizon": 7, "weight_decay": 0.1},
+    ],
+    "rmsprop": [
+        {"lr": 0.01},
+        {"lr": 0.01, "sq_horizon": 30, "eps": 1e-3},
+        {"lr": 0.01, "sq_horizon": 30, "centered": True, "grad_horizon": 20},
+        {"lr": 0.01, "sq_horizon": 50, "second_moment": "batch", "weight_decay": 0.01},
+        {"lr": 0.001, "sq_horizon": 50, "power": 1.0, "eps": 0.1},
+    ],
+    "adam": [
+        {"lr": 0.01},
+        {"lr": 0.01, "grad_horizon": 16, "sq_horizon": 100},
+        {"lr": 0.01, "grad_horizon": 16, "sq_horizon": 100, "second_moment": "batch"},
+        {"lr": 0.01, "grad_horizon": 5, "sq_horizon": 60, "weight_decay": 0.2, "eps": 1e-2},
+    ],
+}
+CASES_ = [(kind, options) for kind, all_options in OPTIONS.items() for options in all_options]
+
+
+def _stream(seed: int, sizes=(4, 4, 1, 7, 16, 3, 32, 5, 2, 64, 9)) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    mean = torch.randn(5, generator=gen, dtype=torch.float64)
+    return [mean + torch.randn(b, 5, generator=gen, dtype=torch.float64) for b in sizes]
+
+
+@pytest.mark.parametrize(("kind", "options"), CASES_, ids=[f"{k}-{o}" for k, o in CASES_])
+def test_optimizer_follows_math_md_over_a_stream_of_varying_batch_sizes(kind, options):
+    stream = _stream(0)
+    phi = torch.randn(5, dtype=torch.float64)
+    param = torch.nn.Parameter(phi.clone())
+    opt = KINDS[kind]([param], **options)
+    for per_example in stream:
+        feed(param, per_example)
+        opt.step()
+    torch.testing.assert_close(
+        param.detach(), run(kind, phi, stream, **options), rtol=1e-10, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("kind", ["rmsprop", "adam"])
+def test_in_sgd_units_is_lr_eps_times_eta0(kind):
+    stream, phi = _stream(1), torch.randn(5, dtype=torch.float64)
+    param = torch.nn.Parameter(phi.clone())
+    opt = KINDS[kind].in_sgd_units([param], 0.05, eps=0.3)
+    assert opt.defaults["lr"] == pytest.approx(0.015)
+    for per_example in stream:
+        feed(param, per_example)
+        opt.step()
+    expected = run(kind, phi, stream, lr=0.015, eps=0.3)
+    torch.testing.assert_close(param.detach(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_parameter_groups_keep_their_own_hyperparameters():
+    a, b = (
+        torch.nn.Parameter(torch.zeros(5, dtype=torch.float64)),
+        torch.nn.Parameter(torch.zeros(5, dtype=torch.float64)),
+    )
+    opt = optim.Adam([{"params": [a]}, {"params": [b], "lr": 0.1, "sq_horizon": 8}], lr=0.01)
+    stream = _stream(2)
+    for per_example in stream:
+        feed(a, per_example)
+        feed(b, per_example)
+        opt.step()
+    zero = torch.zeros(5, dtype=torch.float64)
+    torch.testing.assert_close(a.detach(), run("adam", zero, stream, lr=0.01))
+    torch.testing.assert_close(b.detach(), run("adam", zero, stream, lr=0.1, sq_horizon=8))
+
+
+def test_schedulers_act_on_lr():
+    param = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    opt = optim.SGD([param], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    stream = _stream(3, sizes=(4, 4, 4))
+    expected = torch.zeros(5, dtype=torch.float64)
+    for step, per_example in enumerate(stream):
+        feed(param, per_example)
+        opt.step()
+        scheduler.step()
+        expected = expected - 0.1 * 0.5**step * per_example.sum(0)
+    torch.testing.assert_close(param.detach(), expected)
+
+
+@pytest.mark.parametrize(("kind", "options"), CASES_, ids=[f"{k}-{o}" for k, o in CASES_])
+def test_state_dict_round_trip_continues_bit_for_bit(kind, options):
+    stream = _stream(4)
+    first = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    second = torch.nn.Parameter(first.detach().clone())
+    opt = KINDS[kind]([first], **options)
+    for per_example in stream[:5]:
+        feed(first, per_example)
+        opt.step()
+    second.data.copy_(first.detach())
+    resumed = KINDS[kind]([second], lr=123.0)  # hyperparameters come from the state dict
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer))
+    for per_example in stream[5:]:
+        for param, optimizer in ((first, opt), (second, resumed)):
+            feed(param, per_example)
+            optimizer.step()
+        assert torch.equal(first, second)
+
+
+def test_zero_grad_clears_grad_and_statistics():
+    model, inputs, target = CASES["mlp"].build(4)
+    opt = optim.Adam(model.parameters(), lr=1e-3)
+    pergrad.PerExample(model, CROSS_ENTROPY).backward(inputs, target)
+    opt.zero_grad()
+    assert all(p.grad is None and pergrad.grad_stats(p) is None for p in model.parameters())
+
+
+def test_a_grad_without_statistics_is_refused_with_the_way_out():
+    model, (x,), y = CASES["mlp"].build(4)
+    CROSS_ENTROPY(model(x), y).mean().backward()
+    with pytest.raises(RuntimeError, match=r"no per-example statistics.*pergrad.PerExample"):
+        optim.SGD(model.parameters(), lr=0.1).step()
+
+
+def test_parameters_without_grad_are_skipped():
+    a = torch.nn.Parameter(torch.ones(3))
+    b = torch.nn.Parameter(torch.ones(3))
+    feed(a, torch.ones(2, 3))
+    optim.Adam([a, b], lr=0.1).step()
+    assert torch.equal(b.detach(), torch.ones(3)) and not torch.equal(a.detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda p: optim.SGD(p, lr=-1.0), "Invalid learning rate: -1.0"),
+        (lambda p: optim.SGD(p, lr=0.1, grad_horizon=0.5), "Invalid grad_horizon"),
+        (lambda p: optim.Adam(p, lr=0.1, sq_horizon=0), "Invalid sq_horizon"),
+        (lambda p: optim.Adam(p, lr=0.1, eps=0.0), "Invalid epsilon value"),
+        (lambda p: optim.RMSprop(p, lr=0.1, eps=-1e-8), "Invalid epsilon value"),
+        (lambda p: optim.Adam(p, lr=0.1, second_moment="mean"), "Invalid second_moment"),
+        (lambda p: optim.RMSprop(p, lr=0.1, weight_decay=-0.1), "Invalid weight_decay"),
+        (lambda p: optim.RMSprop(p, lr=0.1, power=0), "Invalid power"),
+        (
+            lambda p: optim.Adam([{"params": p, "lr": -2.0}], lr=0.1),
+            "Invalid learning rate: -2.0",
+        ),
+    ],
+)
+def test_invalid_hyperparameters_are_refused_at_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make([torch.nn.Parameter(torch.zeros(2))])
+
+
+def test_training_step_is_zero_grad_backward_step():
+    model, inputs, target = CASES["mlp"].build(6)
+    twin, _, _ = CASES["mlp"].build(6)
+    step = optim.TrainingStep(model, CROSS_ENTROPY, optim.Adam(model.parameters(), lr=1e-2))
+    engine, opt = pergrad.PerExample(twin, CROSS_ENTROPY), optim.Adam(twin.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = step(inputs, target)
+        opt.zero_grad()
+        expected = engine.backward(inputs, target)
+        opt.step()
+        torch.testing.assert_close(loss, expected)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("batch", [1, 8, 32])
+def test_momentum_sgd_converts_to_torch_sgd_past_the_warm_up(batch):
+    grad_horizon, lr = 256, 0.01
+    warm_up = grad_horizon // batch + 1  # after it, w_g = B / N_g⁰ at every step
+    stream = _stream(5, sizes=(batch,) * (warm_up + 30))
+    ours = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    opt = optim.SGD([ours], lr=lr, grad_horizon=grad_horizon)
+    for per_example in stream[:warm_up]:
+        feed(ours, per_example)
+        opt.step()
+    torch_args = optim.convert.to_torch_sgd(lr, grad_horizon, batch)
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    reference = torch.optim.SGD([theirs], **torch_args)
+    n_g = max(1, grad_horizon / batch)
+    reference.state[theirs]["momentum_buffer"] = n_g * opt.state[ours]["exp_avg"].clone()
+    for per_example in stream[warm_up:]:
+        feed(ours, per_example)
+        opt.step()
+        theirs.grad = per_example.mean(0)
+        reference.step()
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [1, 16, 100])
+def test_conversions_round_trip(batch):
+    convert = optim.convert
+    sgd = convert.from_torch_sgd(**convert.to_torch_sgd(0.01, 640, batch), batch_size=batch)
+    assert sgd == pytest.approx({"lr": 0.01, "grad_horizon": max(640, batch)})
+    adam = convert.from_torch_adam(
+        **convert.to_torch_adam(1e-4, 320, 32_000, batch), batch_size=batch
+    )
+    assert adam == pytest.approx(
+        {"lr": 1e-4, "grad_horizon": max(320, batch), "sq_horizon": 32_000}
+    )
+    rms = convert.from_torch_rmsprop(
+        **convert.to_torch_rmsprop(1e-4, 1000, batch), batch_size=batch
+    )
+    assert rms == pytest.approx({"lr": 1e-4, "sq_horizon": 1000})
+    assert convert.to_torch_adam(1e-4, 320, 32_000, 32)["betas"] == pytest.approx((0.9, 0.999))
