@@ -1,5 +1,6 @@
 """The project's own promises: CI runs the README's test line; the public names exist."""
 
+import re
 from pathlib import Path
 
 import optim
@@ -11,6 +12,15 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_ci_runs_the_test_line_written_in_the_readme():
     ci_line = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci_line in (ROOT / "README.md").read_text()
+
+
+def test_readme_python_blocks_run_as_written():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert blocks
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
 
 
 def test_public_names():
