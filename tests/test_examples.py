@@ -12,6 +12,7 @@ pytest.importorskip("matplotlib")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import batch_invariance  # noqa: E402
+import wrap_your_model  # noqa: E402
 
 
 def test_batch_invariance_writes_table_png_and_json(tmp_path, capsys):
@@ -53,3 +54,12 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--batch-sizes", "--examples", "--lr", "--quick", "--out", "--sgd"):
         assert option in text
+
+
+def test_wrap_your_model_resumes_the_same_curve(tmp_path):
+    straight, resumed = wrap_your_model.main(
+        ["--steps", "12", "--checkpoint", str(tmp_path / "checkpoint.pt")]
+    )
+    assert len(resumed) == 6
+    assert resumed == straight  # bit for bit
+    assert straight[-1] < straight[0]
