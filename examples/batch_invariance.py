@@ -166,10 +166,10 @@ def table(summary: dict, batch_sizes: Sequence[int]) -> str:
     lines = [header + f"{'spread':>10}", "-" * (len(header) + 10)]
     for name, entry in summary.items():
         cells = "".join(
-            f"{entry['runs'][str(b)]['train_loss']:>9.4f} / {entry['runs'][str(b)]['test_acc']:.2f}"
+            f"{entry['runs'][str(b)]['train_loss']:>9.2e} / {entry['runs'][str(b)]['test_acc']:.2f}"
             for b in batch_sizes
         )
-        lines.append(f"{name:<12}{cells}{entry['spread']:>10.2f}")
+        lines.append(f"{name:<12}{cells}{entry['spread']:>10.3g}")
     lines.append("cells: final train loss / test accuracy; spread: max/min train loss over B")
     return "\n".join(lines)
 
