@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -11,14 +11,22 @@ PerExampleResult = tuple[dict[str, Tensor], Tensor]
 """Per-example gradients (name -> ``(b, *param.shape)``) and per-example losses ``(b,)``."""
 
 
-class Mode(Protocol):
-    """A way of computing per-example gradients of ``loss_fn(model(*inputs), target)``."""
+class Mode:
+    """A way of computing per-example gradients of ``loss_fn(model(*inputs), target)``.
+
+    Subclasses set ``name`` and implement ``__call__`` for one chunk of examples.
+    """
 
     name: str
 
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]):
+        self.model = model
+        self.loss_fn = loss_fn
+
     def __call__(
         self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
-    ) -> PerExampleResult: ...
+    ) -> PerExampleResult:
+        raise NotImplementedError
 
 
 class ModeError(RuntimeError):

@@ -6,10 +6,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from pergrad import checks
-from pergrad.modes.base import ModeError, PerExampleResult
+from pergrad.modes.base import Mode, ModeError, PerExampleResult
 
 
-class FuncMode:
+class FuncMode(Mode):
     """``g_b = ∇_Φ loss_fn(model(x_b), y_b)`` for every ``b`` at once, by ``vmap`` over examples.
 
     The model runs on one example at a time with a batch dimension of 1, so layers see the
@@ -19,10 +19,6 @@ class FuncMode:
     """
 
     name = "func"
-
-    def __init__(self, model: nn.Module, loss_fn):
-        self.model = model
-        self.loss_fn = loss_fn
 
     def __call__(
         self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor

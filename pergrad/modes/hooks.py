@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from pergrad import checks
-from pergrad.modes.base import ModeError, PerExampleResult, agree
+from pergrad.modes.base import Mode, ModeError, PerExampleResult, agree
 
 logging.getLogger("opacus").setLevel(logging.ERROR)
 
@@ -39,7 +39,7 @@ def _opacus_hooks():
     return EvalModeHooks
 
 
-class HooksMode:
+class HooksMode(Mode):
     """``g_b`` from Opacus, with ``loss_reduction="sum"`` so that ``grad_sample[b]`` is the
     gradient of example ``b``'s own loss.
 
@@ -49,10 +49,6 @@ class HooksMode:
     """
 
     name = "hooks"
-
-    def __init__(self, model: nn.Module, loss_fn):
-        self.model = model
-        self.loss_fn = loss_fn
 
     def __call__(
         self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor

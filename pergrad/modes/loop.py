@@ -9,17 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from pergrad import checks
-from pergrad.modes.base import PerExampleResult
+from pergrad.modes.base import Mode, PerExampleResult
 
 
-class LoopMode:
+class LoopMode(Mode):
     """``g_b = ∇_Φ loss_fn(model(x_b), y_b)`` by ``torch.autograd.grad``, for ``b = 1 … B``."""
 
     name = "loop"
-
-    def __init__(self, model: nn.Module, loss_fn):
-        self.model = model
-        self.loss_fn = loss_fn
 
     def __call__(
         self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
