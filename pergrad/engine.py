@@ -167,7 +167,7 @@ class PerExample:
                 if mode.name == "hooks":
                     _agree_with_loop(self.model, self.loss_fn, params, inputs, target, result)
             except ModeError as error:
-                reasons.append(f"mode={error.mode!r} failed {error.reason}")
+                reasons.append(f"mode={error.mode!r} failed: {error.reason}")
                 continue
             return self._adopt(mode, reasons, result)
         mode = LoopMode(self.model, self.loss_fn)
