@@ -91,13 +91,17 @@ def make_optimizer(name: str, params, batch: int, args) -> torch.optim.Optimizer
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task) -> tuple[float, float]:
-    """Mean train loss and test accuracy."""
+def train_loss(model: nn.Module, task: Task) -> float:
+    """Mean loss over the whole training set."""
     x, y = task.train
-    train_loss = task.loss_fn(model(x), y).mean().item()
+    return task.loss_fn(model(x), y).mean().item()
+
+
+@torch.no_grad()
+def test_accuracy(model: nn.Module, task: Task) -> float:
+    """Fraction of the test set classified correctly."""
     x, y = task.test
-    test_acc = (model(x).argmax(-1) == y).float().mean().item()
-    return train_loss, test_acc
+    return (model(x).argmax(-1) == y).float().mean().item()
 
 
 def train(task: Task, name: str, batch: int, order: Tensor, args, progress) -> dict:
@@ -107,7 +111,7 @@ def train(task: Task, name: str, batch: int, order: Tensor, args, progress) -> d
     opt = make_optimizer(name, model.parameters(), batch, args)
     engine = pergrad.PerExample(model, task.loss_fn)
     x, y = task.train
-    curve = [(0, evaluate(model, task)[0])]
+    curve = [(0, train_loss(model, task))]
     every = max(batch, len(order) // args.points)
     for start in range(0, len(order), batch):
         index = order[start : start + batch]
@@ -119,10 +123,10 @@ def train(task: Task, name: str, batch: int, order: Tensor, args, progress) -> d
         opt.step()
         seen = start + len(index)
         if seen // every > (seen - len(index)) // every or seen == len(order):
-            curve.append((seen, evaluate(model, task)[0]))
+            curve.append((seen, train_loss(model, task)))
         progress.update(len(index))
-    train_loss, test_acc = evaluate(model, task)
-    return {"train_loss": train_loss, "test_acc": test_acc, "curve": curve}
+    # the curve always ends at the last step, so its last point is the final train loss
+    return {"train_loss": curve[-1][1], "test_acc": test_accuracy(model, task), "curve": curve}
 
 
 def run(task: Task, args) -> dict:
@@ -162,13 +166,11 @@ def summarize(results: dict) -> dict:
 
 def table(summary: dict, batch_sizes: Sequence[int]) -> str:
     """A plain-text table: final train loss / test accuracy per optimizer and B, and spread."""
-    header = f"{'optimizer':<12}" + "".join(f"{'B=' + str(b):>16}" for b in batch_sizes)
+    header = f"{'optimizer':<12}" + "".join(f"{'B=' + str(b):>18}" for b in batch_sizes)
     lines = [header + f"{'spread':>10}", "-" * (len(header) + 10)]
     for name, entry in summary.items():
-        cells = "".join(
-            f"{entry['runs'][str(b)]['train_loss']:>9.2e} / {entry['runs'][str(b)]['test_acc']:.2f}"
-            for b in batch_sizes
-        )
+        runs = [entry["runs"][str(b)] for b in batch_sizes]
+        cells = "".join(f"{r['train_loss']:>11.2e} / {r['test_acc']:.2f}" for r in runs)
         lines.append(f"{name:<12}{cells}{entry['spread']:>10.3g}")
     lines.append("cells: final train loss / test accuracy; spread: max/min train loss over B")
     return "\n".join(lines)
