@@ -6,38 +6,36 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import batch_invariance  # noqa: E402
+import tasks  # noqa: E402
 import wrap_your_model  # noqa: E402
 
 
-def test_batch_invariance_writes_table_png_and_json(tmp_path, capsys):
-    summary = batch_invariance.main(
-        [
-            "--quick",
-            "--batch-sizes",
-            "4",
-            "32",
-            "--examples",
-            "1500",
-            "--points",
-            "5",
-            "--no-progress",
-            "--sgd",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+@pytest.mark.parametrize(
+    "data, batch_sizes, examples, optimizers",
+    [
+        ("digits", ["4", "32"], "1500", {"invariant", "standard", "torch_sqrt", "sgd"}),
+        ("text", ["8", "128"], "2048", {"invariant", "standard", "torch_sqrt"}),
+    ],
+)
+def test_batch_invariance_writes_table_png_and_json(
+    data, batch_sizes, examples, optimizers, tmp_path, capsys
+):
+    argv = ["--data", data, "--quick", "--batch-sizes", *batch_sizes, "--examples", examples]
+    argv += ["--points", "5", "--no-progress", "--out", str(tmp_path)]
+    summary = batch_invariance.main(argv + (["--sgd"] if "sgd" in optimizers else []))
     assert (tmp_path / "loss.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    assert set(summary) == {"invariant", "standard", "torch_sqrt", "sgd"}
+    assert set(summary) == optimizers
     for entry in summary.values():
         assert set(entry) == {"runs", "spread"}
-        assert set(entry["runs"]) == {"4", "32"}
+        assert set(entry["runs"]) == set(batch_sizes)
         for run in entry["runs"].values():
             assert set(run) == {"train_loss", "test_acc"}
             assert 0 <= run["test_acc"] <= 1 and run["train_loss"] > 0
@@ -48,11 +46,25 @@ def test_batch_invariance_writes_table_png_and_json(tmp_path, capsys):
     assert "invariant" in printed and "spread" in printed and "loss.png" in printed
 
 
+def test_text_task_is_next_character_prediction():
+    task = tasks.text_task(seed=0, sequences=100, curve_examples=8)
+    (x, y), (x_test, _) = task.train, task.test
+    assert x.shape == y.shape == (80, tasks.SEQUENCE_LENGTH) and len(x_test) == 20
+    assert torch.equal(x[:, 1:], y[:, :-1])  # the target is the input shifted by one
+    model = task.make_model()
+    logits = model(x[:3])
+    assert logits.shape == (3, tasks.SEQUENCE_LENGTH, len(tasks.VOCABULARY))
+    assert task.loss_fn(logits, y[:3]).shape == (3,)  # one loss per sequence
+    changed = x[:1].clone()
+    changed[0, -1] = (changed[0, -1] + 1) % len(tasks.VOCABULARY)
+    assert torch.equal(model(changed)[0, :-1], logits[0, :-1])  # causal: no peeking ahead
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         batch_invariance.parse(["--help"])
     text = capsys.readouterr().out
-    for option in ("--batch-sizes", "--examples", "--lr", "--quick", "--out", "--sgd"):
+    for option in ("--data", "--batch-sizes", "--examples", "--lr", "--quick", "--out", "--sgd"):
         assert option in text
 
 
