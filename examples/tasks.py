@@ -83,7 +83,9 @@ class CharTransformer(nn.Module):
     def forward(self, chars: Tensor) -> Tensor:
         length = chars.shape[1]
         causal = nn.Transformer.generate_square_subsequent_mask(length, device=chars.device)
-        hidden = self.embed(chars) + self.position(torch.arange(length, device=chars.device))
+        # positions carry the batch dimension, so pergrad's per-layer rule covers them too
+        positions = torch.arange(length, device=chars.device).expand_as(chars)
+        hidden = self.embed(chars) + self.position(positions)
         return self.head(self.block(hidden, src_mask=causal, is_causal=True))
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from pergrad import checks, stats
+from pergrad.layerwise import Layerwise
 from pergrad.modes import (
     MODES,
     FuncMode,
@@ -42,10 +43,13 @@ class PerExample:
         loss_fn: ``loss_fn(output, target) -> Tensor`` of shape ``(B,)``, one loss per example,
             e.g. ``nn.CrossEntropyLoss(reduction="none")``.
         mode: ``"func"`` (``torch.func`` ``vmap(grad)``), ``"hooks"`` (Opacus hooks), ``"loop"``
-            (one backward per example), or ``"auto"``: the first of these that runs the model
-            and, for ``"hooks"``, agrees with ``"loop"`` on the first examples. The choice is
-            made on the first call, announced by a :class:`FallbackWarning` if it is not
-            ``"func"``, and kept.
+            (one backward per example), or ``"auto"``. With ``"auto"``, :meth:`backward`
+            computes the statistics layer by layer from one batched backward pass
+            (:mod:`pergrad.layerwise`), and per-example gradients, for :meth:`grads` and for
+            any parameter no per-layer rule covers, come from the first of the three modes
+            that runs the model and, for ``"hooks"``, agrees with ``"loop"`` on the first
+            examples. Choices are made on the first call, announced once by a
+            :class:`FallbackWarning` where they are not the fastest, and kept.
         chunk_size: at most this many examples' gradients exist at once; ``None`` for the
             whole batch. Results do not depend on it.
         process_group: reserved for data-parallel statistics; not supported yet.
@@ -80,12 +84,18 @@ class PerExample:
         self.chunk_size = chunk_size
         self._requested = mode
         self._mode: Mode | None = None if mode == "auto" else MODES[mode](model, loss_fn)
+        self._layerwise = Layerwise(model, loss_fn) if mode == "auto" else None
+        self._warned_uncovered = False
         self.last_losses: Tensor | None = None
         """Per-example losses ``(B,)`` of the last call, detached."""
+        self.sources: dict[str, str] = {}
+        """Where each parameter's statistics came from in the last :meth:`backward`: the layer
+        type whose per-layer rule computed them (``"Linear"``, ...), or the mode that formed its
+        per-example gradients (``"func"``, ...)."""
 
     @property
     def mode(self) -> str:
-        """The mode in use: ``"auto"`` until the first call has chosen one."""
+        """The per-example mode in use: ``"auto"`` until a call has needed and chosen one."""
         return self._requested if self._mode is None else self._mode.name
 
     def grads(self, inputs: Inputs, target: Tensor) -> dict[str, Tensor]:
@@ -119,9 +129,7 @@ class PerExample:
         params, chunks = self._prepare(inputs, target)
         grad_sums, sq_sums, losses = {}, {}, []
         for x, y in chunks:
-            grads, chunk_losses = self._per_example(params, x, y)
-            chunk_sums, chunk_sq_sums = stats.sums(grads)
-            del grads
+            chunk_sums, chunk_sq_sums, chunk_losses = self._sums(params, x, y)
             for name in params:
                 grad_sums[name] = grad_sums.get(name, 0) + chunk_sums[name]
                 sq_sums[name] = sq_sums.get(name, 0) + chunk_sq_sums[name]
@@ -147,6 +155,37 @@ class PerExample:
             for start in range(0, size, step)
         )
         return params, chunks
+
+    def _sums(
+        self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """``(Σ_b g_b, Σ_b g_b², losses)`` for one chunk: per-layer rules where they cover a
+        parameter, per-example gradients for the rest."""
+        if self._layerwise is not None:
+            with torch.enable_grad():
+                result = self._layerwise(params, inputs, target)
+            rest = {name: params[name] for name in result.uncovered}
+            if rest:
+                grads, _ = self._per_example(rest, inputs, target)
+                result.sq_sums.update(stats.sums(grads)[1])
+                self._warn_uncovered(result.uncovered)
+            self.sources = {**result.layers, **dict.fromkeys(rest, self.mode)}
+            return result.grad_sums, result.sq_sums, result.losses
+        grads, losses = self._per_example(params, inputs, target)
+        self.sources = dict.fromkeys(params, self.mode)
+        return *stats.sums(grads), losses
+
+    def _warn_uncovered(self, uncovered: dict[str, str]) -> None:
+        if self._warned_uncovered:
+            return
+        self._warned_uncovered = True
+        listed = "; ".join(f"'{name}': {reason}" for name, reason in uncovered.items())
+        warnings.warn(
+            f"pergrad: no per-layer rule covers {listed}. Their statistics come from "
+            f"mode={self.mode!r}, which forms their per-example gradients.",
+            FallbackWarning,
+            stacklevel=4,
+        )
 
     def _per_example(
         self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
