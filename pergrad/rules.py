@@ -64,6 +64,9 @@ def bias_sq(delta: Tensor) -> Tensor:
 
 def _linear(module: nn.Linear, args: tuple, kwargs: dict, delta: Tensor) -> SqSums:
     a = args[0] if args else kwargs["input"]
+    if a.dim() == 2:  # one position per example: square δ once for both parameters
+        delta_sq = delta.square()
+        return {"weight": delta_sq.T @ a.square(), "bias": delta_sq.sum(0)}
     return {"weight": linear_sq(a, delta), "bias": bias_sq(delta)}
 
 
