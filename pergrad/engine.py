@@ -167,7 +167,9 @@ class PerExample:
             rest = {name: params[name] for name in result.uncovered}
             if rest:
                 grads, _ = self._per_example(rest, inputs, target)
-                result.sq_sums.update(stats.sums(grads)[1])
+                rest_sums, rest_sq_sums = stats.sums(grads)
+                result.grad_sums.update(rest_sums)
+                result.sq_sums.update(rest_sq_sums)
                 self._warn_uncovered(result.uncovered)
             self.sources = {**result.layers, **dict.fromkeys(rest, self.mode)}
             return result.grad_sums, result.sq_sums, result.losses

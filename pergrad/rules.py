@@ -1,23 +1,24 @@
-"""Per-layer rules: ``Σ_b g_b²`` of a layer's parameters from its inputs and output gradients.
+"""Per-layer rules: ``Σ_b g_b`` and ``Σ_b g_b²`` of a layer's parameters, from its inputs and
+output gradients.
 
 For one call of a layer on a batch, with inputs ``a`` and output gradients ``δ = ∂(Σ_b ℓ_b)/∂out``
 (the batch on dim 0 of both), a rule returns, for every parameter of the layer, the sum over
-examples of the squared per-example gradient. None of them forms the ``B`` per-example
-gradients of a large parameter all at once:
+examples of the per-example gradient and of its square. None of them forms the ``B``
+per-example gradients of a large parameter all at once:
 
-- ``Linear`` on ``(B, in)``: ``Σ_b g_b² = (δ²)ᵀ(a²)``, one matrix product; on ``(B, …, in)``,
-  ``g_b = δ_bᵀ a_b`` summed over the middle dimensions, a few examples at a time.
+- ``Linear`` on ``(B, in)``: ``Σ_b g_b = δᵀa`` and ``Σ_b g_b² = (δ²)ᵀ(a²)``, two matrix
+  products; on ``(B, …, in)``, ``g_b = δ_bᵀ a_b`` summed over the middle dimensions, a few
+  examples at a time.
 - ``Conv1d``/``Conv2d``: the same on unfolded input patches, per group, a few examples at a time.
 - ``Embedding``: ``g_b`` has one row per distinct token of example ``b``: a scatter-add per
-  (example, token), squared, then scattered into the vocabulary.
+  (example, token), then scattered into the vocabulary, plain and squared.
 - ``LayerNorm``/``GroupNorm``: ``g_b = Σ δ_b ⊙ â_b`` (weight) and ``Σ δ_b`` (bias) over the
   positions of example ``b``, with ``â`` the normalized input: ``B × d`` numbers.
 - ``MultiheadAttention`` (``batch_first=True``): attention is recomputed from the saved inputs
   to get the gradients of the query, key and value projections and of the attention output;
   the projections are then ``Linear`` rules.
 
-``covers(module)`` says whether a rule handles the module as configured, and which of its
-parameters (names relative to it) the rule accounts for.
+:func:`rule_for` gives the rule for a layer as it is configured, or ``None``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from torch import Tensor, nn
 CHUNK_ELEMENTS = 1 << 24
 """A chunked rule forms per-example gradients of at most about this many numbers at once."""
 
-SqSums = dict[str, Tensor]
+Moments = tuple[Tensor, Tensor]
+"""``(Σ_b g_b, Σ_b g_b²)`` of one parameter."""
 
 
 def _step(per_example: int) -> int:
@@ -45,33 +47,43 @@ def _per_position(x: Tensor) -> Tensor:
     return x.reshape(len(x), -1, x.shape[-1])
 
 
-def linear_sq(a: Tensor, delta: Tensor) -> Tensor:
-    """A Linear weight's ``Σ_b g_b² = Σ_b (δ_bᵀ a_b)²`` for ``a (B, …, in)``, ``δ (B, …, out)``."""
+def _moments(per_example: Tensor) -> Moments:
+    """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients ``(B, *shape)``."""
+    return per_example.sum(0), per_example.square().sum(0)
+
+
+def _input(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["input"]
+
+
+def linear_moments(a: Tensor, delta: Tensor) -> Moments:
+    """A Linear weight's moments, ``g_b = δ_bᵀ a_b``, for ``a (B, …, in)``, ``δ (B, …, out)``."""
     if a.dim() == 2:
-        return delta.square().T @ a.square()
+        return delta.T @ a, delta.square().T @ a.square()
     a, delta = _per_position(a), _per_position(delta)
-    total = a.new_zeros(delta.shape[-1], a.shape[-1])
+    total = delta.flatten(0, 1).T @ a.flatten(0, 1)
+    squares = torch.zeros_like(total)
     step = _step(total.numel())
     for start in range(0, len(a), step):
-        total += torch.bmm(delta[start : start + step].mT, a[start : start + step]).square().sum(0)
-    return total
+        squares += (
+            torch.bmm(delta[start : start + step].mT, a[start : start + step]).square().sum(0)
+        )
+    return total, squares
 
 
-def bias_sq(delta: Tensor) -> Tensor:
-    """``Σ_b (Σ_positions δ_b)²`` for ``δ (B, …, out)``: a Linear bias's ``Σ_b g_b²``."""
-    return _per_position(delta).sum(1).square().sum(0)
+def bias_moments(delta: Tensor) -> Moments:
+    """A Linear bias's moments, ``g_b = Σ_positions δ_b``, for ``δ (B, …, out)``."""
+    return _moments(delta if delta.dim() == 2 else _per_position(delta).sum(1))
 
 
-def _linear(module: nn.Linear, args: tuple, kwargs: dict, delta: Tensor) -> SqSums:
-    a = args[0] if args else kwargs["input"]
-    if a.dim() == 2:  # one position per example: square δ once for both parameters
-        delta_sq = delta.square()
-        return {"weight": delta_sq.T @ a.square(), "bias": delta_sq.sum(0)}
-    return {"weight": linear_sq(a, delta), "bias": bias_sq(delta)}
+def _linear(module: nn.Linear, args: tuple, kwargs: dict, delta: Tensor) -> dict[str, Moments]:
+    return {"weight": linear_moments(_input(args, kwargs), delta), "bias": bias_moments(delta)}
 
 
-def _conv(module: nn.Conv1d | nn.Conv2d, args: tuple, kwargs: dict, delta: Tensor) -> SqSums:
-    x = args[0] if args else kwargs["input"]
+def _conv(
+    module: nn.Conv1d | nn.Conv2d, args: tuple, kwargs: dict, delta: Tensor
+) -> dict[str, Moments]:
+    x = _input(args, kwargs)
     one_d = isinstance(module, nn.Conv1d)  # a Conv1d is a Conv2d of height 1
     padding = module._reversed_padding_repeated_twice
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -81,19 +93,25 @@ def _conv(module: nn.Conv1d | nn.Conv2d, args: tuple, kwargs: dict, delta: Tenso
     groups, shape = module.groups, module.weight.shape
     delta = delta.reshape(len(delta), groups, shape[0] // groups, -1)
     total = x.new_zeros(groups, shape[0] // groups, shape[1:].numel())
+    squares = torch.zeros_like(total)
     step = _step(max(total.numel(), shape[1:].numel() * delta.shape[-1]))
     for start in range(0, len(x), step):
         padded = F.pad(x[start : start + step], padding, mode=mode)
         patches = F.unfold(padded.unsqueeze(-2) if one_d else padded, kernel, dilation, 0, stride)
         patches = patches.reshape(len(patches), groups, total.shape[-1], -1)
-        total += (
-            torch.einsum("bgol,bgil->bgoi", delta[start : start + step], patches).square().sum(0)
-        )
-    return {"weight": total.reshape(shape), "bias": delta.sum(-1).square().sum(0).flatten()}
+        grads = torch.einsum("bgol,bgil->bgoi", delta[start : start + step], patches)
+        total += grads.sum(0)
+        squares += grads.square().sum(0)
+    return {
+        "weight": (total.reshape(shape), squares.reshape(shape)),
+        "bias": _moments(delta.sum(-1).flatten(1)),
+    }
 
 
-def _embedding(module: nn.Embedding, args: tuple, kwargs: dict, delta: Tensor) -> SqSums:
-    tokens = args[0] if args else kwargs["input"]
+def _embedding(
+    module: nn.Embedding, args: tuple, kwargs: dict, delta: Tensor
+) -> dict[str, Moments]:
+    tokens = _input(args, kwargs)
     tokens, delta = tokens.reshape(len(tokens), -1), _per_position(delta)
     example = torch.arange(len(tokens), device=tokens.device).unsqueeze(1).expand_as(tokens)
     keys = example * module.num_embeddings + tokens
@@ -104,30 +122,35 @@ def _embedding(module: nn.Embedding, args: tuple, kwargs: dict, delta: Tensor) -
         keys, delta = keys.flatten(), delta.reshape(-1, delta.shape[-1])
     unique, position = torch.unique(keys, return_inverse=True)
     per_example_rows = delta.new_zeros(len(unique), delta.shape[-1]).index_add_(0, position, delta)
-    total = delta.new_zeros(module.weight.shape)
-    return {
-        "weight": total.index_add_(0, unique % module.num_embeddings, per_example_rows.square())
-    }
+    rows = unique % module.num_embeddings
+    total, squares = (delta.new_zeros(module.weight.shape) for _ in range(2))
+    total.index_add_(0, rows, per_example_rows)
+    squares.index_add_(0, rows, per_example_rows.square())
+    return {"weight": (total, squares)}
 
 
-def _affine_sq(weight_grads: Tensor, bias_grads: Tensor) -> SqSums:
-    """``Σ_b g_b²`` of a norm layer's affine parameters from their per-example gradients."""
-    return {"weight": weight_grads.square().sum(0), "bias": bias_grads.square().sum(0)}
+def _affine(weight_grads: Tensor, bias_grads: Tensor) -> dict[str, Moments]:
+    """Moments of a norm layer's affine parameters from their per-example gradients."""
+    return {"weight": _moments(weight_grads), "bias": _moments(bias_grads)}
 
 
-def _layer_norm(module: nn.LayerNorm, args: tuple, kwargs: dict, delta: Tensor) -> SqSums:
-    x = args[0] if args else kwargs["input"]
+def _layer_norm(
+    module: nn.LayerNorm, args: tuple, kwargs: dict, delta: Tensor
+) -> dict[str, Moments]:
+    x = _input(args, kwargs)
     shape = module.normalized_shape
     normalized = F.layer_norm(x, shape, eps=module.eps)
     positions = lambda t: t.reshape(len(t), -1, *shape).sum(1)  # noqa: E731
-    return _affine_sq(positions(delta * normalized), positions(delta))
+    return _affine(positions(delta * normalized), positions(delta))
 
 
-def _group_norm(module: nn.GroupNorm, args: tuple, kwargs: dict, delta: Tensor) -> SqSums:
-    x = args[0] if args else kwargs["input"]
+def _group_norm(
+    module: nn.GroupNorm, args: tuple, kwargs: dict, delta: Tensor
+) -> dict[str, Moments]:
+    x = _input(args, kwargs)
     normalized = F.group_norm(x, module.num_groups, eps=module.eps)
     positions = lambda t: t.reshape(len(t), module.num_channels, -1).sum(-1)  # noqa: E731
-    return _affine_sq(positions(delta * normalized), positions(delta))
+    return _affine(positions(delta * normalized), positions(delta))
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -139,7 +162,9 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.to(dtype)
 
 
-def _attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict, delta: Tensor) -> SqSums:
+def _attention(
+    module: nn.MultiheadAttention, args: tuple, kwargs: dict, delta: Tensor
+) -> dict[str, Moments]:
     call = inspect.signature(module.forward).bind(*args, **kwargs)
     call.apply_defaults()
     given = call.arguments
@@ -173,15 +198,17 @@ def _attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict, delta: 
         projected_grads = torch.autograd.grad(
             attended, projected, delta @ module.out_proj.weight.detach()
         )
+    weights = [linear_moments(x, g) for x, g in zip(inputs, projected_grads)]
+    biases = [bias_moments(g) for g in projected_grads]
     return {
-        "in_proj_weight": torch.cat([linear_sq(x, g) for x, g in zip(inputs, projected_grads)]),
-        "in_proj_bias": torch.cat([bias_sq(g) for g in projected_grads]),
-        "out_proj.weight": linear_sq(attended.detach(), delta),
-        "out_proj.bias": bias_sq(delta),
+        "in_proj_weight": tuple(torch.cat(parts) for parts in zip(*weights)),
+        "in_proj_bias": tuple(torch.cat(parts) for parts in zip(*biases)),
+        "out_proj.weight": linear_moments(attended.detach(), delta),
+        "out_proj.bias": bias_moments(delta),
     }
 
 
-Rule = Callable[[nn.Module, tuple, dict, Tensor], SqSums]
+Rule = Callable[[nn.Module, tuple, dict, Tensor], dict[str, Moments]]
 
 RULES: dict[type[nn.Module], Rule] = {
     nn.Linear: _linear,
@@ -195,7 +222,7 @@ RULES: dict[type[nn.Module], Rule] = {
 """The rule for each layer type (exact type: a subclass may compute something else)."""
 
 
-def covers(module: nn.Module) -> Rule | None:
+def rule_for(module: nn.Module) -> Rule | None:
     """The rule for ``module`` as it is configured, or ``None`` where no rule applies."""
     rule = RULES.get(type(module))
     if isinstance(module, nn.Embedding) and (module.scale_grad_by_freq or module.sparse):
