@@ -12,12 +12,15 @@ class InputError(ValueError):
     """Bad input to :class:`pergrad.PerExample`: the message says what was wrong and the fix."""
 
 
-def batch(inputs: Tensor | Sequence[Tensor], target: Tensor) -> tuple[tuple[Tensor, ...], int]:
+def batch(
+    inputs: Tensor | Sequence[Tensor], target: Tensor, allow_empty: bool = False
+) -> tuple[tuple[Tensor, ...], int]:
     """Normalize ``inputs`` to a tuple and return it with the batch size ``B``.
 
     Raises:
         TypeError: an input or the target is not a Tensor.
-        InputError: a tensor has no batch dimension, the tensors disagree on ``B``, or ``B = 0``.
+        InputError: a tensor has no batch dimension, the tensors disagree on ``B``, or ``B = 0``
+            (unless ``allow_empty``: a data-parallel rank may hold no examples).
     """
     if isinstance(inputs, Tensor):
         inputs = (inputs,)
@@ -52,7 +55,7 @@ def batch(inputs: Tensor | Sequence[Tensor], target: Tensor) -> tuple[tuple[Tens
         listed = ", ".join(f"{name}: {b}" for name, b in sizes.items())
         raise InputError(f"inputs and target disagree on the batch size (dim 0): {listed}")
     size = sizes["target"]
-    if size == 0:
+    if size == 0 and not allow_empty:
         raise InputError("the batch is empty (B = 0): pass at least one example")
     return inputs, size
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from pergrad import checks, stats
+from pergrad import checks, distributed, stats
 from pergrad.layerwise import Layerwise
 from pergrad.modes import (
     MODES,
@@ -52,7 +52,11 @@ class PerExample:
             :class:`FallbackWarning` where they are not the fastest, and kept.
         chunk_size: at most this many examples' gradients exist at once; ``None`` for the
             whole batch. Results do not depend on it.
-        process_group: reserved for data-parallel statistics; not supported yet.
+        process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``
+            for all ranks). :meth:`backward` then sums the statistics over the group, so
+            every rank holds those of the global batch, its share of which may be uneven or
+            empty. Every rank must call :meth:`backward` alike; the first call checks that the
+            ranks start from the same parameters.
 
     Example:
         >>> engine = PerExample(model, nn.CrossEntropyLoss(reduction="none"))
@@ -78,8 +82,10 @@ class PerExample:
         if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
             raise ValueError(f"Invalid chunk_size: {chunk_size!r}; use None or an int >= 1")
         if process_group is not None:
-            raise NotImplementedError("process_group is not supported yet")
+            distributed.check_initialized(process_group)
         self.model = model
+        self.process_group = process_group
+        self._ranks_checked = False
         self.loss_fn = loss_fn
         self.chunk_size = chunk_size
         self._requested = mode
@@ -126,30 +132,45 @@ class PerExample:
             TypeError, ValueError: bad inputs, loss or model; the message says what to do.
             FloatingPointError: a gradient statistic is NaN or infinite; nothing is accumulated.
         """
-        params, chunks = self._prepare(inputs, target)
-        grad_sums, sq_sums, losses = {}, {}, []
+        distributed_ = self.process_group is not None
+        params, chunks = self._prepare(inputs, target, allow_empty=distributed_)
+        if distributed_ and not self._ranks_checked:
+            distributed.check_same_parameters(params, self.process_group)
+            self._ranks_checked = True
+        grad_sums = {name: torch.zeros_like(p) for name, p in params.items()}
+        sq_sums = {name: torch.zeros_like(p) for name, p in params.items()}
+        first = next(iter(params.values()))
+        losses = [torch.zeros(0, dtype=first.dtype, device=first.device)]  # for an empty share
         for x, y in chunks:
             chunk_sums, chunk_sq_sums, chunk_losses = self._sums(params, x, y)
             for name in params:
-                grad_sums[name] = grad_sums.get(name, 0) + chunk_sums[name]
-                sq_sums[name] = sq_sums.get(name, 0) + chunk_sq_sums[name]
+                grad_sums[name] += chunk_sums[name]
+                sq_sums[name] += chunk_sq_sums[name]
             losses.append(chunk_losses)
-        checks.finite(sq_sums, "sum of squared per-example gradients")
         self.last_losses = torch.cat(losses)
-        stats.accumulate(params, len(self.last_losses), grad_sums, sq_sums)
-        return self.last_losses.mean()
+        count, mean_loss = len(self.last_losses), self.last_losses.mean()
+        if distributed_:
+            count, loss_sum = distributed.all_reduce_sums(
+                self.process_group, count, self.last_losses.sum(), grad_sums, sq_sums
+            )
+            if count == 0:
+                raise checks.InputError("the batch is empty on every rank: pass examples")
+            mean_loss = loss_sum / count
+        checks.finite(sq_sums, "sum of squared per-example gradients")
+        stats.accumulate(params, count, grad_sums, sq_sums)
+        return mean_loss
 
     def zero_grad(self) -> None:
         """Clear ``.grad`` and the per-example statistics of every parameter of the model."""
         stats.zero_grad(self.model.parameters())
 
     def _prepare(
-        self, inputs: Inputs, target: Tensor
+        self, inputs: Inputs, target: Tensor, allow_empty: bool = False
     ) -> tuple[dict[str, nn.Parameter], Iterator[tuple[tuple[Tensor, ...], Tensor]]]:
-        inputs, size = checks.batch(inputs, target)
+        inputs, size = checks.batch(inputs, target, allow_empty)
         checks.no_batch_mixing(self.model)
         params = checks.trainable(self.model)
-        step = self.chunk_size or size
+        step = self.chunk_size or max(size, 1)
         chunks = (
             (tuple(x[start : start + step] for x in inputs), target[start : start + step])
             for start in range(0, size, step)

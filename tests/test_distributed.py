@@ -1,0 +1,123 @@
+"""Data-parallel statistics: two ``gloo`` processes on 127.0.0.1, each with a share of every
+batch, against one process on the whole batch."""
+
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import optim
+import pergrad
+
+STEPS, BATCH = 4, 16
+SPLITS = {"halves": 8, "uneven": 3, "rank 0 empty": 0}
+"""How many of each batch's examples rank 0 holds; rank 1 holds the rest."""
+CROSS_ENTROPY = nn.CrossEntropyLoss(reduction="none")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def _batches() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, BATCH, 5, generator=gen, dtype=torch.float64)
+    return x, torch.randint(0, 3, (STEPS, BATCH), generator=gen)
+
+
+def _train(process_group=None, share=slice(None)) -> list[torch.Tensor]:
+    """``STEPS`` steps of ``optim.Adam`` on this process's share of every batch."""
+    model = _model()
+    engine = pergrad.PerExample(model, CROSS_ENTROPY, process_group=process_group)
+    opt = optim.Adam(model.parameters(), lr=1e-2, grad_horizon=20, sq_horizon=200)
+    for x, y in zip(*_batches()):
+        opt.zero_grad()
+        engine.backward(x[share], y[share])
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _worker(rank: int, port: int, out: Path) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=timedelta(seconds=60),
+    )
+    results = {}
+    for name, first in SPLITS.items():
+        results[name] = _train(
+            dist.group.WORLD, slice(0, first) if rank == 0 else slice(first, None)
+        )
+    engine = pergrad.PerExample(_model(seed=rank), CROSS_ENTROPY, process_group=dist.group.WORLD)
+    x, y = _batches()
+    try:
+        engine.backward(x[0], y[0])
+        results["different start"] = None
+    except RuntimeError as error:
+        results["different start"] = str(error)
+    torch.save(results, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ranks")
+    context = mp.start_processes(
+        _worker, args=(_free_port(), out), nprocs=2, start_method="spawn", join=False
+    )
+    for _ in range(120):  # at most two minutes
+        if context.join(timeout=1):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the two gloo workers did not finish within two minutes")
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
+@pytest.mark.parametrize("split", sorted(SPLITS))
+def test_two_ranks_train_as_one_process_on_the_whole_batch(two_ranks, split):
+    alone = _train()
+    for rank in two_ranks:
+        for p, q in zip(rank[split], alone):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_parameters_that_differ_between_ranks_are_reported_on_every_rank(two_ranks):
+    for rank in two_ranks:
+        assert "differ between ranks" in rank["different start"]
+        assert "0.weight" in rank["different start"]
+
+
+def test_a_process_group_without_torch_distributed_initialized():
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        pergrad.PerExample(_model(), CROSS_ENTROPY, process_group=object())
+
+
+def test_the_data_parallel_example_runs_with_torchrun():
+    pytest.importorskip("sklearn")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={_free_port()}", str(ROOT / "examples" / "data_parallel.py"),
+        "--steps", "5",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "identical parameters on all 2 ranks" in done.stdout
