@@ -75,7 +75,7 @@ def transformer() -> tuple[nn.Module, Callable[[int], Tensor]]:
 MODELS = {
     "MLP 64-256-256-10": mlp,
     "CNN (2 conv + linear, 28×28)": cnn,
-    "Embedding + TransformerEncoderLayer + Linear, seq 32": transformer,
+    "Transformer (Embedding + TransformerEncoderLayer + Linear, seq 32)": transformer,
 }
 
 
@@ -243,7 +243,7 @@ def parse(argv=None) -> argparse.Namespace:
         "--batch-sizes", type=int, nargs="+", help="[default: 32 256 1024; --quick: 32 256]"
     )
     parser.add_argument(
-        "--repeats", type=int, help="timed steps per cell [default: 10; --quick: 3]"
+        "--repeats", type=int, help="timed steps per cell [default: 20; --quick: 3]"
     )
     parser.add_argument(
         "--models", nargs="+", choices=list(MODELS), default=list(MODELS), metavar="MODEL",
@@ -254,7 +254,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args(argv)
     args.batch_sizes = args.batch_sizes or ([32, 256] if args.quick else [32, 256, 1024])
-    args.repeats = args.repeats or (3 if args.quick else 10)
+    args.repeats = args.repeats or (3 if args.quick else 20)
     return args
 
 
