@@ -119,9 +119,14 @@ def per_example_loss(loss: object, batch_size: int) -> Tensor:
 def finite(grads: dict[str, Tensor], what: str) -> None:
     """Raise if any gradient statistic is NaN or infinite.
 
+    One sum per tensor finds it (a NaN or an infinity makes the sum non-finite); only then is
+    every element checked, to name the parameters.
+
     Raises:
         FloatingPointError: naming the parameters whose ``what`` is not finite.
     """
+    if not grads or bool(torch.isfinite(torch.stack([g.sum() for g in grads.values()])).all()):
+        return
     bad = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
     if bad:
         raise FloatingPointError(

@@ -114,10 +114,14 @@ class PerExample:
             FloatingPointError: some per-example gradient is NaN or infinite.
         """
         params, chunks = self._prepare(inputs, target)
-        results = [self._per_example(params, x, y) for x, y in chunks]
-        grads = {name: torch.cat([g[name] for g, _ in results]) for name in params}
+        results = [self._chunk(params, x, y, per_example=True) for x, y in chunks]
+        if len(results) == 1:
+            values, self.last_losses = results[0]
+            grads = {name: values[name] for name in params}  # in the model's order
+        else:
+            grads = {name: torch.cat([g[name] for g, _ in results]) for name in params}
+            self.last_losses = torch.cat([losses for _, losses in results])
         checks.finite(grads, "per-example gradients")
-        self.last_losses = torch.cat([losses for _, losses in results])
         return grads
 
     def backward(self, inputs: Inputs, target: Tensor) -> Tensor:
@@ -142,10 +146,10 @@ class PerExample:
         first = next(iter(params.values()))
         losses = [torch.zeros(0, dtype=first.dtype, device=first.device)]  # for an empty share
         for x, y in chunks:
-            chunk_sums, chunk_sq_sums, chunk_losses = self._sums(params, x, y)
-            for name in params:
-                grad_sums[name] += chunk_sums[name]
-                sq_sums[name] += chunk_sq_sums[name]
+            chunk_moments, chunk_losses = self._chunk(params, x, y, per_example=False)
+            for name, (grad_sum, sq_sum) in chunk_moments.items():
+                grad_sums[name] += grad_sum
+                sq_sums[name] += sq_sum
             losses.append(chunk_losses)
         self.last_losses = torch.cat(losses)
         count, mean_loss = len(self.last_losses), self.last_losses.mean()
@@ -177,26 +181,29 @@ class PerExample:
         )
         return params, chunks
 
-    def _sums(
-        self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-        """``(Σ_b g_b, Σ_b g_b², losses)`` for one chunk: per-layer rules where they cover a
-        parameter, per-example gradients for the rest."""
-        if self._layerwise is not None:
-            with torch.enable_grad():
-                result = self._layerwise(params, inputs, target)
-            rest = {name: params[name] for name in result.uncovered}
-            if rest:
-                grads, _ = self._per_example(rest, inputs, target)
-                rest_sums, rest_sq_sums = stats.sums(grads)
-                result.grad_sums.update(rest_sums)
-                result.sq_sums.update(rest_sq_sums)
-                self._warn_uncovered(result.uncovered)
-            self.sources = {**result.layers, **dict.fromkeys(rest, self.mode)}
-            return result.grad_sums, result.sq_sums, result.losses
-        grads, losses = self._per_example(params, inputs, target)
-        self.sources = dict.fromkeys(params, self.mode)
-        return *stats.sums(grads), losses
+    def _chunk(
+        self,
+        params: dict[str, nn.Parameter],
+        inputs: tuple[Tensor, ...],
+        target: Tensor,
+        per_example: bool,
+    ) -> tuple[dict[str, Tensor | tuple[Tensor, Tensor]], Tensor]:
+        """For one chunk, each parameter's per-example gradients if ``per_example``, else their
+        moments ``(Σ_b g_b, Σ_b g_b²)``, and the losses: per-layer rules where they cover a
+        parameter (in ``"auto"``), a per-example mode for the rest."""
+        if self._layerwise is None:
+            grads, losses = self._per_example(params, inputs, target)
+            self.sources = dict.fromkeys(params, self.mode)
+            return (grads if per_example else stats.moments(grads)), losses
+        with torch.enable_grad():
+            result = self._layerwise(params, inputs, target, per_example)
+        rest = {name: params[name] for name in result.uncovered}
+        if rest:
+            grads, _ = self._per_example(rest, inputs, target)
+            result.values.update(grads if per_example else stats.moments(grads))
+            self._warn_uncovered(result.uncovered)
+        self.sources = {**result.layers, **dict.fromkeys(rest, self.mode)}
+        return result.values, result.losses
 
     def _warn_uncovered(self, uncovered: dict[str, str]) -> None:
         if self._warned_uncovered:
@@ -204,8 +211,8 @@ class PerExample:
         self._warned_uncovered = True
         listed = "; ".join(f"'{name}': {reason}" for name, reason in uncovered.items())
         warnings.warn(
-            f"pergrad: no per-layer rule covers {listed}. Their statistics come from "
-            f"mode={self.mode!r}, which forms their per-example gradients.",
+            f"pergrad: no per-layer rule covers {listed}. Their per-example gradients come "
+            f"from mode={self.mode!r}.",
             FallbackWarning,
             stacklevel=4,
         )

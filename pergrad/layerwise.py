@@ -3,8 +3,9 @@
 One batched forward and backward pass of ``Σ_b ℓ_b``. Each layer that :mod:`pergrad.rules`
 knows runs on detached views of its parameters (no copy of the data), so autograd does not
 form their batch gradients; a forward hook keeps the layer's inputs, and a hook on its output
-receives ``δ``, from which the rule forms both ``Σ_b g_b`` and ``Σ_b g_b²`` during the
-backward pass. A parameter is covered only where that is provably its whole gradient:
+receives ``δ``, from which the rule forms, during the backward pass, either ``Σ_b g_b`` and
+``Σ_b g_b²`` or the per-example gradients themselves. A parameter is covered only where that
+is provably its whole gradient:
 
 - its layer has a rule for its configuration and ran exactly once;
 - the layer's inputs carry the batch on dim 0: their dim 0 is ``B``, and on the first call a
@@ -29,14 +30,14 @@ from pergrad import checks, rules
 
 
 @dataclass
-class LayerwiseSums:
-    """``Σ_b g_b`` and ``Σ_b g_b²`` of the covered parameters, and the per-example losses."""
+class LayerwiseResult:
+    """For each covered parameter, its per-example gradients ``(B, *shape)`` or their moments
+    ``(Σ_b g_b, Σ_b g_b²)``; and the per-example losses."""
 
-    grad_sums: dict[str, Tensor]
-    sq_sums: dict[str, Tensor]
+    values: dict[str, Tensor | rules.Moments]
     losses: Tensor
     layers: dict[str, str] = field(default_factory=dict)
-    """The layer type whose rule gave each covered parameter's sums (``"unused"``: zero)."""
+    """The layer type whose rule gave each covered parameter's values (``"unused"``: zero)."""
     uncovered: dict[str, str] = field(default_factory=dict)
     """Why each other parameter is not covered."""
 
@@ -50,11 +51,11 @@ class _Layer:
     params: dict[str, str]  # name relative to the layer -> name in the model
     calls: int = 0
     batched: bool = True
-    moments: dict[str, rules.Moments] | None = None
+    values: dict[str, Tensor | rules.Moments] | None = None
 
 
 class Layerwise:
-    """Computes :class:`LayerwiseSums` for ``loss_fn(model(*inputs), target)``."""
+    """Computes a :class:`LayerwiseResult` for ``loss_fn(model(*inputs), target)``."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]):
         self.model = model
@@ -62,8 +63,14 @@ class Layerwise:
         self._unbatched: set[nn.Module] | None = None  # found by the one-example probe
 
     def __call__(
-        self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
-    ) -> LayerwiseSums:
+        self,
+        params: dict[str, nn.Parameter],
+        inputs: tuple[Tensor, ...],
+        target: Tensor,
+        per_example: bool = False,
+    ) -> LayerwiseResult:
+        """Per-example gradients of the covered parameters if ``per_example``, else their
+        moments."""
         layers = self._layers(params)
         size = len(target)
         if self._unbatched is None and size > 1:
@@ -79,7 +86,8 @@ class Layerwise:
             )
             handles.append(
                 layer.module.register_forward_hook(
-                    self._record_hook(layer, params, size, anchors), with_kwargs=True
+                    self._record_hook(layer, params, size, anchors, per_example),
+                    with_kwargs=True,
                 )
             )
         try:
@@ -94,7 +102,7 @@ class Layerwise:
             for layer in layers:
                 _set(layer, params)
         others = dict(zip(params, grads))
-        return _collect(self.model, params, layers, others, losses.detach())
+        return _collect(self.model, params, layers, others, losses.detach(), per_example)
 
     def _layers(self, params: dict[str, nn.Parameter]) -> list[_Layer]:
         trainable = {id(p): name for name, p in params.items()}
@@ -110,7 +118,9 @@ class Layerwise:
                 layers.append(_Layer(module, rule, owned))
         return layers
 
-    def _record_hook(self, layer: _Layer, params, size: int, anchors: list[Tensor]):
+    def _record_hook(
+        self, layer: _Layer, params, size: int, anchors: list[Tensor], per_example: bool
+    ):
         """After the layer runs: put its parameters back, and make its output's gradient flow
         to a scalar ``anchor`` that autograd is asked for, with a hook that applies the rule."""
 
@@ -127,7 +137,7 @@ class Layerwise:
             def on_grad(delta: Tensor) -> None:
                 if layer.calls == 1 and layer.batched:
                     with torch.no_grad():
-                        layer.moments = layer.rule(module, args, kwargs, delta)
+                        layer.values = layer.rule(module, args, kwargs, delta, per_example)
 
             out.register_hook(on_grad)
             return (out, *output[1:]) if isinstance(output, tuple) else out
@@ -163,10 +173,11 @@ def _collect(
     layers: list[_Layer],
     others: dict[str, Tensor | None],
     losses: Tensor,
-) -> LayerwiseSums:
+    per_example: bool,
+) -> LayerwiseResult:
     """Sort parameters into covered and uncovered. ``others[name]`` is the gradient autograd
     found outside the rule layers (``None``: no other use)."""
-    result = LayerwiseSums({}, {}, losses)
+    result = LayerwiseResult({}, losses)
     owners = defaultdict(list)
     for layer in layers:
         for name in layer.params.values():
@@ -189,13 +200,16 @@ def _collect(
             reason = f"its {kind} layer's input does not carry the batch on dim 0"
         if reason is not None:
             result.uncovered[name] = reason
-        elif layer is None or layer.moments is None:
+        elif layer is None or layer.values is None:
             # never used, or its layer's output never reached the loss: every g_b is zero
-            result.grad_sums[name] = result.sq_sums[name] = torch.zeros_like(p)
+            if per_example:
+                result.values[name] = p.new_zeros(len(losses), *p.shape)
+            else:
+                result.values[name] = (torch.zeros_like(p), torch.zeros_like(p))
             result.layers[name] = "unused"
         else:
             local = next(k for k, v in layer.params.items() if v == name)
-            result.grad_sums[name], result.sq_sums[name] = layer.moments[local]
+            result.values[name] = layer.values[local]
             result.layers[name] = kind
     return result
 

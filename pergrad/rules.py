@@ -2,9 +2,10 @@
 output gradients.
 
 For one call of a layer on a batch, with inputs ``a`` and output gradients ``δ = ∂(Σ_b ℓ_b)/∂out``
-(the batch on dim 0 of both), a rule returns, for every parameter of the layer, the sum over
-examples of the per-example gradient and of its square. None of them forms the ``B``
-per-example gradients of a large parameter all at once:
+(the batch on dim 0 of both), a rule returns, for every parameter of the layer, either the
+per-example gradients ``(B, *shape)`` (``per_example=True``, for ``grads()``) or their
+moments ``(Σ_b g_b, Σ_b g_b²)``. For the moments, none of them forms the ``B`` per-example
+gradients of a large parameter all at once:
 
 - ``Linear`` on ``(B, in)``: ``Σ_b g_b = δᵀa`` and ``Σ_b g_b² = (δ²)ᵀ(a²)``, two matrix
   products; on ``(B, …, in)``, ``g_b = δ_bᵀ a_b`` summed over the middle dimensions, a few
@@ -24,7 +25,7 @@ per-example gradients of a large parameter all at once:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -52,37 +53,55 @@ def _moments(per_example: Tensor) -> Moments:
     return per_example.sum(0), per_example.square().sum(0)
 
 
+def _reduce(chunks: Iterable[Tensor], per_example: bool) -> Tensor | Moments:
+    """Per-example gradients, given a few examples at a time: concatenated, or their moments."""
+    if per_example:
+        chunks = list(chunks)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    total = squares = 0
+    for grads in chunks:
+        total, squares = total + grads.sum(0), squares + grads.square().sum(0)
+    return total, squares
+
+
+def _finish(grads: Tensor, per_example: bool) -> Tensor | Moments:
+    """Per-example gradients of a small parameter: as they are, or their moments."""
+    return grads if per_example else _moments(grads)
+
+
 def _input(args: tuple, kwargs: dict) -> Tensor:
     return args[0] if args else kwargs["input"]
 
 
-def linear_moments(a: Tensor, delta: Tensor) -> Moments:
-    """A Linear weight's moments, ``g_b = δ_bᵀ a_b``, for ``a (B, …, in)``, ``δ (B, …, out)``."""
+def linear_weight(a: Tensor, delta: Tensor, per_example: bool) -> Tensor | Moments:
+    """A Linear weight's ``g_b = δ_bᵀ a_b`` (summed over positions) for ``a (B, …, in)``,
+    ``δ (B, …, out)``; on ``(B, in)`` its moments are ``δᵀa`` and ``(δ²)ᵀ(a²)``."""
     if a.dim() == 2:
+        if per_example:
+            return delta.unsqueeze(2) * a.unsqueeze(1)
         return delta.T @ a, delta.square().T @ a.square()
     a, delta = _per_position(a), _per_position(delta)
-    total = delta.flatten(0, 1).T @ a.flatten(0, 1)
-    squares = torch.zeros_like(total)
-    step = _step(total.numel())
-    for start in range(0, len(a), step):
-        squares += (
-            torch.bmm(delta[start : start + step].mT, a[start : start + step]).square().sum(0)
-        )
-    return total, squares
+    step = len(a) if per_example else _step(delta.shape[-1] * a.shape[-1])
+    chunks = (
+        torch.bmm(delta[start : start + step].mT, a[start : start + step])
+        for start in range(0, len(a), step)
+    )
+    return _reduce(chunks, per_example)
 
 
-def bias_moments(delta: Tensor) -> Moments:
-    """A Linear bias's moments, ``g_b = Σ_positions δ_b``, for ``δ (B, …, out)``."""
-    return _moments(delta if delta.dim() == 2 else _per_position(delta).sum(1))
+def linear_bias(delta: Tensor, per_example: bool) -> Tensor | Moments:
+    """A Linear bias's ``g_b = Σ_positions δ_b`` for ``δ (B, …, out)``."""
+    return _finish(delta if delta.dim() == 2 else _per_position(delta).sum(1), per_example)
 
 
-def _linear(module: nn.Linear, args: tuple, kwargs: dict, delta: Tensor) -> dict[str, Moments]:
-    return {"weight": linear_moments(_input(args, kwargs), delta), "bias": bias_moments(delta)}
+def _linear(module: nn.Linear, args: tuple, kwargs: dict, delta: Tensor, per_example: bool):
+    return {
+        "weight": linear_weight(_input(args, kwargs), delta, per_example),
+        "bias": linear_bias(delta, per_example),
+    }
 
 
-def _conv(
-    module: nn.Conv1d | nn.Conv2d, args: tuple, kwargs: dict, delta: Tensor
-) -> dict[str, Moments]:
+def _conv(module: nn.Conv1d | nn.Conv2d, args: tuple, kwargs: dict, delta: Tensor, per_example):
     x = _input(args, kwargs)
     one_d = isinstance(module, nn.Conv1d)  # a Conv1d is a Conv2d of height 1
     padding = module._reversed_padding_repeated_twice
@@ -92,65 +111,65 @@ def _conv(
     )
     groups, shape = module.groups, module.weight.shape
     delta = delta.reshape(len(delta), groups, shape[0] // groups, -1)
-    total = x.new_zeros(groups, shape[0] // groups, shape[1:].numel())
-    squares = torch.zeros_like(total)
-    step = _step(max(total.numel(), shape[1:].numel() * delta.shape[-1]))
-    for start in range(0, len(x), step):
-        padded = F.pad(x[start : start + step], padding, mode=mode)
-        patches = F.unfold(padded.unsqueeze(-2) if one_d else padded, kernel, dilation, 0, stride)
-        patches = patches.reshape(len(patches), groups, total.shape[-1], -1)
-        grads = torch.einsum("bgol,bgil->bgoi", delta[start : start + step], patches)
-        total += grads.sum(0)
-        squares += grads.square().sum(0)
+
+    def chunks():
+        for start in range(0, len(x), step):
+            padded = F.pad(x[start : start + step], padding, mode=mode)
+            patches = F.unfold(
+                padded.unsqueeze(-2) if one_d else padded, kernel, dilation, 0, stride
+            )
+            patches = patches.reshape(len(patches), groups, shape[1:].numel(), -1)
+            grads = torch.einsum("bgol,bgil->bgoi", delta[start : start + step], patches)
+            yield grads.reshape(len(grads), *shape)
+
+    step = len(x) if per_example else _step(max(shape.numel(), shape[1:].numel() * delta.shape[-1]))
     return {
-        "weight": (total.reshape(shape), squares.reshape(shape)),
-        "bias": _moments(delta.sum(-1).flatten(1)),
+        "weight": _reduce(chunks(), per_example),
+        "bias": _finish(delta.sum(-1).flatten(1), per_example),
     }
 
 
-def _embedding(
-    module: nn.Embedding, args: tuple, kwargs: dict, delta: Tensor
-) -> dict[str, Moments]:
+def _embedding(module: nn.Embedding, args: tuple, kwargs: dict, delta: Tensor, per_example):
     tokens = _input(args, kwargs)
-    tokens, delta = tokens.reshape(len(tokens), -1), _per_position(delta)
-    example = torch.arange(len(tokens), device=tokens.device).unsqueeze(1).expand_as(tokens)
-    keys = example * module.num_embeddings + tokens
+    batch, (vocabulary, width) = len(tokens), module.weight.shape
+    tokens, delta = tokens.reshape(batch, -1), _per_position(delta)
+    example = torch.arange(batch, device=tokens.device).unsqueeze(1).expand_as(tokens)
+    keys = example * vocabulary + tokens
     if module.padding_idx is not None:  # the padding row gets no gradient
         keep = tokens != module.padding_idx
         keys, delta = keys[keep], delta[keep]
     else:
         keys, delta = keys.flatten(), delta.reshape(-1, delta.shape[-1])
+    if per_example:
+        grads = delta.new_zeros(batch * vocabulary, width).index_add_(0, keys, delta)
+        return {"weight": grads.view(batch, vocabulary, width)}
     unique, position = torch.unique(keys, return_inverse=True)
-    per_example_rows = delta.new_zeros(len(unique), delta.shape[-1]).index_add_(0, position, delta)
-    rows = unique % module.num_embeddings
-    total, squares = (delta.new_zeros(module.weight.shape) for _ in range(2))
+    per_example_rows = delta.new_zeros(len(unique), width).index_add_(0, position, delta)
+    rows = unique % vocabulary
+    total, squares = (delta.new_zeros(vocabulary, width) for _ in range(2))
     total.index_add_(0, rows, per_example_rows)
     squares.index_add_(0, rows, per_example_rows.square())
     return {"weight": (total, squares)}
 
 
-def _affine(weight_grads: Tensor, bias_grads: Tensor) -> dict[str, Moments]:
-    """Moments of a norm layer's affine parameters from their per-example gradients."""
-    return {"weight": _moments(weight_grads), "bias": _moments(bias_grads)}
+def _affine(weight_grads: Tensor, bias_grads: Tensor, per_example: bool):
+    """A norm layer's affine parameters, from their per-example gradients."""
+    return {"weight": _finish(weight_grads, per_example), "bias": _finish(bias_grads, per_example)}
 
 
-def _layer_norm(
-    module: nn.LayerNorm, args: tuple, kwargs: dict, delta: Tensor
-) -> dict[str, Moments]:
+def _layer_norm(module: nn.LayerNorm, args: tuple, kwargs: dict, delta: Tensor, per_example):
     x = _input(args, kwargs)
     shape = module.normalized_shape
     normalized = F.layer_norm(x, shape, eps=module.eps)
     positions = lambda t: t.reshape(len(t), -1, *shape).sum(1)  # noqa: E731
-    return _affine(positions(delta * normalized), positions(delta))
+    return _affine(positions(delta * normalized), positions(delta), per_example)
 
 
-def _group_norm(
-    module: nn.GroupNorm, args: tuple, kwargs: dict, delta: Tensor
-) -> dict[str, Moments]:
+def _group_norm(module: nn.GroupNorm, args: tuple, kwargs: dict, delta: Tensor, per_example):
     x = _input(args, kwargs)
     normalized = F.group_norm(x, module.num_groups, eps=module.eps)
     positions = lambda t: t.reshape(len(t), module.num_channels, -1).sum(-1)  # noqa: E731
-    return _affine(positions(delta * normalized), positions(delta))
+    return _affine(positions(delta * normalized), positions(delta), per_example)
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -163,8 +182,8 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _attention(
-    module: nn.MultiheadAttention, args: tuple, kwargs: dict, delta: Tensor
-) -> dict[str, Moments]:
+    module: nn.MultiheadAttention, args: tuple, kwargs: dict, delta: Tensor, per_example
+):
     call = inspect.signature(module.forward).bind(*args, **kwargs)
     call.apply_defaults()
     given = call.arguments
@@ -198,17 +217,23 @@ def _attention(
         projected_grads = torch.autograd.grad(
             attended, projected, delta @ module.out_proj.weight.detach()
         )
-    weights = [linear_moments(x, g) for x, g in zip(inputs, projected_grads)]
-    biases = [bias_moments(g) for g in projected_grads]
+
+    def stacked(parts: list) -> Tensor | Moments:  # q, k, v rows of the packed projection
+        return torch.cat(parts, 1) if per_example else tuple(map(torch.cat, zip(*parts)))
+
     return {
-        "in_proj_weight": tuple(torch.cat(parts) for parts in zip(*weights)),
-        "in_proj_bias": tuple(torch.cat(parts) for parts in zip(*biases)),
-        "out_proj.weight": linear_moments(attended.detach(), delta),
-        "out_proj.bias": bias_moments(delta),
+        "in_proj_weight": stacked(
+            [linear_weight(x, g, per_example) for x, g in zip(inputs, projected_grads)]
+        ),
+        "in_proj_bias": stacked([linear_bias(g, per_example) for g in projected_grads]),
+        "out_proj.weight": linear_weight(attended.detach(), delta, per_example),
+        "out_proj.bias": linear_bias(delta, per_example),
     }
 
 
-Rule = Callable[[nn.Module, tuple, dict, Tensor], dict[str, Moments]]
+Rule = Callable[[nn.Module, tuple, dict, Tensor, bool], "dict[str, Tensor | Moments]"]
+"""``rule(layer, args, kwargs, δ, per_example)``: per parameter name, ``(B, *shape)`` per-example
+gradients if ``per_example``, else their moments."""
 
 RULES: dict[type[nn.Module], Rule] = {
     nn.Linear: _linear,

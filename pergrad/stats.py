@@ -87,9 +87,6 @@ def zero_grad(params: Iterable[Tensor]) -> None:
 
 
 @torch.no_grad()
-def sums(grads: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def moments(grads: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
     """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients ``g`` of shape ``(B, *param.shape)``."""
-    return (
-        {name: g.sum(0) for name, g in grads.items()},
-        {name: g.square().sum(0) for name, g in grads.items()},
-    )
+    return {name: (g.sum(0), g.square().sum(0)) for name, g in grads.items()}

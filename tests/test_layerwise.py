@@ -1,4 +1,5 @@
-"""Per-layer rules (``mode="auto"``'s ``backward``) against one backward per example.
+"""Per-layer rules (``mode="auto"``'s ``backward`` and ``grads``) against one backward per
+example.
 
 Every test also checks ``engine.sources``, so that a rule silently falling back to another
 mode would fail it rather than pass on the fallback's numbers.
@@ -22,8 +23,9 @@ MSE = lambda out, y: (out - y).square().flatten(1).sum(1)  # noqa: E731
 
 
 def statistics(model, loss_fn, inputs, target, **options) -> dict[str, str]:
-    """Run ``backward`` in ``"auto"`` and compare every parameter's mean and mean of squares with
-    one backward per example; return where each parameter's statistics came from."""
+    """Run ``backward`` and ``grads`` in ``"auto"`` and compare every parameter's mean, mean of
+    squares and per-example gradients with one backward per example; return where each
+    parameter's statistics came from."""
     engine = pergrad.PerExample(model, loss_fn, **options)
     engine.backward(inputs, target)
     reference = reference_grads(model, loss_fn, inputs, target)
@@ -37,7 +39,13 @@ def statistics(model, loss_fn, inputs, target, **options) -> dict[str, str]:
             p.grad_stats.sq_mean, g.square().mean(0), rtol=RTOL, atol=1e-9 * scale**2, msg=name
         )
     pergrad.zero_grad(model.parameters())
-    return engine.sources
+    sources = engine.sources
+    grads = engine.grads(inputs, target)  # the per-example rules give the same parameters
+    assert engine.sources == sources
+    for name, g in grads.items():
+        scale = max(float(reference[name].abs().max()), 1.0)
+        torch.testing.assert_close(g, reference[name], rtol=RTOL, atol=1e-9 * scale, msg=name)
+    return sources
 
 
 def covered(model: nn.Module) -> dict[str, str]:

@@ -60,10 +60,16 @@ class HooksMode(Mode):
                 hooks = _opacus_hooks()(self.model, loss_reduction="sum", strict=False)
                 output = self.model(*inputs)
                 losses = checks.per_example_loss(self.loss_fn(output, target), len(target))
-                totals = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
+                # Opacus's hooks fire only where autograd goes: ask for every trainable
+                # parameter, so that a subset (what per-layer rules leave) gets its samples too
+                everything = checks.trainable(self.model)
+                totals = torch.autograd.grad(
+                    losses.sum(), list(everything.values()), allow_unused=True
+                )
+            total = dict(zip(everything, totals))
             grads = {
-                name: self._grad_sample(name, p, total, len(target))
-                for (name, p), total in zip(params.items(), totals)
+                name: self._grad_sample(name, p, total[name], len(target))
+                for name, p in params.items()
             }
         except (checks.InputError, ModeError):
             raise
