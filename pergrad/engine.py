@@ -43,13 +43,13 @@ class PerExample:
         loss_fn: ``loss_fn(output, target) -> Tensor`` of shape ``(B,)``, one loss per example,
             e.g. ``nn.CrossEntropyLoss(reduction="none")``.
         mode: ``"func"`` (``torch.func`` ``vmap(grad)``), ``"hooks"`` (Opacus hooks), ``"loop"``
-            (one backward per example), or ``"auto"``. With ``"auto"``, :meth:`backward`
-            computes the statistics layer by layer from one batched backward pass
-            (:mod:`pergrad.layerwise`), and per-example gradients, for :meth:`grads` and for
-            any parameter no per-layer rule covers, come from the first of the three modes
-            that runs the model and, for ``"hooks"``, agrees with ``"loop"`` on the first
-            examples. Choices are made on the first call, announced once by a
-            :class:`FallbackWarning` where they are not the fastest, and kept.
+            (one backward per example), or ``"auto"``. With ``"auto"``, :meth:`backward` and
+            :meth:`grads` work layer by layer from one batched backward pass
+            (:mod:`pergrad.layerwise`); any parameter no per-layer rule covers gets its
+            per-example gradients from the first of the three modes that runs the model and,
+            for ``"hooks"``, agrees with ``"loop"`` on the first examples. Choices are made on
+            the first call, announced once by a :class:`FallbackWarning` where they are not the
+            fastest, and kept.
         chunk_size: at most this many examples' gradients exist at once; ``None`` for the
             whole batch. Results do not depend on it.
         process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``
@@ -136,9 +136,9 @@ class PerExample:
             TypeError, ValueError: bad inputs, loss or model; the message says what to do.
             FloatingPointError: a gradient statistic is NaN or infinite; nothing is accumulated.
         """
-        distributed_ = self.process_group is not None
-        params, chunks = self._prepare(inputs, target, allow_empty=distributed_)
-        if distributed_ and not self._ranks_checked:
+        grouped = self.process_group is not None
+        params, chunks = self._prepare(inputs, target, allow_empty=grouped)
+        if grouped and not self._ranks_checked:
             distributed.check_same_parameters(params, self.process_group)
             self._ranks_checked = True
         grad_sums = {name: torch.zeros_like(p) for name, p in params.items()}
@@ -153,7 +153,7 @@ class PerExample:
             losses.append(chunk_losses)
         self.last_losses = torch.cat(losses)
         count, mean_loss = len(self.last_losses), self.last_losses.mean()
-        if distributed_:
+        if grouped:
             count, loss_sum = distributed.all_reduce_sums(
                 self.process_group, count, self.last_losses.sum(), grad_sums, sq_sums
             )
