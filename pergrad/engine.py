@@ -141,16 +141,22 @@ class PerExample:
         if grouped and not self._ranks_checked:
             distributed.check_same_parameters(params, self.process_group)
             self._ranks_checked = True
-        grad_sums = {name: torch.zeros_like(p) for name, p in params.items()}
-        sq_sums = {name: torch.zeros_like(p) for name, p in params.items()}
+        grad_sums: dict[str, Tensor] = {}
+        sq_sums: dict[str, Tensor] = {}
         first = next(iter(params.values()))
         losses = [torch.zeros(0, dtype=first.dtype, device=first.device)]  # for an empty share
         for x, y in chunks:
             chunk_moments, chunk_losses = self._chunk(params, x, y, per_example=False)
             for name, (grad_sum, sq_sum) in chunk_moments.items():
-                grad_sums[name] += grad_sum
-                sq_sums[name] += sq_sum
+                if name in grad_sums:  # later chunks add into the first chunk's fresh tensors
+                    grad_sums[name] += grad_sum
+                    sq_sums[name] += sq_sum
+                else:
+                    grad_sums[name], sq_sums[name] = grad_sum, sq_sum
             losses.append(chunk_losses)
+        for name, p in params.items():  # an empty share of a data-parallel batch: zeros
+            if name not in grad_sums:
+                grad_sums[name], sq_sums[name] = torch.zeros_like(p), torch.zeros_like(p)
         self.last_losses = torch.cat(losses)
         count, mean_loss = len(self.last_losses), self.last_losses.mean()
         if grouped:

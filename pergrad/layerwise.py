@@ -10,7 +10,9 @@ is provably its whole gradient:
 - its layer has a rule for its configuration and ran exactly once;
 - the layer's inputs carry the batch on dim 0: their dim 0 is ``B``, and on the first call a
   forward pass of one example shows that it follows the batch size (so a sequence-first
-  layer whose length happens to equal ``B`` is not mistaken for a batch-first one);
+  layer whose length happens to equal ``B`` is not mistaken for a batch-first one). That
+  probe runs without gradients and with the random state restored, but a model whose forward
+  pass changes its own state (a call counter, say) sees one call more;
 - the parameter is used nowhere else: autograd, asked for its gradient, finds no other use
   (tied weights, or a weight that a parent also uses directly, fail this).
 
