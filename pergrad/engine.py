@@ -101,7 +101,8 @@ class PerExample:
 
     @property
     def mode(self) -> str:
-        """The per-example mode in use: ``"auto"`` until a call has needed and chosen one."""
+        """The per-example mode in use (with ``"auto"``, for what per-layer rules do not
+        cover): ``"auto"`` until the first call has chosen one."""
         return self._requested if self._mode is None else self._mode.name
 
     def grads(self, inputs: Inputs, target: Tensor) -> dict[str, Tensor]:
@@ -201,6 +202,9 @@ class PerExample:
             grads, losses = self._per_example(params, inputs, target)
             self.sources = dict.fromkeys(params, self.mode)
             return (grads if per_example else stats.moments(grads)), losses
+        if self._mode is None:  # choose the per-example mode now, on a couple of examples
+            few = slice(0, VERIFIED_EXAMPLES)
+            self._per_example(params, tuple(x[few] for x in inputs), target[few])
         with torch.enable_grad():
             result = self._layerwise(params, inputs, target, per_example)
         rest = {name: params[name] for name in result.uncovered}
