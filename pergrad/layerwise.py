@@ -111,12 +111,14 @@ class Layerwise:
         layers = []
         for module in self.model.modules():
             rule = rules.rule_for(module)
+            if rule is None:
+                continue
             owned = {
                 local: trainable[id(p)]
                 for local, p in module.named_parameters(remove_duplicate=False)
                 if id(p) in trainable
             }
-            if rule is not None and owned:
+            if owned:
                 layers.append(_Layer(module, rule, owned))
         return layers
 

@@ -102,6 +102,7 @@ def test_linear_with_any_leading_dims(b, middle, i, o, bias):
     ] == ("Linear")
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @settings(max_examples=30, deadline=None)
 @given(
     b=sizes,
