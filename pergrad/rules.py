@@ -101,31 +101,37 @@ def _linear(module: nn.Linear, args: tuple, kwargs: dict, delta: Tensor, per_exa
     }
 
 
+def _patches(x: Tensor, module: nn.Conv1d | nn.Conv2d) -> Tensor:
+    """The input patches each output position sees, ``(B·groups, positions, in/groups · kernel)``
+    in the weight's order, from strided views of the padded input."""
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+    spatial = len(module.kernel_size)
+    for dim, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        x = x.unfold(2 + dim, (k - 1) * d + 1, s)[..., ::d]  # appends the window's dimension
+    batch, groups = len(x), module.groups
+    x = x.view(batch, groups, -1, *x.shape[2:])  # (B, groups, in/groups, *out, *kernel)
+    order = (0, 1, *range(3, 3 + spatial), 2, *range(3 + spatial, 3 + 2 * spatial))
+    positions = x.shape[3 : 3 + spatial].numel()
+    return x.permute(order).reshape(batch * groups, positions, -1)
+
+
 def _conv(module: nn.Conv1d | nn.Conv2d, args: tuple, kwargs: dict, delta: Tensor, per_example):
     x = _input(args, kwargs)
-    one_d = isinstance(module, nn.Conv1d)  # a Conv1d is a Conv2d of height 1
-    padding = module._reversed_padding_repeated_twice
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    kernel, dilation, stride = (
-        (1, *v) if one_d else v for v in (module.kernel_size, module.dilation, module.stride)
-    )
-    groups, shape = module.groups, module.weight.shape
-    delta = delta.reshape(len(delta), groups, shape[0] // groups, -1)
+    shape, groups = module.weight.shape, module.groups
+    delta = delta.reshape(len(delta), shape[0], -1)  # (B, out, positions)
+    step = len(x) if per_example else _step(max(shape.numel(), shape[1:].numel() * delta.shape[-1]))
 
     def chunks():
         for start in range(0, len(x), step):
-            padded = F.pad(x[start : start + step], padding, mode=mode)
-            patches = F.unfold(
-                padded.unsqueeze(-2) if one_d else padded, kernel, dilation, 0, stride
-            )
-            patches = patches.reshape(len(patches), groups, shape[1:].numel(), -1)
-            grads = torch.einsum("bgol,bgil->bgoi", delta[start : start + step], patches)
-            yield grads.reshape(len(grads), *shape)
+            part = delta[start : start + step]
+            part = part.reshape(len(part) * groups, shape[0] // groups, -1)
+            grads = torch.bmm(part, _patches(x[start : start + step], module))
+            yield grads.reshape(-1, *shape)
 
-    step = len(x) if per_example else _step(max(shape.numel(), shape[1:].numel() * delta.shape[-1]))
     return {
         "weight": _reduce(chunks(), per_example),
-        "bias": _finish(delta.sum(-1).flatten(1), per_example),
+        "bias": _finish(delta.sum(-1), per_example),
     }
 
 
