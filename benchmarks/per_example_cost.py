@@ -4,7 +4,7 @@
     python benchmarks/per_example_cost.py --quick    # B = 32, 256, fewer repeats
 
 For three model families (an MLP, a CNN, a small transformer), every method runs the same
-step on the same batch, each in a fresh process, so that its peak memory is its own:
+step on the same batch, from the same weights:
 
 - ``plain``: ``loss.mean().backward()``, the reference (its time and extra memory are 1×);
 - ``auto``, ``func``, ``hooks``, ``loop``: ``pergrad.PerExample(mode=…).backward``, which
@@ -14,10 +14,11 @@ step on the same batch, each in a fresh process, so that its peak memory is its 
 - ``backpack``: BackPACK's ``SumGradSquared``, where it is installed
   (``pip install --no-deps backpack-for-pytorch einops unfoldNd``).
 
-Time is the median over the repeats; extra memory is the process's peak resident memory
-during two steps, less what it held before them (both after one warm-up step; memory in a
-separate process where glibc returns every freed block of 64 KiB or more). Writes
-``results.md`` (two tables) and ``results.png`` to ``--out``.
+Time is the median over the repeats, all methods of a row timed in one fresh process and
+taking turns step by step, so that the machine's changing load reaches them alike. Extra
+memory is a fresh process's peak resident memory during two steps, less what it held before
+them, after a warm-up step, with glibc returning every freed block of 64 KiB or more.
+Writes ``results.md`` (two tables) and ``results.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -145,49 +146,80 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def measure_one(model_name: str, batch: int, method: str, repeats: int) -> dict:
-    """Median time of ``repeats`` steps, and their peak extra memory, after one warm-up step
-    (whose one-time allocations, such as lazily loaded kernels, are not counted)."""
-    warnings.filterwarnings("ignore")
+def _batch(model_name: str, batch: int, method: str):
+    """A fresh model (the same weights for every method), a batch, and ``method``'s step."""
     torch.manual_seed(0)
     model, inputs = MODELS[model_name]()
     x, y = inputs(batch), torch.randint(0, 10, (batch,))
-    step = make_step(method, model, x, y)
+    return make_step(method, model, x, y)
+
+
+def time_steps(model_name: str, batch: int, methods: list[str], repeats: int) -> dict:
+    """Median time per step of every method, in this process, the methods taking turns step
+    by step so that a change in the machine's load reaches all of them alike."""
+    warnings.filterwarnings("ignore")
+    steps, results = {}, {}
+    for method in methods:
+        try:
+            steps[method] = _batch(model_name, batch, method)
+            steps[method]()  # warm-up
+        except Exception as error:  # noqa: BLE001 - a method that cannot run this model
+            steps.pop(method, None)
+            results[method] = {"error": f"{type(error).__name__}: {error}"[:120]}
+    times: dict[str, list[float]] = {method: [] for method in steps}
+    for _ in range(repeats):
+        for method, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[method].append(time.perf_counter() - start)
+    results.update({m: {"seconds": statistics.median(t)} for m, t in times.items()})
+    return results
+
+
+def peak_memory(model_name: str, batch: int, method: str) -> dict:
+    """Peak extra resident memory of two steps, after a warm-up step (whose one-time
+    allocations, such as lazily loaded kernels, are not counted)."""
+    warnings.filterwarnings("ignore")
+    step = _batch(model_name, batch, method)
     step()
     _reset_peak()
     before = _memory_bytes("VmRSS")
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    for _ in range(2):
         step()
-        times.append(time.perf_counter() - start)
-    peak = _memory_bytes("VmHWM")
-    return {"seconds": statistics.median(times), "extra_bytes": max(peak - before, 0)}
+    return {"extra_bytes": max(_memory_bytes("VmHWM") - before, 0)}
 
 
 MEMORY_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-"""For the memory run: glibc maps every block of 64 KiB or more on its own and gives it back
+"""For the memory runs: glibc maps every block of 64 KiB or more on its own and gives it back
 when freed, so resident memory follows the live tensors instead of a pool kept from earlier
-steps. It slows allocation, so times come from a separate run without it."""
+steps. It slows allocation, so times come from a run without it."""
 
 
-def measure(model_name: str, batch: int, method: str, repeats: int) -> dict:
-    """Time (in a fresh process) and peak extra memory (in another, with
-    :data:`MEMORY_ENVIRONMENT`); ``{"error": reason}`` where the method fails."""
-    if method == "loop" and batch > LOOP_LIMIT:
-        return {"error": f"not timed beyond B={LOOP_LIMIT}"}
-    results = []
-    for count, extra_env in ((repeats, {}), (2, MEMORY_ENVIRONMENT)):
-        command = [sys.executable, __file__, "--one", model_name, str(batch), method, str(count)]
-        done = subprocess.run(
-            command, capture_output=True, text=True, env={**os.environ, **extra_env}
-        )
-        if done.returncode != 0:
-            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-            return {"error": lines[-1][:120] if lines else f"exit status {done.returncode}"}
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    timed, sized = results
-    return {"seconds": timed["seconds"], "extra_bytes": sized["extra_bytes"]}
+def _run(*arguments: str, env: dict | None = None) -> dict:
+    """This script, in a fresh process, with ``arguments``; its last line of JSON."""
+    command = [sys.executable, __file__, *arguments]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        return {"error": lines[-1][:120] if lines else f"exit status {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(model_name: str, batch: int, methods: list[str], repeats: int) -> dict:
+    """``{method: {"seconds", "extra_bytes"} or {"error"}}`` for one model and batch size:
+    times in one fresh process, memory in a fresh process per method."""
+    timed = [m for m in methods if not (m == "loop" and batch > LOOP_LIMIT)]
+    row = {m: {"error": f"not timed beyond B={LOOP_LIMIT}"} for m in methods if m not in timed}
+    times = _run("--times", model_name, str(batch), str(repeats), *timed)
+    for method in timed:
+        result = times.get(method, times)  # the whole run failed: its error for everyone
+        if "error" not in result:
+            memory = _run("--memory", model_name, str(batch), method, env=MEMORY_ENVIRONMENT)
+            result = {**result, **memory}
+        row[method] = result
+    return row
 
 
 def available(method: str) -> bool:
@@ -200,26 +232,37 @@ def available(method: str) -> bool:
     return True
 
 
-def cell(result: dict, plain: dict, key: str) -> str:
+def _missing(result: dict) -> str | None:
+    """The cell of a method that did not run: ``fails``, or ``—`` where it was not timed."""
+    if "error" not in result:
+        return None
+    return "—" if result["error"].startswith("not timed") else "fails"
+
+
+def _time(result: dict, plain: dict) -> str:
     if "error" in result:
-        return "fails" if not result["error"].startswith("not timed") else "—"
-    return f"{result[key] / plain[key]:.2g}×" if plain[key] else "n/a"
+        return _missing(result)
+    if result is plain:
+        return f"{1e3 * result['seconds']:.3g} ms"
+    return f"{result['seconds'] / plain['seconds']:.2g}×"
+
+
+def _memory(result: dict, plain: dict) -> str:
+    return _missing(result) or f"{result['extra_bytes'] / 2**20:.3g}"
 
 
 def tables(results: dict, methods: list[str]) -> str:
-    """Two markdown tables: time per step and peak extra memory, as ratios to ``plain``."""
+    """Two markdown tables: time per step as a ratio to ``plain``, and peak extra memory."""
     out = []
-    for title, key, unit in (
-        ("Median time per step", "seconds", lambda r: f"{1e3 * r['seconds']:.3g} ms"),
-        ("Peak extra memory", "extra_bytes", lambda r: f"{r['extra_bytes'] / 2**20:.3g} MiB"),
+    for title, text in (
+        ("Median time per step: plain backward's, the others' as a ratio to it", _time),
+        ("Peak extra memory, MiB", _memory),
     ):
-        out += [f"### {title}, as a ratio to plain backward", ""]
-        out.append("| model | B | plain | " + " | ".join(methods[1:]) + " |")
+        out += [f"### {title}", "", "| model | B | " + " | ".join(methods) + " |"]
         out.append("|---" * (len(methods) + 2) + "|")
         for (model_name, batch), row in results.items():
-            plain = row["plain"]
-            cells = [cell(row[m], plain, key) for m in methods[1:]]
-            out.append(f"| {model_name} | {batch} | {unit(plain)} | " + " | ".join(cells) + " |")
+            cells = [text(row[method], row["plain"]) for method in methods]
+            out.append(f"| {model_name} | {batch} | " + " | ".join(cells) + " |")
         out.append("")
     out.append("`fails`: the method cannot run the model. `—`: not measured (see the script).")
     return "\n".join(out)
@@ -276,7 +319,9 @@ def parse(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="fewer batch sizes and repeats")
-    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: one measurement
+    # internal: one process's measurements
+    parser.add_argument("--times", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.batch_sizes = args.batch_sizes or ([32, 256] if args.quick else [32, 256, 1024])
     args.repeats = args.repeats or (3 if args.quick else 20)
@@ -285,22 +330,21 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    if args.one:
-        model_name, batch, method, repeats = args.one
-        print(json.dumps(measure_one(model_name, int(batch), method, int(repeats))))
+    if args.times:
+        model_name, batch, repeats, *methods = args.times
+        print(json.dumps(time_steps(model_name, int(batch), methods, int(repeats))))
+        return {}
+    if args.memory:
+        model_name, batch, method = args.memory
+        print(json.dumps(peak_memory(model_name, int(batch), method)))
         return {}
     from tqdm.auto import tqdm
 
     methods = [m for m in METHODS if available(m)]
     cells = [(m, b) for m in args.models for b in args.batch_sizes]
     results: dict = {}
-    with tqdm(total=len(cells) * len(methods), unit="run") as bar:
-        for model_name, batch in cells:
-            row = results.setdefault((model_name, batch), {})
-            for method in methods:
-                bar.set_description(f"{model_name.split(' ')[0]} B={batch} {method}")
-                row[method] = measure(model_name, batch, method, args.repeats)
-                bar.update()
+    for model_name, batch in tqdm(cells, unit="cell", desc="model × batch size"):
+        results[(model_name, batch)] = measure(model_name, batch, methods, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     text = tables(results, methods)
     (args.out / "results.md").write_text(text + "\n")
