@@ -120,7 +120,8 @@ def _conv(module: nn.Conv1d | nn.Conv2d, args: tuple, kwargs: dict, delta: Tenso
     x = _input(args, kwargs)
     shape, groups = module.weight.shape, module.groups
     delta = delta.reshape(len(delta), shape[0], -1)  # (B, out, positions)
-    step = len(x) if per_example else _step(max(shape.numel(), shape[1:].numel() * delta.shape[-1]))
+    patch_numbers = groups * shape[1:].numel() * delta.shape[-1]  # one example's patches
+    step = len(x) if per_example else _step(max(shape.numel(), patch_numbers))
 
     def chunks():
         for start in range(0, len(x), step):
