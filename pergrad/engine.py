@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from pergrad import checks, distributed, stats
 from pergrad.layerwise import Layerwise
-from pergrad.modes import (
-    MODES,
-    FuncMode,
-    HooksMode,
-    LoopMode,
-    Mode,
-    ModeError,
-    PerExampleResult,
-    agree,
-)
+from pergrad.modes import MODES, Mode, ModeError, PerExampleResult
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Inputs = Tensor | Sequence[Tensor]
-
-VERIFIED_EXAMPLES = 2
-"""How many examples ``"auto"`` checks against one backward each before trusting ``"hooks"``."""
 
 
 class FallbackWarning(UserWarning):
@@ -45,11 +35,10 @@ class PerExample:
         mode: ``"func"`` (``torch.func`` ``vmap(grad)``), ``"hooks"`` (Opacus hooks), ``"loop"``
             (one backward per example), or ``"auto"``. With ``"auto"``, :meth:`backward` and
             :meth:`grads` work layer by layer from one batched backward pass
-            (:mod:`pergrad.layerwise`); any parameter no per-layer rule covers gets its
-            per-example gradients from the first of the three modes that runs the model and,
-            for ``"hooks"``, agrees with ``"loop"`` on the first examples. Choices are made on
-            the first call, announced once by a :class:`FallbackWarning` where they are not the
-            fastest, and kept.
+            (:mod:`pergrad.layerwise`): a per-layer rule, or ``torch.func`` over a layer
+            without one. Any parameter neither covers gets its per-example gradients from the
+            first of the three whole-model modes that runs the model, chosen when first needed
+            and announced by a :class:`FallbackWarning`.
         chunk_size: at most this many examples' gradients exist at once; ``None`` for the
             whole batch. Results do not depend on it.
         process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``
@@ -91,19 +80,24 @@ class PerExample:
         self._requested = mode
         self._mode: Mode | None = None if mode == "auto" else MODES[mode](model, loss_fn)
         self._layerwise = Layerwise(model, loss_fn) if mode == "auto" else None
-        self._warned_uncovered = False
+        self._warned: set[str] = set()
+        self._layerwise_ran = False
         self.last_losses: Tensor | None = None
         """Per-example losses ``(B,)`` of the last call, detached."""
         self.sources: dict[str, str] = {}
-        """Where each parameter's statistics came from in the last :meth:`backward`: the layer
-        type whose per-layer rule computed them (``"Linear"``, ...), or the mode that formed its
-        per-example gradients (``"func"``, ...)."""
+        """Where each parameter's numbers came from in the last call: the layer type whose
+        per-layer rule computed them (``"Linear"``, ...), that type followed by ``" (local)"``
+        (``torch.func`` over that layer alone), several joined by ``"+"`` (a parameter used by
+        several layers), ``"unused"``, or the whole-model mode (``"func"``, ...)."""
 
     @property
     def mode(self) -> str:
-        """The per-example mode in use (with ``"auto"``, for what per-layer rules do not
-        cover): ``"auto"`` until the first call has chosen one."""
-        return self._requested if self._mode is None else self._mode.name
+        """The mode in use: the one requested; with ``"auto"``, ``"auto"`` until the first
+        call, then ``"layerwise"`` (rules and layer-local ``torch.func``), or the whole-model
+        mode chosen for what those do not cover."""
+        if self._mode is not None:
+            return self._mode.name
+        return "layerwise" if self._layerwise_ran else self._requested
 
     def grads(self, inputs: Inputs, target: Tensor) -> dict[str, Tensor]:
         """Per-example gradients, ``{name: Tensor of shape (B, *param.shape)}``.
@@ -196,35 +190,33 @@ class PerExample:
         per_example: bool,
     ) -> tuple[dict[str, Tensor | tuple[Tensor, Tensor]], Tensor]:
         """For one chunk, each parameter's per-example gradients if ``per_example``, else their
-        moments ``(Σ_b g_b, Σ_b g_b²)``, and the losses: per-layer rules where they cover a
-        parameter (in ``"auto"``), a per-example mode for the rest."""
+        moments ``(Σ_b g_b, Σ_b g_b²)``, and the losses: per-layer rules and layer-local
+        ``torch.func`` where they cover a parameter (in ``"auto"``), a whole-model mode for the
+        rest."""
         if self._layerwise is None:
             grads, losses = self._per_example(params, inputs, target)
             self.sources = dict.fromkeys(params, self.mode)
             return (grads if per_example else stats.moments(grads)), losses
-        if self._mode is None:  # choose the per-example mode now, on a couple of examples
-            few = slice(0, VERIFIED_EXAMPLES)
-            self._per_example(params, tuple(x[few] for x in inputs), target[few])
         with torch.enable_grad():
             result = self._layerwise(params, inputs, target, per_example)
+        self._layerwise_ran = True
         rest = {name: params[name] for name in result.uncovered}
         if rest:
             grads, _ = self._per_example(rest, inputs, target)
             result.values.update(grads if per_example else stats.moments(grads))
             self._warn_uncovered(result.uncovered)
-        self.sources = {**result.layers, **dict.fromkeys(rest, self.mode)}
+        self.sources = {**result.sources, **dict.fromkeys(rest, self.mode)}
         return result.values, result.losses
 
     def _warn_uncovered(self, uncovered: dict[str, str]) -> None:
-        if self._warned_uncovered:
+        if set(uncovered) <= self._warned:
             return
-        self._warned_uncovered = True
+        self._warned |= set(uncovered)
         listed = "; ".join(f"'{name}': {reason}" for name, reason in uncovered.items())
-        warnings.warn(
-            f"pergrad: no per-layer rule covers {listed}. Their per-example gradients come "
-            f"from mode={self.mode!r}.",
-            FallbackWarning,
-            stacklevel=4,
+        _warn(
+            f"pergrad: neither a per-layer rule nor the layer-local path covers {listed}. "
+            f"Their per-example gradients come from mode={self.mode!r}, which runs the whole "
+            f"model."
         )
 
     def _per_example(
@@ -232,54 +224,47 @@ class PerExample:
     ) -> PerExampleResult:
         with torch.enable_grad():
             if self._mode is None:
-                return self._choose_mode(params, inputs, target)
-            return self._mode(params, inputs, target)
+                return self._choose_mode(params, inputs, target, [], 0)
+            try:
+                return self._mode(params, inputs, target)
+            except ModeError as error:
+                if self._requested != "auto":
+                    raise
+                order = list(MODES)
+                reasons = [f"mode={error.mode!r} failed: {error.reason}"]
+                return self._choose_mode(
+                    params, inputs, target, reasons, order.index(self._mode.name) + 1
+                )
 
     def _choose_mode(
-        self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
+        self,
+        params: dict[str, nn.Parameter],
+        inputs: tuple[Tensor, ...],
+        target: Tensor,
+        reasons: list[str],
+        start: int,
     ) -> PerExampleResult:
-        """Run the first mode that can, remember it, and warn if it is not the fastest."""
-        reasons = []
-        for mode in (FuncMode(self.model, self.loss_fn), HooksMode(self.model, self.loss_fn)):
+        """Run the first mode from ``MODES[start:]`` that can (``"loop"`` always can), keep it,
+        and warn if it is not the first one tried."""
+        for mode_type in list(MODES.values())[start:]:
+            mode = mode_type(self.model, self.loss_fn)
             try:
                 result = mode(params, inputs, target)
-                if mode.name == "hooks":
-                    _agree_with_loop(self.model, self.loss_fn, params, inputs, target, result)
             except ModeError as error:
                 reasons.append(f"mode={error.mode!r} failed: {error.reason}")
                 continue
-            return self._adopt(mode, reasons, result)
-        mode = LoopMode(self.model, self.loss_fn)
-        return self._adopt(mode, reasons, mode(params, inputs, target))
-
-    def _adopt(self, mode: Mode, reasons: list[str], result: PerExampleResult) -> PerExampleResult:
-        self._mode = mode
-        if reasons:
-            slow = " (one backward per example: correct, slow)" if mode.name == "loop" else ""
-            warnings.warn(
-                f"pergrad: {'; '.join(reasons)}. Using mode={mode.name!r}{slow}.",
-                FallbackWarning,
-                stacklevel=5,
-            )
-        return result
+            self._mode = mode
+            if reasons:
+                slow = " (one backward per example: correct, slow)" if mode.name == "loop" else ""
+                _warn(f"pergrad: {'; '.join(reasons)}. Using mode={mode.name!r}{slow}.")
+            return result
+        raise AssertionError("mode='loop' raised ModeError")  # pragma: no cover
 
 
-def _agree_with_loop(
-    model: nn.Module,
-    loss_fn: LossFn,
-    params: dict[str, nn.Parameter],
-    inputs: tuple[Tensor, ...],
-    target: Tensor,
-    result: PerExampleResult,
-) -> None:
-    """Raise ``ModeError`` unless ``result`` matches one backward per example on the first
-    :data:`VERIFIED_EXAMPLES` examples (a model with random layers fails this, and falls back)."""
-    k = min(VERIFIED_EXAMPLES, len(target))
-    reference, _ = LoopMode(model, loss_fn)(params, tuple(x[:k] for x in inputs), target[:k])
-    for name, g in reference.items():
-        if not agree(result[0][name][:k], g):
-            raise ModeError(
-                "hooks",
-                f"on '{name}': its per-example gradients differ from one backward per example "
-                f"(a layer Opacus gets wrong, or a random layer such as Dropout)",
-            )
+def _warn(message: str) -> None:
+    """Warn with :class:`FallbackWarning`, attributed to the first caller outside pergrad."""
+    package = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, FallbackWarning, stacklevel=level)

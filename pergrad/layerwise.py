@@ -1,22 +1,33 @@
-"""Statistics layer by layer, at about the cost of one backward pass.
+"""Per-example statistics layer by layer, from one batched forward and backward pass.
 
-One batched forward and backward pass of ``Σ_b ℓ_b``. Each layer that :mod:`pergrad.rules`
-knows runs on detached views of its parameters (no copy of the data), so autograd does not
-form their batch gradients; a forward hook keeps the layer's inputs, and a hook on its output
-receives ``δ``, from which the rule forms, during the backward pass, either ``Σ_b g_b`` and
-``Σ_b g_b²`` or the per-example gradients themselves. A parameter is covered only where that
-is provably its whole gradient:
+Every module that owns trainable parameters is *hooked*: a module with a rule
+(:mod:`pergrad.rules`) for all its parameters, any other for those it owns directly (a
+container's ``cls_token``, a custom norm's ``weight``). While the batch runs forward, a hooked
+module runs on detached views of those parameters, so autograd does not form their batch
+gradients; a forward hook (run before any of the module's own) keeps its inputs, and hooks on
+its outputs receive ``δ``. After the backward pass each parameter's per-example gradients, or
+their moments ``(Σ_b g_b, Σ_b g_b²)``, come from its module's rule or, without one, from
+``torch.func`` over that module alone (:mod:`pergrad.local`); a parameter used by several
+modules, or by one module called several times, gets the per-example sum over its uses before
+squaring, a few examples at a time.
 
-- its layer has a rule for its configuration and ran exactly once;
-- the layer's inputs carry the batch on dim 0: their dim 0 is ``B``, and on the first call a
-  forward pass of one example shows that it follows the batch size (so a sequence-first
-  layer whose length happens to equal ``B`` is not mistaken for a batch-first one). That
-  probe runs without gradients and with the random state restored, but a model whose forward
-  pass changes its own state (a call counter, say) sees one call more;
-- the parameter is used nowhere else: autograd, asked for its gradient, finds no other use
-  (tied weights, or a weight that a parent also uses directly, fail this).
+A parameter is covered only where that is provably its whole gradient:
 
-Every other parameter is reported with the reason, for a per-example mode to compute.
+- every use of it is a call of a module that owns it; autograd, asked for the parameter's
+  own gradient, finds no other (``h @ self.embed.weight.T`` in a parent fails this);
+- each call's inputs carry the batch on dim 0 or are shared by the whole batch. On the first
+  call a forward pass of one example shows which inputs follow the batch size, so a length
+  that happens to equal ``B`` is not mistaken for it (that pass runs without gradients and
+  restores the random state; a model whose forward pass changes its own state sees one call
+  more). A module whose inputs are all shared gives an output shared by the batch, which must
+  reach the loss only by broadcasting into batched tensors (:mod:`pergrad.shared`);
+- a rule sees only the gradient of its layer's first output: if another output (attention
+  weights) reaches the loss, the call goes to the layer-local path, which replays the layer on
+  each example alone and refuses it if that replay's output differs from the batch's.
+
+Every other parameter is reported with the reason, for a whole-model mode to compute. Calls
+under ``torch.no_grad`` and recomputations during the backward pass (activation
+checkpointing) are not uses.
 """
 
 from __future__ import annotations
@@ -27,8 +38,22 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
-from pergrad import checks, rules
+from pergrad import checks, local
+from pergrad.rules.base import (
+    Call,
+    Moments,
+    Rule,
+    add_moments,
+    chunks,
+    moments_in_chunks,
+    moments_of,
+    rule_for,
+)
+from pergrad.shared import Broadcasts, SharedOutput
+
+Values = dict[str, "Tensor | Moments"]
 
 
 @dataclass
@@ -36,24 +61,139 @@ class LayerwiseResult:
     """For each covered parameter, its per-example gradients ``(B, *shape)`` or their moments
     ``(Σ_b g_b, Σ_b g_b²)``; and the per-example losses."""
 
-    values: dict[str, Tensor | rules.Moments]
+    values: Values
     losses: Tensor
-    layers: dict[str, str] = field(default_factory=dict)
-    """The layer type whose rule gave each covered parameter's values (``"unused"``: zero)."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Where each covered parameter's values came from: its layer type (a rule), the type
+    followed by ``" (local)"`` (``torch.func`` over that layer), several joined by ``+``, or
+    ``"unused"``."""
     uncovered: dict[str, str] = field(default_factory=dict)
     """Why each other parameter is not covered."""
 
 
 @dataclass
-class _Layer:
-    """A layer with a rule, the trainable parameters it owns, and what one forward pass saw."""
+class _Hooked:
+    """A module whose parameters the per-layer path computes, and how."""
 
     module: nn.Module
-    rule: rules.Rule
-    params: dict[str, str]  # name relative to the layer -> name in the model
-    calls: int = 0
-    batched: bool = True
-    values: dict[str, Tensor | rules.Moments] | None = None
+    rule: Rule | None
+    params: dict[str, str]  # name relative to the module -> name in the model
+    no_rule: str  # why the module has no rule, for messages
+
+    @property
+    def kind(self) -> str:
+        return type(self.module).__name__
+
+
+@dataclass
+class _Record:
+    """One call of a hooked module in the batched forward pass, and the gradients its outputs
+    received in the backward pass."""
+
+    hooked: _Hooked
+    args: tuple
+    kwargs: dict
+    batched: frozenset  # keys (positions, keyword names) of the inputs that carry the batch
+    size: int
+    outputs: list[Tensor] = field(default_factory=list)
+    deltas: list[Tensor | None] = field(default_factory=list)  # δ of each floating output
+    shared: SharedOutput | None = None
+    problem: str | None = None  # why neither a rule nor the local path can use this call
+    rule_problem: str | None = None  # why the rule cannot
+    values: Values | None = None  # computed during the backward pass, where that is safe
+
+    @property
+    def source(self) -> str:
+        return self.hooked.kind if self._use_rule else f"{self.hooked.kind} (local)"
+
+    @property
+    def _use_rule(self) -> bool:
+        return self.hooked.rule is not None and self.rule_problem is None
+
+    def all_deltas(self) -> list[Tensor]:
+        """``δ`` of every floating output, zeros where none arrived."""
+        return [torch.zeros_like(o) if g is None else g for o, g in zip(self.outputs, self.deltas)]
+
+    def check_outputs(self) -> None:
+        """Refuse the rule where an output other than the first received a gradient."""
+        if any(g is not None for g in self.deltas[1:]) and self.rule_problem is None:
+            self.rule_problem = "an output other than its first reaches the loss"
+
+    def call(self) -> Call:
+        """The call as a rule reads it: every positional input and ``δ`` batched on dim 0."""
+        if self.shared is None:
+            args = tuple(
+                x.expand(self.size, *x.shape[1:])
+                if isinstance(x, Tensor) and i not in self.batched and x.dim() and x.shape[0] == 1
+                else x
+                for i, x in enumerate(self.args)
+            )
+            return Call(args, self.kwargs, self.all_deltas()[0], self._batched_keywords())
+        delta = self.shared.per_example_grad(self.size)
+        output = self.shared.tensor
+        if output.dim() and output.shape[0] == 1:  # (1, …): the batch takes the place of 1
+            widen = lambda x: x.expand(self.size, *x.shape[1:])  # noqa: E731
+            delta = delta.squeeze(1)
+        else:  # no batch dimension: one is added
+            widen = lambda x: x.unsqueeze(0).expand(self.size, *x.shape)  # noqa: E731
+        args = tuple(widen(x) if isinstance(x, Tensor) else x for x in self.args)
+        return Call(args, self.kwargs, delta)
+
+    def _batched_keywords(self) -> frozenset[str]:
+        return frozenset(k for k in self.batched if isinstance(k, str))
+
+    def compute(self, per_example: bool) -> Values:
+        """All per-example gradients of the module's covered parameters, or their moments."""
+        if self._use_rule:
+            rule = self.hooked.rule
+            try:
+                with torch.no_grad():
+                    call = self.call()
+                    if per_example:
+                        return rule.grads(self.hooked.module, call)
+                    if rule.moments is not None:
+                        return rule.moments(self.hooked.module, call)
+                    numel = sum(self._param(n).numel() for n in self.hooked.params)
+                    return moments_in_chunks(rule.grads, self.hooked.module, call, numel)
+            except local.LocalError:
+                raise
+            except Exception as error:  # outside what the rule handles: try the local path
+                self.rule_problem = f"its rule failed: {type(error).__name__}: {error}"
+        if per_example:
+            return self.grads(0, self.size)
+        total: Values = {}
+        numel = sum(self._param(n).numel() for n in self.hooked.params)
+        for start, stop in chunks(self.size, numel):
+            for name, g in self.grads(start, stop).items():
+                total[name] = add_moments(total.get(name), moments_of(g))
+        return total
+
+    def grads(self, start: int, stop: int) -> dict[str, Tensor]:
+        """Per-example gradients of examples ``start:stop``."""
+        module, names = self.hooked.module, list(self.hooked.params)
+        if self._use_rule:
+            with torch.no_grad():
+                return self.hooked.rule.grads(module, self.call().narrow(start, stop))
+        if self.shared is not None:
+            delta = self.shared.per_example_grad(self.size)[start:stop]
+            return local.shared_grads(
+                module, names, self.args, self.kwargs, self.shared.tensor, delta
+            )
+        args, kwargs = _detached(self.args), _detached(self.kwargs)
+        for key in self.batched:
+            _narrow(args, kwargs, key, start, stop)
+        return local.per_example_grads(
+            module,
+            names,
+            tuple(args),
+            kwargs,
+            self.batched,
+            [o[start:stop] for o in self.outputs],
+            [g[start:stop] for g in self.all_deltas()],
+        )
+
+    def _param(self, local_name: str) -> Tensor:
+        return self.hooked.module.get_parameter(local_name)
 
 
 class Layerwise:
@@ -62,7 +202,8 @@ class Layerwise:
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]):
         self.model = model
         self.loss_fn = loss_fn
-        self._unbatched: set[nn.Module] | None = None  # found by the one-example probe
+        self._probe: dict[int, list[frozenset]] | None = None  # id(module) -> per call
+        self._probe_failed = False
 
     def __call__(
         self,
@@ -73,163 +214,289 @@ class Layerwise:
     ) -> LayerwiseResult:
         """Per-example gradients of the covered parameters if ``per_example``, else their
         moments."""
-        layers = self._layers(params)
+        hooked = self._hooked(params)
         size = len(target)
-        if self._unbatched is None and size > 1:
-            self._unbatched = self._probe(layers, inputs)
-        anchors: list[Tensor] = []
-        handles = []
-        for layer in layers:
-            detached = {name: params[name].detach() for name in layer.params.values()}
-            handles.append(
-                layer.module.register_forward_pre_hook(
-                    lambda *_, layer=layer, detached=detached: _set(layer, detached)
-                )
-            )
-            handles.append(
-                layer.module.register_forward_hook(
-                    self._record_hook(layer, params, size, anchors, per_example),
-                    with_kwargs=True,
-                )
-            )
-        try:
-            output = self.model(*inputs)
-            losses = checks.per_example_loss(self.loss_fn(output, target), size)
-            grads = torch.autograd.grad(
-                losses.sum(), [*params.values(), *anchors], allow_unused=True
-            )
-        finally:
-            for handle in handles:
-                handle.remove()
-            for layer in layers:
-                _set(layer, params)
-        others = dict(zip(params, grads))
-        return _collect(self.model, params, layers, others, losses.detach(), per_example)
+        if self._probe is None and size > 1 and not self._probe_failed:
+            self._run_probe(hooked, inputs)
+        forward = _Forward(self, params, hooked, size, per_example)
+        losses, others = forward.run(inputs, target)
+        return forward.result(losses, others)
 
-    def _layers(self, params: dict[str, nn.Parameter]) -> list[_Layer]:
+    def _hooked(self, params: dict[str, nn.Parameter]) -> list[_Hooked]:
         trainable = {id(p): name for name, p in params.items()}
-        layers = []
+        found: list[_Hooked] = []
+        seen: set[int] = set()
         for module in self.model.modules():
-            rule = rules.rule_for(module)
-            if rule is None:
+            if id(module) in seen:
                 continue
-            owned = {
-                local: trainable[id(p)]
-                for local, p in module.named_parameters(remove_duplicate=False)
-                if id(p) in trainable
+            rule, why = rule_for(module)
+            if rule is not None:
+                owned = {
+                    name: trainable[id(p)]
+                    for name, p in module.named_parameters(remove_duplicate=False)
+                    if id(p) in trainable
+                }
+                seen.update(id(m) for m in module.modules())  # its rule covers them
+                if owned:
+                    found.append(_Hooked(module, rule, owned, ""))
+                continue
+            direct = {
+                name: trainable[id(p)]
+                for name, p in module._parameters.items()
+                if p is not None and id(p) in trainable
             }
-            if owned:
-                layers.append(_Layer(module, rule, owned))
-        return layers
+            if direct:
+                found.append(_Hooked(module, None, direct, why or "no rule for it"))
+        return found
 
-    def _record_hook(
-        self, layer: _Layer, params, size: int, anchors: list[Tensor], per_example: bool
-    ):
-        """After the layer runs: put its parameters back, and make its output's gradient flow
-        to a scalar ``anchor`` that autograd is asked for, with a hook that applies the rule."""
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output):
-            _set(layer, params)
-            layer.calls += 1
-            unbatched = self._unbatched or set()
-            layer.batched &= _batch_first(args, kwargs, size) and module not in unbatched
-            out = output[0] if isinstance(output, tuple) else output
-            anchor = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
-            anchors.append(anchor)
-            out = out + anchor  # δ reaches the output even where nothing before needs it
-
-            def on_grad(delta: Tensor) -> None:
-                if layer.calls == 1 and layer.batched:
-                    with torch.no_grad():
-                        layer.values = layer.rule(module, args, kwargs, delta, per_example)
-
-            out.register_hook(on_grad)
-            return (out, *output[1:]) if isinstance(output, tuple) else out
-
-        return hook
-
-    def _probe(self, layers: list[_Layer], inputs: tuple[Tensor, ...]) -> set[nn.Module]:
-        """Run one example and return the layers whose input's dim 0 did not become 1."""
-        unbatched: set[nn.Module] = set()
+    def _run_probe(self, hooked: list[_Hooked], inputs: tuple[Tensor, ...]) -> None:
+        """Run one example; record, per call of each hooked module, which tensor inputs had
+        1 on dim 0 (those that follow the batch size)."""
+        probe: dict[int, list[frozenset]] = defaultdict(list)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not _batch_first(args, kwargs, 1):
-                unbatched.add(module)
+            ones = frozenset(k for k, x in _tensors(args, kwargs) if x.dim() and x.shape[0] == 1)
+            probe[id(module)].append(ones)
 
-        handles = [
-            layer.module.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers
-        ]
+        handles = [h.module.register_forward_pre_hook(hook, with_kwargs=True) for h in hooked]
         devices = [x.device for x in inputs if x.device.type == "cuda"]
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 self.model(*(x[:1] for x in inputs))
-        except Exception:  # the model cannot run one example: trust no layer
-            return {layer.module for layer in layers}
+        except Exception:  # the model cannot run one example: no input is known to be batched
+            self._probe_failed = True
+            return
         finally:
             for handle in handles:
                 handle.remove()
-        return unbatched
+        self._probe = dict(probe)
+
+    def batched_keys(self, module: nn.Module, call_index: int, args, kwargs, size: int):
+        """The keys of the inputs that carry the batch, or ``None`` where that is unknown."""
+        if size == 1:
+            return frozenset(k for k, x in _tensors(args, kwargs) if x.dim() and x.shape[0] == 1)
+        calls = (self._probe or {}).get(id(module), [])
+        if call_index >= len(calls):
+            return None
+        follows = calls[call_index]
+        return frozenset(
+            k for k, x in _tensors(args, kwargs) if x.dim() and x.shape[0] == size and k in follows
+        )
 
 
-def _collect(
-    model: nn.Module,
-    params: dict[str, nn.Parameter],
-    layers: list[_Layer],
-    others: dict[str, Tensor | None],
-    losses: Tensor,
-    per_example: bool,
-) -> LayerwiseResult:
-    """Sort parameters into covered and uncovered. ``others[name]`` is the gradient autograd
-    found outside the rule layers (``None``: no other use)."""
-    result = LayerwiseResult({}, losses)
-    owners = defaultdict(list)
-    for layer in layers:
-        for name in layer.params.values():
-            owners[name].append(layer)
-    for name, p in params.items():
-        found = owners.get(name, [])
-        layer = found[0] if found else None
-        kind = type(layer.module).__name__ if layer else ""
-        reason = None
-        if layer is None:
-            owner = type(model.get_submodule(name.rpartition(".")[0])).__name__
-            reason = None if others[name] is None else f"no per-layer rule for {owner}"
-        elif len(found) > 1:
-            reason = "shared by several layers (tied weights)"
-        elif others[name] is not None:
-            reason = "used outside its layer as well"
-        elif layer.calls > 1:
-            reason = f"its {kind} layer runs more than once per forward pass"
-        elif layer.calls == 1 and not layer.batched:
-            reason = f"its {kind} layer's input does not carry the batch on dim 0"
-        if reason is not None:
-            result.uncovered[name] = reason
-        elif layer is None or layer.values is None:
-            # never used, or its layer's output never reached the loss: every g_b is zero
-            if per_example:
-                result.values[name] = p.new_zeros(len(losses), *p.shape)
+class _Forward:
+    """One batched forward and backward pass with the hooks in place."""
+
+    def __init__(self, owner: Layerwise, params, hooked: list[_Hooked], size: int, per_example):
+        self.owner = owner
+        self.params = params
+        self.hooked = hooked
+        self.size = size
+        self.per_example = per_example
+        self.records: list[_Record] = []
+        self.calls: dict[int, int] = defaultdict(int)
+        self.anchors: list[Tensor] = []
+        self.broadcasts: Broadcasts | None = None
+        self.single_use: set[int] = set()  # records whose parameters have no other use
+
+    def run(self, inputs: tuple[Tensor, ...], target: Tensor) -> tuple[Tensor, dict]:
+        handles = []
+        for hooked in self.hooked:
+            detached = {n: self.params[m].detach() for n, m in hooked.params.items()}
+            handles.append(
+                hooked.module.register_forward_pre_hook(_detach_hook(hooked.module, detached))
+            )
+            handles.append(
+                hooked.module.register_forward_hook(
+                    self._record_hook(hooked), with_kwargs=True, prepend=True
+                )
+            )
+        self.broadcasts = Broadcasts(self.size)
+        try:
+            with self.broadcasts:
+                output = self.owner.model(*inputs)
+            losses = checks.per_example_loss(self.owner.loss_fn(output, target), self.size)
+            self._count_uses()
+            grads = torch.autograd.grad(
+                losses.sum(), [*self.params.values(), *self.anchors], allow_unused=True
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+            for hooked in self.hooked:
+                local.swap(hooked.module, {n: self.params[m] for n, m in hooked.params.items()})
+        return losses.detach(), dict(zip(self.params, grads))
+
+    def _record_hook(self, hooked: _Hooked):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output):
+            if not _recording():
+                return None
+            local.swap(module, {n: self.params[m] for n, m in hooked.params.items()})
+            index = self.calls[id(module)]
+            self.calls[id(module)] += 1
+            batched = self.owner.batched_keys(module, index, args, kwargs, self.size)
+            record = _Record(hooked, args, kwargs, batched or frozenset(), self.size)
+            self.records.append(record)
+            if batched is None:
+                record.problem = "the one-example forward pass did not see this call"
+            elif torch.nn.modules.module._global_forward_hooks:
+                record.problem = "a global forward hook may change its output"
+            leaves, spec = pytree.tree_flatten(output)
+            floating = [
+                i for i, x in enumerate(leaves) if isinstance(x, Tensor) and x.is_floating_point()
+            ]
+            if not floating:
+                record.problem = record.problem or "it returns no floating-point tensor"
+                return None
+            first = leaves[floating[0]]
+            anchor = torch.zeros((), dtype=first.dtype, device=first.device, requires_grad=True)
+            self.anchors.append(anchor)
+            shared = not record.batched and record.problem is None
+            if shared and len(floating) != 1:
+                record.problem = "its inputs are shared by the batch and it returns several tensors"
+                shared = False
+            record.deltas = [None] * len(floating)
+            for slot, i in enumerate(floating):
+                # the anchor (zero) makes δ reach the output even where nothing before needs it
+                out = leaves[i] + anchor.to(leaves[i].dtype)
+                leaves[i] = out
+                record.outputs.append(out.detach())
+                if shared:
+                    record.shared = self.broadcasts.track(out)
+                else:
+                    out.register_hook(self._grad_hook(record, slot))
+            if not shared and record.problem is None:
+                if not record.outputs[0].dim() or record.outputs[0].shape[0] != self.size:
+                    record.problem = "its output does not carry the batch on dim 0"
+            return pytree.tree_unflatten(leaves, spec)
+
+        return hook
+
+    def _grad_hook(self, record: _Record, slot: int):
+        def hook(delta: Tensor) -> None:
+            record.deltas[slot] = delta
+            if id(record) in self.single_use and len(record.deltas) == 1 and record.problem is None:
+                try:
+                    record.values = record.compute(self.per_example)
+                except local.LocalError:
+                    return  # the reason is found again, and reported, after the backward pass
+                record.deltas[0] = None  # δ is no longer needed
+                record.outputs = []
+
+        return hook
+
+    def _count_uses(self) -> None:
+        """Mark the records whose parameters no other record uses: their values can be formed
+        as soon as ``δ`` arrives, and ``δ`` dropped."""
+        counts: dict[str, int] = defaultdict(int)
+        for record in self.records:
+            for name in record.hooked.params.values():
+                counts[name] += 1
+        self.single_use = {
+            id(r) for r in self.records if all(counts[n] == 1 for n in r.hooked.params.values())
+        }
+
+    def result(self, losses: Tensor, others: dict[str, Tensor | None]) -> LayerwiseResult:
+        result = LayerwiseResult({}, losses)
+        uses: dict[str, list[tuple[_Record, str]]] = defaultdict(list)
+        for record in self.records:
+            record.check_outputs()
+            for local_name, name in record.hooked.params.items():
+                uses[name].append((record, local_name))
+        owners = {name: h for h in self.hooked for name in h.params.values()}
+        several: dict[str, list[tuple[_Record, str]]] = {}
+        for name, p in self.params.items():
+            found = uses.get(name, [])
+            reason = self._problem(name, found, others[name], owners.get(name))
+            if reason is not None:
+                result.uncovered[name] = reason
+            elif not found:  # never used: every g_b is zero
+                result.values[name] = (
+                    p.new_zeros(self.size, *p.shape)
+                    if self.per_example
+                    else (torch.zeros_like(p), torch.zeros_like(p))
+                )
+                result.sources[name] = "unused"
+            elif len(found) == 1:
+                record, local_name = found[0]
+                try:
+                    if record.values is None:
+                        record.values = record.compute(self.per_example)
+                    result.values[name] = record.values[local_name]
+                    result.sources[name] = record.source
+                except local.LocalError as error:
+                    result.uncovered[name] = f"{record.hooked.kind}: {error}"
             else:
-                result.values[name] = (torch.zeros_like(p), torch.zeros_like(p))
-            result.layers[name] = "unused"
-        else:
-            local = next(k for k, v in layer.params.items() if v == name)
-            result.values[name] = layer.values[local]
-            result.layers[name] = kind
-    return result
+                several[name] = found
+        self._combine(several, result)
+        return result
+
+    def _problem(self, name, found, other: Tensor | None, owner: _Hooked | None) -> str | None:
+        if other is not None:
+            if owner is None:
+                return "no layer owns it and takes it as a parameter"
+            return f"used outside the {owner.kind} layer that owns it"
+        for record, _ in found:
+            if record.problem is not None:
+                return f"{record.hooked.kind}: {record.problem}"
+        return None
+
+    def _combine(self, several: dict[str, list[tuple[_Record, str]]], result) -> None:
+        """Parameters with several uses: the per-example sum over uses, then its moments, a few
+        examples at a time."""
+        if not several:
+            return
+        records = {id(r): r for found in several.values() for r, _ in found}
+        numel = sum(r._param(n).numel() for r in records.values() for n in r.hooked.params)
+        try:
+            for start, stop in chunks(self.size, numel):
+                grads = {key: r.grads(start, stop) for key, r in records.items()}
+                for name, found in several.items():
+                    g = sum(grads[id(r)][local_name] for r, local_name in found)
+                    if self.per_example:
+                        result.values.setdefault(name, []).append(g)
+                    else:
+                        result.values[name] = add_moments(result.values.get(name), moments_of(g))
+        except local.LocalError as error:
+            for name in several:
+                result.values.pop(name, None)
+                result.uncovered[name] = f"one of its uses: {error}"
+            return
+        for name, found in several.items():
+            if self.per_example:
+                result.values[name] = torch.cat(result.values[name])
+            result.sources[name] = "+".join(sorted({r.source for r, _ in found}))
 
 
-_BATCHED_KEYWORDS = ("input", "query", "key", "value")
+def _detach_hook(module: nn.Module, detached: dict[str, Tensor]):
+    """A forward pre-hook that makes the module's parameters the detached views."""
+
+    def hook(*_) -> None:
+        if _recording():
+            local.swap(module, detached)
+
+    return hook
 
 
-def _batch_first(args: tuple, kwargs: dict, size: int) -> bool:
-    """Whether every positional tensor argument, and every keyword one in
-    :data:`_BATCHED_KEYWORDS`, has ``size`` on dim 0."""
-    given = [*args, *(kwargs.get(key) for key in _BATCHED_KEYWORDS)]
-    return all(x.dim() > 0 and x.shape[0] == size for x in given if isinstance(x, Tensor))
+def _recording() -> bool:
+    """Whether a module call is part of the batched forward pass: not a recomputation during
+    the backward pass (activation checkpointing) nor a call without gradients."""
+    return torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
 
 
-def _set(layer: _Layer, tensors: dict[str, Tensor]) -> None:
-    """Make the layer's parameters (by model name) the given tensors."""
-    for local, name in layer.params.items():
-        owner_name, _, leaf = local.rpartition(".")
-        layer.module.get_submodule(owner_name)._parameters[leaf] = tensors[name]
+def _tensors(args: tuple, kwargs: dict):
+    """``(key, tensor)`` for the tensors among the positional and keyword inputs."""
+    yield from ((i, x) for i, x in enumerate(args) if isinstance(x, Tensor))
+    yield from ((k, x) for k, x in kwargs.items() if isinstance(x, Tensor))
+
+
+def _detached(inputs):
+    detached = pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, inputs)
+    return list(detached) if isinstance(detached, tuple) else detached
+
+
+def _narrow(args: list, kwargs: dict, key, start: int, stop: int) -> None:
+    if isinstance(key, int):
+        args[key] = args[key][start:stop]
+    else:
+        kwargs[key] = kwargs[key][start:stop]

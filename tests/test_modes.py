@@ -28,8 +28,9 @@ def test_mode_matches_one_backward_per_example(case, mode, batch_size):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_auto_matches_one_backward_per_example(case):
-    """``grads()`` in ``"auto"``: per-layer rules where they apply, and for every other
-    parameter the fastest per-example mode that runs the model, each announced once."""
+    """``grads()`` in ``"auto"``: per-layer rules and layer-local ``torch.func`` where they
+    apply, and for every other parameter the first whole-model mode that runs the model,
+    announced once; no whole-model mode runs where nothing needs it."""
     spec = CASES[case]
     model, inputs, target = spec.build(4)
     engine = pergrad.PerExample(model, CROSS_ENTROPY)
@@ -40,24 +41,41 @@ def test_auto_matches_one_backward_per_example(case):
     assert_close_dicts(grads, reference_grads(model, CROSS_ENTROPY, inputs, target))
     rest = {name for name, source in engine.sources.items() if source in ALL_MODES}
     assert {engine.sources[name] for name in rest} <= {spec.auto}
-    assert engine.mode == spec.auto  # chosen on the first call, whether or not rules cover all
+    assert engine.mode == spec.auto
     messages = [str(w.message) for w in caught]
-    assert any("no per-layer rule covers" in m for m in messages) == bool(rest)
-    assert any(f"Using mode='{spec.auto}'" in m for m in messages) == (spec.auto != "func")
+    assert any("the layer-local path covers" in m for m in messages) == bool(rest)
+    assert any(f"Using mode='{spec.auto}'" in m for m in messages) == (
+        spec.auto not in ("layerwise", "func")
+    )
 
 
-@pytest.mark.parametrize("case", ["item", "custom_function"])
-def test_auto_uses_hooks_for_what_no_rule_covers_where_vmap_cannot_run(case):
-    model, inputs, target = CASES[case].build(4)
-    # RMSNorm: Opacus knows it, pergrad has no per-layer rule for it
-    model.hidden = torch.nn.Sequential(model.hidden, torch.nn.RMSNorm(5).double())
+class OutsideUse(torch.nn.Module):
+    """``.item()`` control flow (no ``vmap``), and a weight also used outside its layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = torch.nn.Linear(6, 5)
+        self.out = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x))
+        assert torch.isfinite(h).all().item()
+        return self.out(h) + h @ self.hidden.weight[:3, :5].T
+
+
+def test_auto_sends_what_the_layers_leave_to_a_whole_model_mode_that_runs_it():
+    torch.manual_seed(0)
+    model = OutsideUse().double()
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
     engine = pergrad.PerExample(model, CROSS_ENTROPY)
     with pytest.warns(pergrad.FallbackWarning) as record:
-        grads = engine.grads(inputs, target)
-    assert_close_dicts(grads, reference_grads(model, CROSS_ENTROPY, inputs, target))
-    assert engine.sources["hidden.1.weight"] == engine.mode == "hooks"
-    assert engine.sources["hidden.0.weight"] == "Linear"
-    assert any("Using mode='hooks'" in str(w.message) for w in record)
+        grads = engine.grads(x, y)
+    assert_close_dicts(grads, reference_grads(model, CROSS_ENTROPY, x, y))
+    messages = " ".join(str(w.message) for w in record)
+    assert "'hidden.weight': used outside the Linear layer that owns it" in messages
+    assert "mode='func' failed" in messages
+    assert engine.sources["hidden.weight"] == engine.mode != "func"
+    assert engine.sources["out.weight"] == "Linear"
 
 
 def test_auto_warning_names_the_layer_and_decides_once():
@@ -67,32 +85,34 @@ def test_auto_warning_names_the_layer_and_decides_once():
         engine.grads(inputs, target)
     messages = [str(w.message) for w in record]
     assert sum("mode='func' failed: in layer 'rnn' (GRU)" in m for m in messages) == 1
-    assert sum("no per-layer rule for GRU" in m for m in messages) == 1
+    assert sum("'rnn.weight_ih_l0': GRU: torch.func cannot replay it" in m for m in messages) == 1
     engine.grads(inputs, target)  # no second warning: the filter turns one into an error
     assert engine.mode == "loop"
 
 
-def test_auto_falls_back_from_hooks_when_random_layers_defeat_the_check():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(6, 5),
-        torch.nn.Dropout(0.5),
-        pergrad_item_guard(),
-        torch.nn.RMSNorm(5),  # no per-layer rule: its weight needs a per-example mode
-        torch.nn.Linear(5, 3),
-    ).double()
-    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
-    engine = pergrad.PerExample(model, CROSS_ENTROPY)
-    with pytest.warns(pergrad.FallbackWarning) as record:
-        engine.grads(x, y)
-    assert any("differ from one backward per example" in str(w.message) for w in record)
-    assert engine.mode == "loop" and engine.sources["3.weight"] == "loop"
+def test_hooks_refuses_per_example_gradients_in_the_wrong_order(monkeypatch):
+    """The weighted check ``Σ_b c_b g_b = ∇ Σ_b c_b ℓ_b`` catches a permutation, which the sum
+    check cannot (Opacus's DP RNNs return packed sequences' samples sorted by length)."""
+    model, inputs, target = CASES["mlp"].build(4)
+    engine = pergrad.PerExample(model, CROSS_ENTROPY, mode="hooks")
+    assert_close_dicts(
+        engine.grads(inputs, target), reference_grads(model, CROSS_ENTROPY, inputs, target)
+    )
+    monkeypatch.setattr(
+        pergrad.modes.hooks.HooksMode,
+        "_grad_sample",
+        _flipped(pergrad.modes.hooks.HooksMode._grad_sample),
+    )
+    with pytest.raises(pergrad.ModeError, match="permuted or mixed between examples"):
+        engine.grads(inputs, target)
 
 
-class pergrad_item_guard(torch.nn.Module):  # noqa: N801 - reads as a layer in the Sequential
-    def forward(self, h):
-        assert torch.isfinite(h).all().item()
-        return h
+def _flipped(grad_sample):
+    def wrapped(self, name, p, total, weighted, weights):
+        p.grad_sample = p.grad_sample.flip(0)
+        return grad_sample(self, name, p, total, weighted, weights)
+
+    return wrapped
 
 
 def test_func_mode_draws_a_dropout_mask_per_example():
@@ -125,9 +145,10 @@ def test_every_float_dtype(dtype, mode):
 
 def test_tied_parameter_appears_once_with_the_sum_of_both_uses():
     model, inputs, target = CASES["tied"].build(3)
-    with pytest.warns(pergrad.FallbackWarning, match="tied weights"):
-        grads = pergrad.PerExample(model, CROSS_ENTROPY).grads(inputs, target)
+    engine = pergrad.PerExample(model, CROSS_ENTROPY)
+    grads = engine.grads(inputs, target)
     assert "embed.weight" in grads and "out.weight" not in grads
+    assert engine.sources["embed.weight"] == "Embedding+Linear"
 
 
 def test_frozen_parameters_are_left_out():

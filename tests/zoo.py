@@ -180,7 +180,7 @@ class Case:
     make: Callable[[], nn.Module]
     inputs: Callable[[int], tuple[Tensor, ...]]
     modes: frozenset[str]
-    auto: str
+    auto: str  # the mode "auto" ends in: "layerwise", or the whole-model mode for what it leaves
     classes: int = 3
 
     def build(self, batch_size: int, seed: int = 0):
@@ -192,33 +192,33 @@ class Case:
 
 
 CASES = {
-    "mlp": Case(mlp, _features, ALL_MODES, "func"),
-    "frozen": Case(frozen, _features, ALL_MODES, "func"),
+    "mlp": Case(mlp, _features, ALL_MODES, "layerwise"),
+    "frozen": Case(frozen, _features, ALL_MODES, "layerwise"),
     "two_inputs": Case(
         TwoInputs,
         lambda b: (torch.randn(b, 6, dtype=torch.float64), torch.randn(b, 4, dtype=torch.float64)),
         ALL_MODES,
-        "func",
+        "layerwise",
     ),
     "cnn1d_groupnorm": Case(
-        cnn1d, lambda b: (torch.randn(b, 2, 8, dtype=torch.float64),), ALL_MODES, "func"
+        cnn1d, lambda b: (torch.randn(b, 2, 8, dtype=torch.float64),), ALL_MODES, "layerwise"
     ),
     "cnn2d_groupnorm": Case(
-        cnn2d, lambda b: (torch.randn(b, 2, 7, 7, dtype=torch.float64),), ALL_MODES, "func"
+        cnn2d, lambda b: (torch.randn(b, 2, 7, 7, dtype=torch.float64),), ALL_MODES, "layerwise"
     ),
-    "embedding_layernorm": Case(EmbeddingLayerNorm, _tokens, ALL_MODES, "func"),
+    "embedding_layernorm": Case(EmbeddingLayerNorm, _tokens, ALL_MODES, "layerwise"),
     # Opacus gives the padding row a gradient; the hooks guard catches it
     "embedding_padding_idx": Case(
-        lambda: EmbeddingLayerNorm(padding_idx=0), _tokens, frozenset({"func", "loop"}), "func"
+        lambda: EmbeddingLayerNorm(padding_idx=0), _tokens, frozenset({"func", "loop"}), "layerwise"
     ),
-    "batchnorm_eval": Case(batchnorm_eval, _features, frozenset({"func", "loop"}), "func"),
-    "transformer": Case(Transformer, _tokens, frozenset({"func", "loop"}), "func"),
-    "tied": Case(Tied, _tokens, frozenset({"func", "hooks", "loop"}), "func", classes=11),
+    "batchnorm_eval": Case(batchnorm_eval, _features, frozenset({"func", "loop"}), "layerwise"),
+    "transformer": Case(Transformer, _tokens, frozenset({"func", "loop"}), "layerwise"),
+    "tied": Case(Tied, _tokens, frozenset({"func", "hooks", "loop"}), "layerwise", classes=11),
     # vmap runs a float32 LSTM on CPU, not a float64 one
     "lstm": Case(lambda: Recurrent(nn.LSTM), _tokens, frozenset({"loop"}), "loop"),
     "gru": Case(lambda: Recurrent(nn.GRU), _tokens, frozenset({"loop"}), "loop"),
-    "item": Case(ItemControlFlow, _features, frozenset({"hooks", "loop"}), "hooks"),
-    "custom_function": Case(CustomFunction, _features, frozenset({"hooks", "loop"}), "hooks"),
+    "item": Case(ItemControlFlow, _features, frozenset({"hooks", "loop"}), "layerwise"),
+    "custom_function": Case(CustomFunction, _features, frozenset({"hooks", "loop"}), "layerwise"),
 }
 
 CROSS_ENTROPY = nn.CrossEntropyLoss(reduction="none")

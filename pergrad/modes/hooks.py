@@ -9,7 +9,6 @@ for the duration of one call.
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
@@ -17,8 +16,6 @@ from torch import Tensor, nn
 
 from pergrad import checks
 from pergrad.modes.base import Mode, ModeError, PerExampleResult, agree
-
-logging.getLogger("opacus").setLevel(logging.ERROR)
 
 _MODULE_ATTRIBUTES = ("activations", "max_batch_len")
 
@@ -43,9 +40,10 @@ class HooksMode(Mode):
     """``g_b`` from Opacus, with ``loss_reduction="sum"`` so that ``grad_sample[b]`` is the
     gradient of example ``b``'s own loss.
 
-    As a guard against layers Opacus gets wrong, every call checks ``Σ_b g_b`` against the
-    gradient autograd computes for the summed loss, and that every parameter autograd reaches
-    has a ``grad_sample``.
+    As a guard against layers Opacus gets wrong, every call checks ``Σ_b g_b`` and
+    ``Σ_b c_b g_b``, for distinct weights ``c_b``, against the gradients autograd computes for
+    ``Σ_b ℓ_b`` and ``Σ_b c_b ℓ_b`` (so per-example gradients that are permuted or mixed between
+    examples fail), and that every parameter autograd reaches has a ``grad_sample``.
     """
 
     name = "hooks"
@@ -63,12 +61,21 @@ class HooksMode(Mode):
                 # Opacus's hooks fire only where autograd goes: ask for every trainable
                 # parameter, so that a subset (what per-layer rules leave) gets its samples too
                 everything = checks.trainable(self.model)
+                weights = _check_weights(losses)
+                hooks.disable_hooks()
+                weighted = torch.autograd.grad(
+                    (losses * weights).sum(),
+                    list(everything.values()),
+                    allow_unused=True,
+                    retain_graph=True,
+                )
+                hooks.enable_hooks()
                 totals = torch.autograd.grad(
                     losses.sum(), list(everything.values()), allow_unused=True
                 )
-            total = dict(zip(everything, totals))
+            reference = dict(zip(everything, zip(totals, weighted)))
             grads = {
-                name: self._grad_sample(name, p, total[name], len(target))
+                name: self._grad_sample(name, p, *reference[name], weights)
                 for name, p in params.items()
             }
         except (checks.InputError, ModeError):
@@ -83,8 +90,16 @@ class HooksMode(Mode):
                     module.__dict__.pop(attribute, None)
         return grads, losses.detach()
 
-    def _grad_sample(self, name: str, p: nn.Parameter, total: Tensor | None, size: int) -> Tensor:
+    def _grad_sample(
+        self,
+        name: str,
+        p: nn.Parameter,
+        total: Tensor | None,
+        weighted: Tensor | None,
+        weights: Tensor,
+    ) -> Tensor:
         sample = getattr(p, "grad_sample", None)
+        size = len(weights)
         if total is None:  # not used by the forward pass: every example's gradient is zero
             return torch.zeros((size, *p.shape), dtype=p.dtype, device=p.device)
         if not isinstance(sample, Tensor) or sample.shape != (size, *p.shape):
@@ -94,4 +109,20 @@ class HooksMode(Mode):
                 self.name,
                 f"Opacus's per-example gradients of '{name}' do not sum to the batch gradient",
             )
+        mixed = torch.tensordot(weights.to(sample.dtype), sample, dims=1)
+        if not agree(mixed, weighted):
+            raise ModeError(
+                self.name,
+                f"Opacus's per-example gradients of '{name}' are not each example's own (they "
+                f"are permuted or mixed between examples)",
+            )
         return sample
+
+
+def _check_weights(losses: Tensor) -> Tensor:
+    """Distinct weights ``c_b`` for the check ``Σ_b c_b g_b = ∇ Σ_b c_b ℓ_b``, which a
+    permutation or a mix-up of the per-example gradients fails, drawn from a generator of
+    their own (the caller's random state is left alone)."""
+    generator = torch.Generator().manual_seed(len(losses))
+    weights = torch.rand(len(losses), generator=generator, dtype=torch.float64) + 0.5
+    return weights.to(device=losses.device, dtype=losses.dtype)

@@ -1,0 +1,148 @@
+"""Layer-local per-example gradients for a layer without a rule: ``torch.func`` over that layer
+alone.
+
+For one call of a layer ``y = f(θ, a)`` on a batch, with output gradients ``δ``, example
+``b``'s gradient of the layer's parameters is the vector-Jacobian product
+``g_b = (∂f(θ, a_b)/∂θ)ᵀ δ_b``, where ``f(θ, a_b)`` runs the layer's ``forward`` on that
+example alone (a batch of one). ``vmap`` over the examples runs all of them at once, a few at
+a time. It is right only where the layer's output for example ``b`` is its output for ``a_b``
+alone, so every replay's output is compared with the output the batch produced: a layer that
+mixes examples or draws random numbers fails that comparison and is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import vjp, vmap
+from torch.utils import _pytree as pytree
+
+from pergrad.modes.base import agree
+
+
+class LocalError(RuntimeError):
+    """The layer-local path cannot give this layer's per-example gradients."""
+
+
+def floating_leaves(output: object) -> list[Tensor]:
+    """The floating-point tensors in a layer's output, in ``pytree`` order."""
+    return [
+        x for x in pytree.tree_leaves(output) if isinstance(x, Tensor) and x.is_floating_point()
+    ]
+
+
+def swap(module: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Make the module's parameters (names relative to it) the given tensors; return the old."""
+    old = {}
+    for name, tensor in tensors.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        old[name] = owner._parameters[leaf]
+        owner._parameters[leaf] = tensor
+    return old
+
+
+def _forward(module: nn.Module, theta: dict[str, Tensor], args: tuple, kwargs: dict) -> list:
+    """The layer's ``forward`` (its own hooks not run) with parameters ``theta``."""
+    old = swap(module, theta)
+    try:
+        return floating_leaves(module.forward(*args, **kwargs))
+    finally:
+        swap(module, old)
+
+
+def per_example_grads(
+    module: nn.Module,
+    names: Sequence[str],
+    args: tuple,
+    kwargs: dict,
+    batched: frozenset,
+    outputs: Sequence[Tensor],
+    output_grads: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """``g_b`` of the parameters ``names`` for examples whose inputs are ``args``/``kwargs``
+    (the entries keyed in ``batched``, positions or keyword names, carry the examples on dim
+    0; the others are shared) and whose outputs and output gradients the batch gave.
+
+    Raises:
+        LocalError: the layer cannot run under ``vmap``, or an example's replayed output
+            differs from the batch's.
+    """
+    theta = {name: module.get_parameter(name).detach() for name in names}
+    values = {key: _get(args, kwargs, key) for key in batched}
+
+    def one(theta: dict[str, Tensor], values: dict, deltas: list[Tensor]):
+        a, k = list(args), dict(kwargs)
+        for key, value in values.items():
+            _put(a, k, key, value.unsqueeze(0))
+        out, pull = vjp(lambda t: _forward(module, t, tuple(a), k), theta)
+        if len(out) != len(deltas):
+            raise LocalError("its outputs differ in number for one example")
+        (grads,) = pull([d.unsqueeze(0).to(o.dtype) for d, o in zip(deltas, out)])
+        return grads, [o.squeeze(0) for o in out]
+
+    try:
+        with torch.enable_grad():
+            grads, replayed = vmap(one, in_dims=(None, 0, 0), randomness="different")(
+                theta, values, list(output_grads)
+            )
+    except LocalError:
+        raise
+    except Exception as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise LocalError(
+            f"torch.func cannot replay it: {type(error).__name__}: {first_line}"
+        ) from error
+    _check(outputs, replayed)
+    return grads
+
+
+def shared_grads(
+    module: nn.Module,
+    names: Sequence[str],
+    args: tuple,
+    kwargs: dict,
+    output: Tensor,
+    output_grads: Tensor,
+) -> dict[str, Tensor]:
+    """``g_b`` for a layer whose inputs are shared by the whole batch, so that its output
+    ``u`` is too: one vector-Jacobian product, applied to each example's ``δ_b``
+    (``output_grads``: ``(B, *u.shape)``)."""
+    theta = {name: module.get_parameter(name).detach() for name in names}
+    try:
+        with torch.enable_grad():
+            out, pull = vjp(lambda t: _forward(module, t, args, kwargs), theta)
+            if len(out) != 1:
+                raise LocalError("it returns more than one tensor")
+            (grads,) = vmap(lambda d: pull([d.to(out[0].dtype)]))(output_grads)
+    except LocalError:
+        raise
+    except Exception as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise LocalError(
+            f"torch.func cannot replay it: {type(error).__name__}: {first_line}"
+        ) from error
+    _check([output], [out[0]])
+    return grads
+
+
+def _check(outputs: Sequence[Tensor], replayed: Sequence[Tensor]) -> None:
+    for batch, alone in zip(outputs, replayed):
+        if batch.shape != alone.shape or not agree(alone.detach(), batch.detach()):
+            raise LocalError(
+                "its output for one example differs from its output in the batch (it mixes "
+                "examples, draws random numbers, or does not carry the batch on dim 0)"
+            )
+
+
+def _get(args: Sequence, kwargs: dict, key: int | str):
+    return args[key] if isinstance(key, int) else kwargs[key]
+
+
+def _put(args: list, kwargs: dict, key: int | str, value) -> None:
+    if isinstance(key, int):
+        args[key] = value
+    else:
+        kwargs[key] = value

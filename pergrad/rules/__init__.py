@@ -1,0 +1,19 @@
+"""Per-layer rules: per-example gradients of a layer's parameters from its inputs and output
+gradients, one file per layer family, each registering its layer types.
+
+Add a rule for your own layer with :func:`register_rule`; check it with
+:func:`pergrad.testing.check_rule`.
+"""
+
+from pergrad.rules import attention, conv, embedding, linear, norm  # noqa: F401  (registers)
+from pergrad.rules.base import (
+    CHUNK_ELEMENTS,
+    RULES,
+    Call,
+    Moments,
+    Rule,
+    register_rule,
+    rule_for,
+)
+
+__all__ = ["CHUNK_ELEMENTS", "RULES", "Call", "Moments", "Rule", "register_rule", "rule_for"]

@@ -1,0 +1,98 @@
+"""``nn.MultiheadAttention`` (``batch_first=True``, packed input projection): the attention is
+recomputed from the saved inputs to get the output gradients of the query, key and value
+projections; each projection, and the output projection, is then a ``Linear`` rule.
+
+Only the gradient reaching the attention output is used: where the returned attention
+weights reach the loss too, the layer gets no rule for that call (see
+:mod:`pergrad.layerwise`)."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pergrad.rules import linear
+from pergrad.rules.base import Call, Moments, register_rule
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean attention mask (True: masked out) as an additive one; a float mask as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            mask, float("-inf")
+        )
+    return mask.to(dtype)
+
+
+def _projections(layer: nn.MultiheadAttention, call: Call):
+    """The query, key and value inputs, their projections' output gradients, and the
+    attention output before the output projection."""
+    bound = inspect.signature(layer.forward).bind(*call.args, **call.kwargs)
+    bound.apply_defaults()
+    given = bound.arguments
+    inputs = (given["query"], given["key"], given["value"])
+    delta = call.output_grad
+    batch, length, width, heads = len(delta), inputs[0].shape[1], layer.embed_dim, layer.num_heads
+    weights = layer.in_proj_weight.detach().chunk(3)
+    biases = (None,) * 3 if layer.in_proj_bias is None else layer.in_proj_bias.detach().chunk(3)
+    # as F.multi_head_attention_forward: a causal hint replaces the mask only when nothing else
+    # needs it; otherwise the masks are merged into one additive mask
+    padding, mask = given["key_padding_mask"], given["attn_mask"]
+    causal = given["is_causal"] and padding is None and not given["need_weights"]
+    merged = None
+    if mask is not None and not causal:
+        merged = _additive(mask, delta.dtype)
+        merged = merged.view(batch, heads, *merged.shape[-2:]) if merged.dim() == 3 else merged
+    if padding is not None:
+        padding = _additive(padding, delta.dtype).view(batch, 1, 1, -1)
+        merged = padding if merged is None else merged + padding
+    with torch.enable_grad():
+        projected = [
+            F.linear(x.detach(), w, b).requires_grad_() for x, w, b in zip(inputs, weights, biases)
+        ]
+        split = [p.view(batch, -1, heads, width // heads).transpose(1, 2) for p in projected]
+        attended = F.scaled_dot_product_attention(*split, attn_mask=merged, is_causal=causal)
+        attended = attended.transpose(1, 2).reshape(batch, length, width)
+        grads = torch.autograd.grad(attended, projected, delta @ layer.out_proj.weight.detach())
+    return inputs, grads, attended.detach()
+
+
+def _moments(layer: nn.MultiheadAttention, call: Call) -> dict[str, Moments]:
+    inputs, grads, attended = _projections(layer, call)
+    stacked = lambda parts: tuple(map(torch.cat, zip(*parts)))  # noqa: E731  q, k, v rows
+    found = {
+        "in_proj_weight": stacked([linear.weight_moments(x, g) for x, g in zip(inputs, grads)]),
+        "out_proj.weight": linear.weight_moments(attended, call.output_grad),
+    }
+    if layer.in_proj_bias is not None:
+        found["in_proj_bias"] = stacked([linear.bias_moments(g) for g in grads])
+        found["out_proj.bias"] = linear.bias_moments(call.output_grad)
+    return found
+
+
+def _supports(layer: nn.MultiheadAttention) -> str | None:
+    if not layer.batch_first:
+        return "batch_first=False puts the batch on dim 1"
+    if layer.in_proj_weight is None:
+        return "separate query, key and value projections (kdim or vdim)"
+    if layer.bias_k is not None or layer.add_zero_attn:
+        return "add_bias_kv or add_zero_attn"
+    if layer.dropout and layer.training:
+        return "attention dropout in training mode"
+    return None
+
+
+@register_rule(nn.MultiheadAttention, moments=_moments, supports=_supports)
+def multihead_attention(layer: nn.MultiheadAttention, call: Call) -> dict[str, Tensor]:
+    inputs, grads, attended = _projections(layer, call)
+    found = {
+        "in_proj_weight": torch.cat([linear.weight_grads(x, g) for x, g in zip(inputs, grads)], 1),
+        "out_proj.weight": linear.weight_grads(attended, call.output_grad),
+    }
+    if layer.in_proj_bias is not None:
+        found["in_proj_bias"] = torch.cat([linear.bias_grads(g) for g in grads], 1)
+        found["out_proj.bias"] = linear.bias_grads(call.output_grad)
+    return found

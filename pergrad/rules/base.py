@@ -1,0 +1,192 @@
+"""What every per-layer rule shares: the call it reads, the registry, and chunked moments.
+
+A rule turns one call of a layer on a batch, its inputs ``a`` and the gradient ``δ`` of
+``Σ_b ℓ_b`` with respect to its output (both with the batch on dim 0), into the per-example
+gradients ``g_b`` of the layer's parameters. It may also give their moments
+``(Σ_b g_b, Σ_b g_b²)`` in a closed form that never forms all ``B`` gradients at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+
+CHUNK_ELEMENTS = 1 << 24
+"""Per-example gradients are formed at most about this many numbers at a time."""
+
+Moments = tuple[Tensor, Tensor]
+"""``(Σ_b g_b, Σ_b g_b²)`` of one parameter."""
+
+
+@dataclass
+class Call:
+    """One call of a layer on a batch of ``B`` examples.
+
+    Attributes:
+        args, kwargs: the inputs as the layer's ``forward`` received them. Every positional
+            tensor has the batch on dim 0 (inputs shared by the batch are expanded to it).
+        output_grad: ``δ``, the gradient of ``Σ_b ℓ_b`` with respect to the layer's (first)
+            output, batch on dim 0.
+        batched: the keyword arguments that carry the batch on dim 0.
+    """
+
+    args: tuple
+    kwargs: dict
+    output_grad: Tensor
+    batched: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def input(self) -> Tensor:
+        """The first input: ``args[0]``, or the keyword ``input``."""
+        return self.args[0] if self.args else self.kwargs["input"]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.output_grad)
+
+    def narrow(self, start: int, stop: int) -> Call:
+        """The same call restricted to examples ``start:stop``."""
+        args = tuple(x[start:stop] if isinstance(x, Tensor) else x for x in self.args)
+        kwargs = {k: v[start:stop] if k in self.batched else v for k, v in self.kwargs.items()}
+        return replace(self, args=args, kwargs=kwargs, output_grad=self.output_grad[start:stop])
+
+
+GradsFn = Callable[[nn.Module, Call], "dict[str, Tensor]"]
+"""``grads(layer, call) -> {name: (B, *param.shape)}``, names relative to the layer."""
+
+MomentsFn = Callable[[nn.Module, Call], "dict[str, Moments] | None"]
+"""``moments(layer, call) -> {name: (Σ_b g_b, Σ_b g_b²)}``, or ``None`` where forming the
+per-example gradients in chunks is cheaper for this call."""
+
+SupportsFn = Callable[[nn.Module], "str | None"]
+"""``supports(layer) -> None`` if the rule applies to the layer as configured, else why not."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The per-layer rule of one layer type; see :func:`register_rule`."""
+
+    grads: GradsFn
+    moments: MomentsFn | None = None
+    supports: SupportsFn | None = None
+
+
+RULES: dict[type[nn.Module], Rule] = {}
+"""The rule of each layer type (exact type: a subclass may compute something else)."""
+
+
+def register_rule(
+    layer_type: type[nn.Module],
+    *,
+    moments: MomentsFn | None = None,
+    supports: SupportsFn | None = None,
+) -> Callable[[GradsFn], GradsFn]:
+    """Register the decorated ``grads(layer, call)`` as the rule of ``layer_type``.
+
+    ``grads`` returns, for every parameter the layer owns (names as in
+    ``layer.named_parameters()``), its per-example gradients ``(B, *shape)`` from
+    ``call.args`` / ``call.kwargs`` (the layer's inputs) and ``call.output_grad`` (``δ``).
+    ``moments``, optional, gives ``(Σ_b g_b, Σ_b g_b²)`` directly (a closed form such as
+    ``(δ²)ᵀ(a²)``), or ``None`` for a call where it has none; ``supports`` says why a layer's
+    configuration is outside the rule (``None``: inside). A rule covers exactly its type, not
+    subclasses. Check a new rule with :func:`pergrad.testing.check_rule`.
+
+    Raises:
+        TypeError: ``layer_type`` is not an ``nn.Module`` subclass.
+        ValueError: ``layer_type`` already has a rule.
+
+    Example:
+        >>> @pergrad.register_rule(Scale)
+        ... def scale(layer, call):  # Scale: y = x * layer.weight
+        ...     return {"weight": (call.output_grad * call.input).flatten(1, -2).sum(1)}
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise TypeError(f"layer_type must be an nn.Module subclass, got {layer_type!r}")
+    if layer_type in RULES:
+        raise ValueError(
+            f"{layer_type.__name__} already has a rule; unregister it first "
+            f"(del pergrad.rules.RULES[{layer_type.__name__}])"
+        )
+
+    def decorator(grads: GradsFn) -> GradsFn:
+        RULES[layer_type] = Rule(grads, moments, supports)
+        return grads
+
+    return decorator
+
+
+def rule_for(module: nn.Module) -> tuple[Rule | None, str | None]:
+    """The rule for ``module`` as configured, or ``None`` and why (``None`` reason: no rule)."""
+    rule = RULES.get(type(module))
+    if rule is None:
+        return None, None
+    reason = rule.supports(module) if rule.supports is not None else None
+    return (None, reason) if reason else (rule, None)
+
+
+def step(per_example: int) -> int:
+    """How many examples' gradients of ``per_example`` numbers fit in :data:`CHUNK_ELEMENTS`."""
+    return max(1, CHUNK_ELEMENTS // max(1, per_example))
+
+
+def chunks(size: int, numel: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive example ranges, each within :data:`CHUNK_ELEMENTS`."""
+    width = step(numel)
+    for start in range(0, size, width):
+        yield start, min(size, start + width)
+
+
+def moments_of(grads: Tensor) -> Moments:
+    """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients ``(B, *shape)``."""
+    return grads.sum(0), grads.square().sum(0)
+
+
+def add_moments(total: Moments | None, more: Moments) -> Moments:
+    """The moments of two sets of examples together (``total`` may be ``None``: none yet)."""
+    if total is None:
+        return more
+    return total[0] + more[0], total[1] + more[1]
+
+
+def moments_in_chunks(grads: GradsFn, module: nn.Module, call: Call, numel: int) -> dict:
+    """The moments of ``grads(module, call)``, formed a few examples at a time."""
+    total: dict[str, Moments] = {}
+    for start, stop in chunks(call.batch_size, numel):
+        for name, g in grads(module, call.narrow(start, stop)).items():
+            total[name] = add_moments(total.get(name), moments_of(g))
+    return total
+
+
+def positions(x: Tensor) -> Tensor:
+    """``(B, …, d) -> (B, positions, d)``."""
+    return x.reshape(len(x), -1, x.shape[-1])
+
+
+def pair_moments(delta: Tensor, a: Tensor) -> Tensor:
+    """``Σ_b g_b²`` of ``g_b = δ_bᵀ a_b`` summed over positions, per group, for
+    ``δ (G, B, P, o)`` and ``a (G, B, P, i)``, by the expansion
+    ``Σ_b g_b² = Σ_{b,t,t'} (δ_bt ⊙ δ_bt')ᵀ (a_bt ⊙ a_bt')``: ``B·P²`` rows, never the ``B``
+    gradients (for ``P = 1``, ``(δ²)ᵀ(a²)``). Returns ``(G, o, i)``."""
+    groups, batch, count = delta.shape[:3]
+    rows = batch * count * count
+    d = (delta.unsqueeze(3) * delta.unsqueeze(2)).reshape(groups, rows, -1)
+    x = (a.unsqueeze(3) * a.unsqueeze(2)).reshape(groups, rows, -1)
+    return torch.bmm(d.mT, x)
+
+
+MEMORY_WEIGHT = 8
+"""Multiply-adds one number written and read again costs, for :func:`pairs_cheaper`: a
+matrix product runs at many multiply-adds per number it touches, an element-wise square and
+sum at a fraction of one."""
+
+
+def pairs_cheaper(batch: int, count: int, rows: int, columns: int) -> bool:
+    """Whether :func:`pair_moments` beats forming per-example gradients ``(rows, columns)``
+    over ``count`` positions, counting multiply-adds plus numbers written and read (weighed
+    as :data:`MEMORY_WEIGHT` multiply-adds each)."""
+    per_example = batch * count * rows * columns + MEMORY_WEIGHT * 3 * batch * rows * columns
+    pairs = batch * count**2 * rows * columns + MEMORY_WEIGHT * batch * count**2 * (rows + columns)
+    return pairs < per_example

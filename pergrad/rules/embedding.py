@@ -1,0 +1,50 @@
+"""``nn.Embedding``: ``g_b`` has one row per distinct token of example ``b``, the sum of ``δ``
+over that token's positions (the ``padding_idx`` row gets none).
+
+The moments scatter-add ``δ`` per (example, token), then scatter those rows into the
+vocabulary, plain and squared: never ``B × vocabulary`` numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pergrad.rules.base import Call, Moments, positions, register_rule
+
+
+def _rows(layer: nn.Embedding, call: Call) -> tuple[Tensor, Tensor]:
+    """``keys = b · vocabulary + token`` and ``δ`` for every position, padding left out."""
+    tokens, delta = call.input, call.output_grad
+    batch, vocabulary = len(tokens), layer.num_embeddings
+    tokens, delta = tokens.reshape(batch, -1), positions(delta)
+    example = torch.arange(batch, device=tokens.device).unsqueeze(1)
+    keys = example * vocabulary + tokens
+    if layer.padding_idx is not None:
+        keep = tokens != layer.padding_idx
+        return keys[keep], delta[keep]
+    return keys.flatten(), delta.reshape(-1, delta.shape[-1])
+
+
+def _moments(layer: nn.Embedding, call: Call) -> dict[str, Moments]:
+    keys, delta = _rows(layer, call)
+    vocabulary, width = layer.weight.shape
+    unique, position = keys.unique(return_inverse=True)
+    per_example_rows = delta.new_zeros(len(unique), width).index_add_(0, position, delta)
+    rows = unique % vocabulary
+    total, squares = (delta.new_zeros(vocabulary, width) for _ in range(2))
+    total.index_add_(0, rows, per_example_rows)
+    squares.index_add_(0, rows, per_example_rows.square())
+    return {"weight": (total, squares)}
+
+
+def _supports(layer: nn.Embedding) -> str | None:
+    return "sparse=True gives sparse gradients" if layer.sparse else None
+
+
+@register_rule(nn.Embedding, moments=_moments, supports=_supports)
+def embedding(layer: nn.Embedding, call: Call) -> dict[str, Tensor]:
+    keys, delta = _rows(layer, call)
+    batch, (vocabulary, width) = call.batch_size, layer.weight.shape
+    grads = delta.new_zeros(batch * vocabulary, width).index_add_(0, keys, delta)
+    return {"weight": grads.view(batch, vocabulary, width)}

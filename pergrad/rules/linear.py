@@ -1,0 +1,70 @@
+"""``nn.Linear``: ``g_b = δ_bᵀ a_b`` (summed over positions), ``g_b = δ_b`` for the bias.
+
+On ``(B, in)`` the moments are two matrix products, ``Σ_b g_b = δᵀa`` and
+``Σ_b g_b² = (δ²)ᵀ(a²)``. On ``(B, …, in)`` they come from per-example gradients formed a
+few examples at a time, or, for few positions, from the position-pair expansion
+(:func:`pergrad.rules.base.pair_moments`), whichever costs less.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pergrad.rules.base import (
+    Call,
+    Moments,
+    chunks,
+    pair_moments,
+    pairs_cheaper,
+    positions,
+    register_rule,
+)
+
+
+def weight_grads(a: Tensor, delta: Tensor) -> Tensor:
+    """``g_b = Σ_t δ_btᵀ a_bt`` for ``a (B, …, in)``, ``δ (B, …, out)``: ``(B, out, in)``."""
+    if a.dim() == 2:
+        return delta.unsqueeze(2) * a.unsqueeze(1)
+    return torch.bmm(positions(delta).mT, positions(a))
+
+
+def bias_grads(delta: Tensor) -> Tensor:
+    """``g_b = Σ_t δ_bt`` for ``δ (B, …, out)``: ``(B, out)``."""
+    return delta if delta.dim() == 2 else positions(delta).sum(1)
+
+
+def weight_moments(a: Tensor, delta: Tensor) -> Moments:
+    """``(Σ_b g_b, Σ_b g_b²)`` of :func:`weight_grads` without all ``B`` gradients at once."""
+    if a.dim() == 2:
+        return delta.T @ a, delta.square().T @ a.square()
+    a, delta = positions(a), positions(delta)
+    (batch, count, columns), rows = a.shape, delta.shape[-1]
+    if pairs_cheaper(batch, count, rows, columns):
+        total = delta.reshape(-1, rows).T @ a.reshape(-1, columns)
+        return total, pair_moments(delta.unsqueeze(0), a.unsqueeze(0))[0]
+    total = squares = 0
+    for start, stop in chunks(batch, rows * columns):
+        g = torch.bmm(delta[start:stop].mT, a[start:stop])
+        total, squares = total + g.sum(0), squares + g.square().sum(0)
+    return total, squares
+
+
+def bias_moments(delta: Tensor) -> Moments:
+    g = bias_grads(delta)
+    return g.sum(0), g.square().sum(0)
+
+
+def _moments(layer: nn.Linear, call: Call) -> dict[str, Moments]:
+    found = {"weight": weight_moments(call.input, call.output_grad)}
+    if layer.bias is not None:
+        found["bias"] = bias_moments(call.output_grad)
+    return found
+
+
+@register_rule(nn.Linear, moments=_moments)
+def linear(layer: nn.Linear, call: Call) -> dict[str, Tensor]:
+    found = {"weight": weight_grads(call.input, call.output_grad)}
+    if layer.bias is not None:
+        found["bias"] = bias_grads(call.output_grad)
+    return found

@@ -1,0 +1,145 @@
+"""Outputs shared by the whole batch, such as position embeddings.
+
+A layer whose inputs do not carry the batch (``position_ids`` of shape ``(1, T)`` or ``(T,)``)
+gives one output ``u`` for every example, which the model then broadcasts into batched
+tensors: ``x + u`` with ``x`` of shape ``(B, T, d)``. Autograd sums the gradient reaching
+``u`` over the batch, so no example's own gradient is left. While :class:`Broadcasts` is
+active, every element-wise operation of ``u`` with a batched tensor is computed with ``u``
+expanded to the batch on dim 0 first: the result is the same, and each example's row of the
+expansion receives that example's gradient ``δ_b``.
+
+Any other use of ``u`` (indexing it, a matrix product, a use no operation reports) is
+recorded, and the layer is then refused; after the backward pass, the per-example gradients
+must also add up to the gradient autograd gave ``u`` itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from pergrad.local import LocalError
+from pergrad.modes.base import agree
+
+ELEMENTWISE = frozenset(
+    f"{prefix}{name}{suffix}"
+    for name in ("add", "sub", "mul", "div", "true_divide")
+    for prefix, suffix in (("", ""), ("", "_"), ("__", "__"), ("__r", "__"), ("__i", "__"))
+) | {"__truediv__", "__rtruediv__", "__itruediv__"}
+"""Names of the element-wise operations through which a shared output may meet the batch."""
+
+SAME_VALUES = frozenset({"to", "type_as", "contiguous", "float", "double", "half", "bfloat16"})
+"""Operations whose result holds the same values, tracked like the tensor itself."""
+
+
+@dataclass
+class SharedOutput:
+    """A layer output shared by the batch, and what the forward and backward passes did to it."""
+
+    tensor: Tensor
+    example_grads: list[Tensor] = field(default_factory=list)
+    total_grad: Tensor | None = None
+    misuse: str | None = None
+
+    def per_example_grad(self, batch_size: int) -> Tensor:
+        """``δ_b`` for every example, ``(B, *u.shape)``.
+
+        Raises:
+            LocalError: ``u`` was used otherwise than broadcast into the batch.
+        """
+        shape = (batch_size, *self.tensor.shape)
+        grads = sum(self.example_grads, self.tensor.new_zeros(shape))
+        if self.misuse is None and self.total_grad is not None:
+            if not agree(grads.sum(0), self.total_grad):
+                self.misuse = "a use that is not broadcast into the batch"
+        if self.misuse is not None:
+            raise LocalError(
+                f"its output, shared by the whole batch, reaches the loss through {self.misuse}"
+            )
+        return grads
+
+
+class Broadcasts(TorchFunctionMode):
+    """Expands shared outputs to the batch where they meet batched tensors (see module doc)."""
+
+    def __init__(self, batch_size: int):
+        super().__init__()
+        self.batch_size = batch_size
+        self._tracked: dict[int, tuple[Tensor, SharedOutput]] = {}
+
+    def track(self, output: Tensor) -> SharedOutput:
+        """Follow ``output`` (it must require grad) through the rest of the forward pass."""
+        shared = SharedOutput(output)
+        output.register_hook(lambda g: setattr(shared, "total_grad", g))
+        self._tracked[id(output)] = (output, shared)
+        return shared
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self._tracked:
+            return func(*args, **kwargs)
+        hits = [i for i, a in enumerate(args) if self._is_tracked(a)]
+        nested = [
+            a
+            for a in (*args, *kwargs.values())
+            if isinstance(a, (list, tuple)) and any(self._is_tracked(t) for t in a)
+        ]
+        in_kwargs = [v for v in kwargs.values() if self._is_tracked(v)]
+        if not hits and not nested and not in_kwargs:
+            return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if len(hits) == 1 and not nested and not in_kwargs:
+            index = hits[0]
+            tensor, shared = self._tracked[id(args[index])]
+            if name in SAME_VALUES and index == 0:
+                result = func(*args, **kwargs)
+                if isinstance(result, Tensor) and result.shape == tensor.shape:
+                    if result is not tensor:
+                        self._tracked[id(result)] = (result, shared)
+                    return result
+            elif name in ELEMENTWISE and len(args) == 2 and not (index == 0 and _inplace(name)):
+                expanded = self._expand(tensor, args[1 - index], shared)
+                if expanded is not None:
+                    args = (expanded, args[1]) if index == 0 else (args[0], expanded)
+                    return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        if any(isinstance(x, Tensor) for x in _flat(result)):
+            for a in (*[args[i] for i in hits], *in_kwargs, *(t for n in nested for t in n)):
+                if self._is_tracked(a):
+                    self._tracked[id(a)][1].misuse = f"{name or func!r}"
+        return result
+
+    def _is_tracked(self, x: object) -> bool:
+        return isinstance(x, Tensor) and id(x) in self._tracked
+
+    def _expand(self, tensor: Tensor, other: object, shared: SharedOutput) -> Tensor | None:
+        """``tensor`` expanded to the batch where ``tensor ⊕ other`` would broadcast it over
+        ``other``'s batch dimension, with a hook that keeps each example's gradient."""
+        if not isinstance(other, Tensor) or other.dim() == 0:
+            return None
+        try:
+            result = torch.broadcast_shapes(tensor.shape, other.shape)
+        except RuntimeError:
+            return None
+        size = self.batch_size
+        if other.dim() != len(result) or other.shape[0] != size or result[0] != size:
+            return None
+        padded = (1,) * (len(result) - tensor.dim()) + tuple(tensor.shape)
+        if padded[0] != 1:
+            return None
+        expanded = tensor.reshape(padded).expand(size, *padded[1:])
+        shape = (size, *shared.tensor.shape)
+        dtype = shared.tensor.dtype
+        expanded.register_hook(lambda g: shared.example_grads.append(g.reshape(shape).to(dtype)))
+        return expanded
+
+
+def _inplace(name: str) -> bool:
+    return name.startswith("__i") or (name.endswith("_") and not name.endswith("__"))
+
+
+def _flat(result: object) -> tuple:
+    return tuple(result) if isinstance(result, (list, tuple)) else (result,)
