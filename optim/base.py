@@ -49,19 +49,24 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        owned = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        missing = [p for p in owned if pergrad.grad_stats(p) is None]
+        if missing:
+            raise RuntimeError(
+                f"a parameter of shape {tuple(missing[0].shape)} has a .grad but no per-example "
+                f"statistics, so {type(self).__name__} cannot know the batch size or "
+                f"mean_b g_b². Compute gradients with "
+                f"pergrad.PerExample(model, loss_fn).backward(inputs, target) instead "
+                f"of loss.backward(). No parameter was changed."
+            )
+        pergrad.stats.check_unchanged(
+            {f"#{i} (shape {tuple(p.shape)})": p for i, p in enumerate(owned)}
+        )
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 stats = pergrad.grad_stats(p)
-                if stats is None:
-                    raise RuntimeError(
-                        f"a parameter of shape {tuple(p.shape)} has a .grad but no per-example "
-                        f"statistics, so {type(self).__name__} cannot know the batch size or "
-                        f"mean_b g_b². Compute gradients with "
-                        f"pergrad.PerExample(model, loss_fn).backward(inputs, target) instead "
-                        f"of loss.backward()."
-                    )
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state, group)

@@ -77,19 +77,32 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def no_batch_mixing(model: nn.Module) -> None:
-    """Refuse layers whose output for one example depends on the other examples.
+    """Refuse layers whose gradient for one example depends on the other examples.
 
     Raises:
-        InputError: a BatchNorm layer is in training mode.
+        InputError: a BatchNorm layer is in training mode, or an embedding scales its
+            gradient by the batch's token counts.
     """
     for name, module in model.named_modules():
+        where = f"layer '{name or type(model).__name__}' ({type(module).__name__})"
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise InputError(
-                f"layer '{name or type(model).__name__}' ({type(module).__name__}) is in "
-                f"training mode, where it normalizes with the statistics of the whole batch, so "
-                f"no example has a gradient of its own. Put it in eval mode "
-                f"(model.{name}.eval()) or replace it with GroupNorm or LayerNorm."
+                f"{where} is in training mode, where it normalizes with the statistics of the "
+                f"whole batch, so no example has a gradient of its own. Put it in eval mode "
+                f"({accessor(name)}.eval()) or replace it with GroupNorm or LayerNorm."
             )
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.scale_grad_by_freq:
+            raise InputError(
+                f"{where} has scale_grad_by_freq=True: it divides each token's gradient by the "
+                f"token's count in the whole batch, so no example has a gradient of its own. "
+                f"Set {accessor(name)}.scale_grad_by_freq = False."
+            )
+
+
+def accessor(name: str) -> str:
+    """Python that reaches the submodule ``name`` from ``model``: ``model.encoder.layers[0]``."""
+    parts = (f"[{part}]" if part.isdigit() else f".{part}" for part in name.split(".") if part)
+    return "model" + "".join(parts)
 
 
 def per_example_loss(loss: object, batch_size: int) -> Tensor:

@@ -329,48 +329,57 @@ class _Forward:
 
     def _record_hook(self, hooked: _Hooked):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output):
-            if not _recording():
+            if not torch.is_grad_enabled():
                 return None
             local.swap(module, {n: self.params[m] for n, m in hooked.params.items()})
-            index = self.calls[id(module)]
-            self.calls[id(module)] += 1
-            batched = self.owner.batched_keys(module, index, args, kwargs, self.size)
-            record = _Record(hooked, args, kwargs, batched or frozenset(), self.size)
-            self.records.append(record)
-            if batched is None:
-                record.problem = "the one-example forward pass did not see this call"
-            elif torch.nn.modules.module._global_forward_hooks:
-                record.problem = "a global forward hook may change its output"
             leaves, spec = pytree.tree_flatten(output)
             floating = [
                 i for i, x in enumerate(leaves) if isinstance(x, Tensor) and x.is_floating_point()
             ]
+            if floating:
+                # a zero anchor makes δ reach the outputs even where nothing before needs it; a
+                # recomputation (activation checkpointing) adds it too, to save what this did
+                first = leaves[floating[0]]
+                anchor = torch.zeros((), dtype=first.dtype, device=first.device, requires_grad=True)
+                for i in floating:
+                    leaves[i] = leaves[i] + anchor.to(leaves[i].dtype)
+            if not _recording():
+                return pytree.tree_unflatten(leaves, spec)
+            record = self._record(hooked, module, args, kwargs)
             if not floating:
                 record.problem = record.problem or "it returns no floating-point tensor"
                 return None
-            first = leaves[floating[0]]
-            anchor = torch.zeros((), dtype=first.dtype, device=first.device, requires_grad=True)
             self.anchors.append(anchor)
-            shared = not record.batched and record.problem is None
-            if shared and len(floating) != 1:
-                record.problem = "its inputs are shared by the batch and it returns several tensors"
-                shared = False
+            record.outputs = [leaves[i].detach() for i in floating]
             record.deltas = [None] * len(floating)
-            for slot, i in enumerate(floating):
-                # the anchor (zero) makes δ reach the output even where nothing before needs it
-                out = leaves[i] + anchor.to(leaves[i].dtype)
-                leaves[i] = out
-                record.outputs.append(out.detach())
-                if shared:
-                    record.shared = self.broadcasts.track(out)
+            if not record.batched and record.problem is None:  # every input shared by the batch
+                if len(floating) == 1:
+                    record.shared = self.broadcasts.track(leaves[floating[0]])
                 else:
-                    out.register_hook(self._grad_hook(record, slot))
-            if not shared and record.problem is None:
-                if not record.outputs[0].dim() or record.outputs[0].shape[0] != self.size:
+                    record.problem = (
+                        "its inputs are shared by the batch; it returns several tensors"
+                    )
+            if record.shared is None:
+                for slot, i in enumerate(floating):
+                    leaves[i].register_hook(self._grad_hook(record, slot))
+                first = record.outputs[0]
+                if record.problem is None and (not first.dim() or first.shape[0] != self.size):
                     record.problem = "its output does not carry the batch on dim 0"
             return pytree.tree_unflatten(leaves, spec)
 
         return hook
+
+    def _record(self, hooked: _Hooked, module: nn.Module, args: tuple, kwargs: dict) -> _Record:
+        index = self.calls[id(module)]
+        self.calls[id(module)] += 1
+        batched = self.owner.batched_keys(module, index, args, kwargs, self.size)
+        record = _Record(hooked, args, kwargs, batched or frozenset(), self.size)
+        self.records.append(record)
+        if batched is None:
+            record.problem = "the one-example forward pass did not see this call"
+        elif torch.nn.modules.module._global_forward_hooks:
+            record.problem = "a global forward hook may change its output"
+        return record
 
     def _grad_hook(self, record: _Record, slot: int):
         def hook(delta: Tensor) -> None:
@@ -472,7 +481,7 @@ def _detach_hook(module: nn.Module, detached: dict[str, Tensor]):
     """A forward pre-hook that makes the module's parameters the detached views."""
 
     def hook(*_) -> None:
-        if _recording():
+        if torch.is_grad_enabled():  # a recomputation too: it must save what the forward did
             local.swap(module, detached)
 
     return hook

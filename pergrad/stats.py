@@ -15,7 +15,7 @@ clears both.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -37,6 +37,17 @@ class GradStats:
 
     count: int
     sq_mean: Tensor
+    _grad: Tensor | None = field(default=None, repr=False, compare=False)
+    _version: int = field(default=-1, repr=False, compare=False)
+
+    def belongs_to(self, grad: Tensor | None) -> bool:
+        """Whether ``grad`` is the ``.grad`` these statistics were formed with, unchanged since
+        (always true for statistics built by hand)."""
+        return self._grad is None or (grad is self._grad and grad._version == self._version)
+
+    def _seal(self, grad: Tensor) -> None:
+        """Remember ``grad`` as it is now, the ``.grad`` these statistics go with."""
+        self._grad, self._version = grad, grad._version
 
     def variance(self, mean: Tensor) -> Tensor:
         """The per-example variance ``q − ĝ²`` (clamped at 0), given the mean ``ĝ = p.grad``."""
@@ -56,7 +67,30 @@ def accumulate(
     ``mean ← (n·mean + Σ) / (n + count)``. Nothing changes if any parameter is refused.
 
     Raises:
-        InputError: a parameter has a ``.grad`` that was not computed by ``pergrad``.
+        InputError: a parameter has a ``.grad`` that ``pergrad`` did not compute, or that
+            changed since it did.
+    """
+    check_unchanged(params)
+    for name, p in params.items():
+        stats = grad_stats(p)
+        if stats is None:
+            p.grad = (grad_sums[name] / count).to(p.dtype)
+            stats = GradStats(count, (sq_sums[name] / count).to(p.dtype))
+            setattr(p, ATTRIBUTE, stats)
+        else:
+            total = stats.count + count
+            p.grad.mul_(stats.count / total).add_(grad_sums[name], alpha=1 / total)
+            stats.sq_mean.mul_(stats.count / total).add_(sq_sums[name], alpha=1 / total)
+            stats.count = total
+        stats._seal(p.grad)
+
+
+def check_unchanged(params: dict[str, Tensor]) -> None:
+    """Raise unless every parameter's ``.grad`` is either absent or the one ``pergrad``
+    computed, unchanged since.
+
+    Raises:
+        InputError: naming the parameters whose ``.grad`` has no statistics or was changed.
     """
     foreign = [n for n, p in params.items() if p.grad is not None and grad_stats(p) is None]
     if foreign:
@@ -66,16 +100,17 @@ def accumulate(
             f"per-example statistics are unknown. Clear them first: optimizer.zero_grad() or "
             f"pergrad.zero_grad(model.parameters())."
         )
-    for name, p in params.items():
-        stats = grad_stats(p)
-        if stats is None:
-            p.grad = (grad_sums[name] / count).to(p.dtype)
-            setattr(p, ATTRIBUTE, GradStats(count, (sq_sums[name] / count).to(p.dtype)))
-            continue
-        total = stats.count + count
-        p.grad.mul_(stats.count / total).add_(grad_sums[name], alpha=1 / total)
-        stats.sq_mean.mul_(stats.count / total).add_(sq_sums[name], alpha=1 / total)
-        stats.count = total
+    changed = [
+        n for n, p in params.items() if p.grad is not None and not grad_stats(p).belongs_to(p.grad)
+    ]
+    if changed:
+        raise InputError(
+            f"the .grad of parameter(s) {', '.join(changed)} changed after pergrad computed it "
+            f"(a loss.backward() adds into it; torch.nn.utils.clip_grad_norm_ scales it), so "
+            f"it no longer matches its per-example statistics. Clear it with "
+            f"optimizer.zero_grad() or pergrad.zero_grad(model.parameters()) and recompute with "
+            f"PerExample.backward."
+        )
 
 
 def zero_grad(params: Iterable[Tensor]) -> None:

@@ -14,38 +14,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from zoo import CASES, CROSS_ENTROPY, RTOL, reference_grads
+from zoo import CASES, CROSS_ENTROPY, statistics
 
 import pergrad
 from pergrad import rules
 
 MSE = lambda out, y: (out - y).square().flatten(1).sum(1)  # noqa: E731
-
-
-def statistics(model, loss_fn, inputs, target, **options) -> dict[str, str]:
-    """Run ``backward`` and ``grads`` in ``"auto"`` and compare every parameter's mean, mean of
-    squares and per-example gradients with one backward per example; return where each
-    parameter's statistics came from."""
-    engine = pergrad.PerExample(model, loss_fn, **options)
-    engine.backward(inputs, target)
-    reference = reference_grads(model, loss_fn, inputs, target)
-    for name, p in model.named_parameters():
-        if name not in reference:
-            continue
-        g = reference[name]
-        scale = max(float(g.abs().max()), 1.0)  # rounding noise of an all-zero gradient
-        torch.testing.assert_close(p.grad, g.mean(0), rtol=RTOL, atol=1e-9 * scale, msg=name)
-        torch.testing.assert_close(
-            p.grad_stats.sq_mean, g.square().mean(0), rtol=RTOL, atol=1e-9 * scale**2, msg=name
-        )
-    pergrad.zero_grad(model.parameters())
-    sources = engine.sources
-    grads = engine.grads(inputs, target)  # the per-example rules give the same parameters
-    assert engine.sources == sources
-    for name, g in grads.items():
-        scale = max(float(reference[name].abs().max()), 1.0)
-        torch.testing.assert_close(g, reference[name], rtol=RTOL, atol=1e-9 * scale, msg=name)
-    return sources
 
 
 def covered(model: nn.Module) -> dict[str, str]:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+import pergrad
+
 RTOL, ATOL = 1e-6, 1e-9
 """Tolerances for float64 comparisons, defined once."""
 
@@ -29,6 +31,32 @@ def reference_grads(model: nn.Module, loss_fn, inputs, target) -> dict[str, Tens
     for n, p in params.items():
         p.grad = saved[n]
     return {n: torch.stack(gs) for n, gs in out.items()}
+
+
+def statistics(model, loss_fn, inputs, target, **options) -> dict[str, str]:
+    """Run ``backward`` and ``grads`` in ``"auto"`` and compare every parameter's mean, mean of
+    squares and per-example gradients with one backward per example; return where each
+    parameter's statistics came from."""
+    engine = pergrad.PerExample(model, loss_fn, **options)
+    engine.backward(inputs, target)
+    reference = reference_grads(model, loss_fn, inputs, target)
+    for name, p in model.named_parameters():
+        if name not in reference:
+            continue
+        g = reference[name]
+        scale = max(float(g.abs().max()), 1.0)  # rounding noise of an all-zero gradient
+        torch.testing.assert_close(p.grad, g.mean(0), rtol=RTOL, atol=1e-9 * scale, msg=name)
+        torch.testing.assert_close(
+            p.grad_stats.sq_mean, g.square().mean(0), rtol=RTOL, atol=1e-9 * scale**2, msg=name
+        )
+    pergrad.zero_grad(model.parameters())
+    sources = engine.sources
+    grads = engine.grads(inputs, target)  # the per-example rules give the same parameters
+    assert engine.sources == sources
+    for name, g in grads.items():
+        scale = max(float(reference[name].abs().max()), 1.0)
+        torch.testing.assert_close(g, reference[name], rtol=RTOL, atol=1e-9 * scale, msg=name)
+    return sources
 
 
 def assert_close_dicts(actual: dict[str, Tensor], expected: dict[str, Tensor], **tolerances):

@@ -1,0 +1,246 @@
+"""Every way a shortcut could return wrong numbers: each is exact (against one backward per
+example) or refused with an error that says what to do. Also the layer-local path, shared
+inputs and repeated uses, which the shortcuts rely on."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from zoo import CROSS_ENTROPY, statistics
+
+import optim
+import pergrad
+
+MSE = lambda out, y: (out - y).square().flatten(1).sum(1)  # noqa: E731
+WHOLE_MODEL = {"func", "hooks", "loop"}
+
+
+def quiet_statistics(*args, **kwargs) -> dict[str, str]:
+    """``statistics`` where a fallback to a whole-model mode is allowed (and exact)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pergrad.FallbackWarning)
+        return statistics(*args, **kwargs)
+
+
+class AttentionPooling(nn.Module):
+    """The attention weights that MultiheadAttention returns reach the loss."""
+
+    def __init__(self, weights_only: bool):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.out = nn.Linear(4, 3)
+        self.weights_only = weights_only
+
+    def forward(self, x):
+        attended, weights = self.attention(x, x, x)  # need_weights=True, the default
+        pooled = (weights.unsqueeze(-1) * x.unsqueeze(1)).sum(2).mean(1)
+        return self.out(pooled if self.weights_only else pooled + attended.mean(1))
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_attention_weights_that_reach_the_loss(weights_only):
+    torch.manual_seed(0)
+    model = AttentionPooling(weights_only).double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    sources = statistics(model, CROSS_ENTROPY, x, torch.randint(0, 3, (5,)))
+    assert sources["attention.in_proj_weight"] == "MultiheadAttention (local)"
+
+
+@pytest.mark.parametrize("change", [lambda out: 2 * out, torch.tanh], ids=["double", "tanh"])
+def test_a_forward_hook_that_changes_a_layer_output(change):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model[0].register_forward_hook(lambda module, args, out: change(out))
+    x = torch.randn(5, 4, dtype=torch.float64)
+    assert statistics(model, CROSS_ENTROPY, x, torch.randint(0, 3, (5,)))["0.weight"] == "Linear"
+
+
+@pytest.mark.parametrize("cls", [nn.Embedding, nn.EmbeddingBag])
+def test_scale_grad_by_freq_is_refused_like_batchnorm(cls):
+    model = nn.Sequential(cls(7, 3, scale_grad_by_freq=True), nn.Flatten(), nn.LazyLinear(2))
+    tokens = torch.tensor([[1, 1, 2], [1, 3, 3]])
+    model(tokens)
+    engine = pergrad.PerExample(model, CROSS_ENTROPY)
+    with pytest.raises(pergrad.InputError, match=r"model\[0\].scale_grad_by_freq = False"):
+        engine.backward(tokens, torch.tensor([0, 1]))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_plain_backward_after_pergrad_is_refused_before_it_is_used():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    engine = pergrad.PerExample(model, CROSS_ENTROPY)
+    opt = optim.Adam(model.parameters(), lr=1e-3)
+    engine.backward(x, y)
+    CROSS_ENTROPY(model(x), y).mean().backward()  # adds into .grad behind pergrad's back
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(pergrad.InputError, match="changed after pergrad computed it"):
+        opt.step()
+    with pytest.raises(pergrad.InputError, match="changed after pergrad computed it"):
+        engine.backward(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state
+    opt.zero_grad()
+    engine.backward(x, y)
+    opt.step()  # cleared and recomputed: accepted
+
+
+def test_statistics_stay_with_their_grad_over_accumulation():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    engine = pergrad.PerExample(model, CROSS_ENTROPY)
+    engine.backward(x[:3], y[:3])
+    engine.backward(x[3:], y[3:])  # pergrad's own accumulation is not a foreign change
+    optim.SGD(model.parameters(), lr=0.1).step()
+
+
+class LearnedScale(nn.Module):
+    """A layer no rule knows, owning its parameter directly."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.gain = nn.Parameter(torch.randn(width))
+
+    def forward(self, x):
+        return x * self.gain.exp()
+
+
+class Container(nn.Module):
+    """A ViT-style container: a class token and position embeddings used directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 4))
+        self.position = nn.Parameter(torch.randn(1, 4, 4))
+        self.patch = nn.Linear(2, 4)
+        self.scale = LearnedScale(4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.patch(x)
+        h = torch.cat([self.cls_token.expand(len(h), -1, -1), h], 1) + self.position
+        return self.out(torch.tanh(self.scale(h))[:, 0])
+
+
+def test_layers_without_rules_use_the_layer_local_path():
+    torch.manual_seed(0)
+    model = Container().double()
+    x = torch.randn(5, 3, 2, dtype=torch.float64)
+    sources = statistics(model, CROSS_ENTROPY, x, torch.randint(0, 3, (5,)))
+    assert sources == {
+        "cls_token": "Container (local)",
+        "position": "Container (local)",
+        "patch.weight": "Linear",
+        "patch.bias": "Linear",
+        "scale.gain": "LearnedScale (local)",
+        "out.weight": "Linear",
+        "out.bias": "Linear",
+    }
+
+
+class Mixing(nn.Module):
+    """A layer whose output for one example depends on the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return (x - x.mean(0)) * self.weight
+
+
+def test_a_layer_that_mixes_examples_is_refused_by_the_local_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), Mixing(), nn.Linear(4, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with pytest.warns(pergrad.FallbackWarning, match="'1.weight': Mixing: its output for one"):
+        pergrad.PerExample(model, CROSS_ENTROPY).grads(x, torch.randint(0, 3, (5,)))
+
+
+class PositionModel(nn.Module):
+    """Position embeddings whose indices are shared by the batch: ``(T,)`` as in nanoGPT,
+    ``(1, T)`` as in Hugging Face models; optionally read back in a way no broadcast covers."""
+
+    def __init__(self, shape: str, misuse: bool = False):
+        super().__init__()
+        self.tokens = nn.Embedding(7, 4)
+        self.positions = nn.Embedding(8, 4)
+        self.out = nn.Linear(4, 3)
+        self.shape, self.misuse = shape, misuse
+
+    def forward(self, tokens):
+        length = tokens.shape[1]
+        index = torch.arange(length) if self.shape == "T" else torch.arange(length)[None]
+        position = self.positions(index)
+        h = self.tokens(tokens) + position.to(torch.float64)
+        if self.misuse:  # indexed, then broadcast: the expansion never sees it
+            h = h + position.reshape(-1, length, 4)[0]
+        return self.out(torch.tanh(h)).mean(1)
+
+
+@pytest.mark.parametrize("length", [3, 5])  # 5 = B
+@pytest.mark.parametrize("shape", ["T", "1T"])
+def test_position_indices_shared_by_the_batch(shape, length):
+    torch.manual_seed(0)
+    model = PositionModel(shape).double()
+    tokens = torch.randint(0, 7, (5, length))
+    sources = statistics(model, CROSS_ENTROPY, tokens, torch.randint(0, 3, (5,)))
+    assert sources["positions.weight"] == "Embedding"
+
+
+def test_a_shared_output_used_otherwise_is_refused():
+    torch.manual_seed(0)
+    model = PositionModel("1T", misuse=True).double()
+    tokens = torch.randint(0, 7, (5, 3))
+    with pytest.warns(pergrad.FallbackWarning, match="'positions.weight': Embedding: its output"):
+        sources = statistics(model, CROSS_ENTROPY, tokens, torch.randint(0, 3, (5,)))
+    assert sources["positions.weight"] in WHOLE_MODEL
+
+
+def test_one_example_batches_with_shared_inputs():
+    torch.manual_seed(0)
+    model = PositionModel("T").double()
+    statistics(model, CROSS_ENTROPY, torch.randint(0, 7, (1, 3)), torch.randint(0, 3, (1,)))
+
+
+class Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6))
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(self.first, x, use_reentrant=False)
+        return self.out(torch.tanh(h))
+
+
+def test_activation_checkpointing_recomputation_is_not_a_second_use():
+    torch.manual_seed(0)
+    model = Checkpointed().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    sources = statistics(model, CROSS_ENTROPY, x, torch.randint(0, 3, (5,)))
+    assert set(sources.values()) == {"Linear"}
+
+
+def test_embedding_bag_with_repeated_tokens_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(9, 4, mode="sum"), nn.Linear(4, 3)).double()
+    tokens = torch.tensor([[1, 1, 2], [3, 3, 3], [1, 2, 4], [5, 5, 1]])
+    sources = quiet_statistics(model, CROSS_ENTROPY, tokens, torch.randint(0, 3, (4,)))
+    assert sources["1.weight"] == "Linear"
+
+
+def test_no_whole_model_probe_where_the_layers_cover_everything(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a whole-model mode ran")
+
+    for mode in pergrad.modes.MODES.values():
+        monkeypatch.setattr(mode, "__call__", refuse)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    engine = pergrad.PerExample(model, CROSS_ENTROPY)
+    engine.backward(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    assert engine.mode == "layerwise"
+    assert set(engine.sources.values()) == {"Linear"}
