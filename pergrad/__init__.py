@@ -4,18 +4,23 @@
 >>> loss = engine.backward(x, y)   # p.grad = mean_b g_b, p.grad_stats = (n, mean_b g_b²)
 """
 
+from pergrad import testing
 from pergrad.checks import InputError
 from pergrad.engine import FallbackWarning, PerExample
 from pergrad.modes import ModeError
+from pergrad.rules import Call, register_rule
 from pergrad.stats import GradStats, grad_stats, zero_grad
 
 __all__ = [
+    "Call",
     "FallbackWarning",
     "GradStats",
     "InputError",
     "ModeError",
     "PerExample",
     "grad_stats",
+    "register_rule",
+    "testing",
     "zero_grad",
 ]
 
