@@ -296,7 +296,7 @@ class _Forward:
         self.records: list[_Record] = []
         self.calls: dict[int, int] = defaultdict(int)
         self.anchors: list[Tensor] = []
-        self.broadcasts: Broadcasts | None = None
+        self.broadcasts = Broadcasts(size)  # entered at the first output shared by the batch
         self.single_use: set[int] = set()  # records whose parameters have no other use
 
     def run(self, inputs: tuple[Tensor, ...], target: Tensor) -> tuple[Tensor, dict]:
@@ -311,10 +311,11 @@ class _Forward:
                     self._record_hook(hooked), with_kwargs=True, prepend=True
                 )
             )
-        self.broadcasts = Broadcasts(self.size)
         try:
-            with self.broadcasts:
+            try:
                 output = self.owner.model(*inputs)
+            finally:
+                self.broadcasts.leave()
             losses = checks.per_example_loss(self.owner.loss_fn(output, target), self.size)
             self._count_uses()
             grads = torch.autograd.grad(
@@ -355,6 +356,7 @@ class _Forward:
             if not record.batched and record.problem is None:  # every input shared by the batch
                 if len(floating) == 1:
                     record.shared = self.broadcasts.track(leaves[floating[0]])
+                    self.broadcasts.enter()
                 else:
                     record.problem = (
                         "its inputs are shared by the batch; it returns several tensors"

@@ -69,6 +69,20 @@ class Broadcasts(TorchFunctionMode):
         super().__init__()
         self.batch_size = batch_size
         self._tracked: dict[int, tuple[Tensor, SharedOutput]] = {}
+        self._active = False
+
+    def enter(self) -> None:
+        """Start watching every operation (once; only the first shared output needs it)."""
+        if not self._active:
+            self.__enter__()
+            self._active = True
+
+    def leave(self) -> None:
+        """Stop watching, if watching; forget the tracked tensors."""
+        if self._active:
+            self.__exit__(None, None, None)
+            self._active = False
+        self._tracked.clear()
 
     def track(self, output: Tensor) -> SharedOutput:
         """Follow ``output`` (it must require grad) through the rest of the forward pass."""
