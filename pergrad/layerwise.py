@@ -32,6 +32,7 @@ checkpointing) are not uses.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -463,7 +464,7 @@ class _Forward:
             for start, stop in chunks(self.size, numel):
                 grads = {key: r.grads(start, stop) for key, r in records.items()}
                 for name, found in several.items():
-                    g = sum(grads[id(r)][local_name] for r, local_name in found)
+                    g = functools.reduce(torch.add, (grads[id(r)][n] for r, n in found))
                     if self.per_example:
                         result.values.setdefault(name, []).append(g)
                     else:

@@ -74,12 +74,14 @@ class Rule:
     supports: SupportsFn | None = None
 
 
-RULES: dict[type[nn.Module], Rule] = {}
-"""The rule of each layer type (exact type: a subclass may compute something else)."""
+RULES: dict[type[nn.Module] | str, Rule] = {}
+"""The rule of each layer type, by the type or by its qualified name (``"package.module.Class"``,
+for a type whose package pergrad does not import); exact type: a subclass may compute
+something else."""
 
 
 def register_rule(
-    layer_type: type[nn.Module],
+    layer_type: type[nn.Module] | str,
     *,
     moments: MomentsFn | None = None,
     supports: SupportsFn | None = None,
@@ -92,10 +94,12 @@ def register_rule(
     ``moments``, optional, gives ``(Σ_b g_b, Σ_b g_b²)`` directly (a closed form such as
     ``(δ²)ᵀ(a²)``), or ``None`` for a call where it has none; ``supports`` says why a layer's
     configuration is outside the rule (``None``: inside). A rule covers exactly its type, not
-    subclasses. Check a new rule with :func:`pergrad.testing.check_rule`.
+    subclasses. ``layer_type`` may also be the type's qualified name,
+    ``"package.module.Class"``, so that registering does not import the package. Check a new
+    rule with :func:`pergrad.testing.check_rule`.
 
     Raises:
-        TypeError: ``layer_type`` is not an ``nn.Module`` subclass.
+        TypeError: ``layer_type`` is neither an ``nn.Module`` subclass nor a qualified name.
         ValueError: ``layer_type`` already has a rule.
 
     Example:
@@ -103,12 +107,17 @@ def register_rule(
         ... def scale(layer, call):  # Scale: y = x * layer.weight
         ...     return {"weight": (call.output_grad * call.input).flatten(1, -2).sum(1)}
     """
-    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
-        raise TypeError(f"layer_type must be an nn.Module subclass, got {layer_type!r}")
+    named = isinstance(layer_type, str) and "." in layer_type
+    if not (named or isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise TypeError(
+            f"layer_type must be an nn.Module subclass or a qualified name "
+            f"'package.module.Class', got {layer_type!r}"
+        )
     if layer_type in RULES:
+        name = layer_type if named else layer_type.__name__
         raise ValueError(
-            f"{layer_type.__name__} already has a rule; unregister it first "
-            f"(del pergrad.rules.RULES[{layer_type.__name__}])"
+            f"{name} already has a rule; unregister it first "
+            f"(del pergrad.rules.RULES[{layer_type!r}])"
         )
 
     def decorator(grads: GradsFn) -> GradsFn:
@@ -120,7 +129,8 @@ def register_rule(
 
 def rule_for(module: nn.Module) -> tuple[Rule | None, str | None]:
     """The rule for ``module`` as configured, or ``None`` and why (``None`` reason: no rule)."""
-    rule = RULES.get(type(module))
+    kind = type(module)
+    rule = RULES.get(kind) or RULES.get(f"{kind.__module__}.{kind.__qualname__}")
     if rule is None:
         return None, None
     reason = rule.supports(module) if rule.supports is not None else None

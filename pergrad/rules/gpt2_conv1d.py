@@ -1,0 +1,23 @@
+"""Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections): a ``Linear``
+whose weight is stored transposed, ``y = x W + b`` with ``W (in, out)``; so ``g_b`` is the
+``Linear`` rule's, transposed. Registered by name: ``transformers`` is not imported."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from pergrad.rules import linear
+from pergrad.rules.base import Call, Moments, register_rule
+
+
+def _moments(layer: nn.Module, call: Call) -> dict[str, Moments]:
+    total, squares = linear.weight_moments(call.input, call.output_grad)
+    return {"weight": (total.T, squares.T), "bias": linear.bias_moments(call.output_grad)}
+
+
+@register_rule("transformers.pytorch_utils.Conv1D", moments=_moments)
+def conv1d(layer: nn.Module, call: Call) -> dict[str, Tensor]:
+    return {
+        "weight": linear.weight_grads(call.input, call.output_grad).mT,
+        "bias": linear.bias_grads(call.output_grad),
+    }
