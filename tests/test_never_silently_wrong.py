@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from zoo import CROSS_ENTROPY, statistics
+from zoo import CROSS_ENTROPY, reference_grads, statistics
 
 import optim
 import pergrad
@@ -244,3 +244,39 @@ def test_no_whole_model_probe_where_the_layers_cover_everything(monkeypatch):
     engine.backward(torch.randn(5, 4), torch.randint(0, 3, (5,)))
     assert engine.mode == "layerwise"
     assert set(engine.sources.values()) == {"Linear"}
+
+
+class PackedLSTM(nn.Module):
+    """Opacus's DPLSTM on sequences packed with ``enforce_sorted=False``: Opacus returns their
+    per-example gradients in length-sorted order."""
+
+    def __init__(self):
+        super().__init__()
+        from opacus.layers import DPLSTM
+
+        self.lstm = DPLSTM(3, 4, batch_first=True)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x, lengths, batch_first=True, enforce_sorted=False
+        )
+        _, (h, _) = self.lstm(packed)
+        return self.out(h[-1])
+
+
+def test_per_example_gradients_returned_in_the_wrong_order_are_refused():
+    torch.manual_seed(0)
+    model = PackedLSTM()  # float32: DPLSTM's packing casts to it
+    inputs = (torch.randn(4, 5, 3), torch.tensor([2, 5, 3, 4]))
+    target = torch.randint(0, 2, (4,))
+    with pytest.raises(pergrad.ModeError, match="permuted or mixed between examples"):
+        pergrad.PerExample(model, CROSS_ENTROPY, mode="hooks").grads(inputs, target)
+    engine = pergrad.PerExample(model, CROSS_ENTROPY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grads = engine.grads(inputs, target)
+    expected = reference_grads(model, CROSS_ENTROPY, inputs, target)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert engine.sources["lstm.weight_ih_l0"] == engine.mode == "loop"
