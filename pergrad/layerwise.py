@@ -319,9 +319,20 @@ class _Forward:
                 self.broadcasts.leave()
             losses = checks.per_example_loss(self.owner.loss_fn(output, target), self.size)
             self._count_uses()
-            grads = torch.autograd.grad(
-                losses.sum(), [*self.params.values(), *self.anchors], allow_unused=True
-            )
+            try:
+                grads = torch.autograd.grad(
+                    losses.sum(), [*self.params.values(), *self.anchors], allow_unused=True
+                )
+            except RuntimeError as error:
+                if "use_reentrant=True" not in str(error):
+                    raise
+                raise checks.InputError(
+                    "the model uses activation checkpointing with use_reentrant=True, which "
+                    "works only with loss.backward(). Use use_reentrant=False: "
+                    "torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or for a "
+                    "Hugging Face model activation_checkpointing_enable("
+                    "activation_checkpointing_kwargs={'use_reentrant': False})."
+                ) from error
         finally:
             for handle in handles:
                 handle.remove()

@@ -82,3 +82,18 @@ def test_tied_output_embedding(name, embedding, head):
     assert_statistics(tied, reference, names[0])
     assert_per_example(engine.grads(inputs, target)[names[0]], reference, names[0])
     assert engine.sources[names[0]] not in WHOLE_MODEL
+
+
+def test_hugging_face_activation_checkpointing():
+    model, inputs, target, loss_fn = REAL_MODELS["gpt2"](3)
+    model.model.activation_checkpointing_enable({"use_reentrant": False})
+    reference = reference_grads(model, loss_fn, inputs, target)
+    engine = pergrad.PerExample(model, loss_fn)
+    grads = engine.grads(inputs, target)
+    for n, g in grads.items():
+        assert_per_example(g, reference[n], n)
+    assert not {n: s for n, s in engine.sources.items() if s in WHOLE_MODEL}
+    model.model.activation_checkpointing_enable({"use_reentrant": True})
+    with pytest.raises(pergrad.InputError, match="use_reentrant=False"):
+        engine.backward(inputs, target)
+    assert all(p.grad is None for p in model.parameters())
