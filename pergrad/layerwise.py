@@ -79,11 +79,16 @@ class _Hooked:
     module: nn.Module
     rule: Rule | None
     params: dict[str, str]  # name relative to the module -> name in the model
-    no_rule: str  # why the module has no rule, for messages
+    outside_rule: str | None  # why its type's rule does not apply to its configuration
 
     @property
     def kind(self) -> str:
         return type(self.module).__name__
+
+    @property
+    def label(self) -> str:
+        """The layer type, and why its rule does not apply, for messages."""
+        return self.kind + (f" ({self.outside_rule})" if self.outside_rule else "")
 
 
 @dataclass
@@ -239,7 +244,7 @@ class Layerwise:
                 }
                 seen.update(id(m) for m in module.modules())  # its rule covers them
                 if owned:
-                    found.append(_Hooked(module, rule, owned, ""))
+                    found.append(_Hooked(module, rule, owned, None))
                 continue
             direct = {
                 name: trainable[id(p)]
@@ -247,7 +252,7 @@ class Layerwise:
                 if p is not None and id(p) in trainable
             }
             if direct:
-                found.append(_Hooked(module, None, direct, why or "no rule for it"))
+                found.append(_Hooked(module, None, direct, why))
         return found
 
     def _run_probe(self, hooked: list[_Hooked], inputs: tuple[Tensor, ...]) -> None:
@@ -448,7 +453,7 @@ class _Forward:
                     result.values[name] = record.values[local_name]
                     result.sources[name] = record.source
                 except local.LocalError as error:
-                    result.uncovered[name] = f"{record.hooked.kind}: {error}"
+                    result.uncovered[name] = f"{record.hooked.label}: {error}"
             else:
                 several[name] = found
         self._combine(several, result)
@@ -461,7 +466,7 @@ class _Forward:
             return f"used outside the {owner.kind} layer that owns it"
         for record, _ in found:
             if record.problem is not None:
-                return f"{record.hooked.kind}: {record.problem}"
+                return f"{record.hooked.label}: {record.problem}"
         return None
 
     def _combine(self, several: dict[str, list[tuple[_Record, str]]], result) -> None:

@@ -108,17 +108,18 @@ class Broadcasts(TorchFunctionMode):
         if len(hits) == 1 and not nested and not in_kwargs:
             index = hits[0]
             tensor, shared = self._tracked[id(args[index])]
-            if name in SAME_VALUES and index == 0:
-                result = func(*args, **kwargs)
-                if isinstance(result, Tensor) and result.shape == tensor.shape:
-                    if result is not tensor:
-                        self._tracked[id(result)] = (result, shared)
-                    return result
-            elif name in ELEMENTWISE and len(args) == 2 and not (index == 0 and _inplace(name)):
+            if name in ELEMENTWISE and len(args) == 2 and not (index == 0 and _inplace(name)):
                 expanded = self._expand(tensor, args[1 - index], shared)
                 if expanded is not None:
                     args = (expanded, args[1]) if index == 0 else (args[0], expanded)
                     return func(*args, **kwargs)
+            elif name in SAME_VALUES and index == 0:
+                result = func(*args, **kwargs)
+                if isinstance(result, Tensor) and result.shape == tensor.shape:
+                    self._tracked.setdefault(id(result), (result, shared))
+                else:
+                    shared.misuse = name
+                return result
         result = func(*args, **kwargs)
         if any(isinstance(x, Tensor) for x in _flat(result)):
             for a in (*[args[i] for i in hits], *in_kwargs, *(t for n in nested for t in n)):

@@ -164,7 +164,7 @@ class PositionModel(nn.Module):
     """Position embeddings whose indices are shared by the batch: ``(T,)`` as in nanoGPT,
     ``(1, T)`` as in Hugging Face models; optionally read back in a way no broadcast covers."""
 
-    def __init__(self, shape: str, misuse: bool = False):
+    def __init__(self, shape: str, misuse: str | None = None):
         super().__init__()
         self.tokens = nn.Embedding(7, 4)
         self.positions = nn.Embedding(8, 4)
@@ -176,8 +176,10 @@ class PositionModel(nn.Module):
         index = torch.arange(length) if self.shape == "T" else torch.arange(length)[None]
         position = self.positions(index)
         h = self.tokens(tokens) + position.to(torch.float64)
-        if self.misuse:  # indexed, then broadcast: the expansion never sees it
+        if self.misuse == "index":  # indexed, then broadcast: no expansion sees it
             h = h + position.reshape(-1, length, 4)[0]
+        elif self.misuse == "scale":  # scaled, then broadcast: its gradient is scaled too
+            h = h + 2 * position
         return self.out(torch.tanh(h)).mean(1)
 
 
@@ -191,9 +193,10 @@ def test_position_indices_shared_by_the_batch(shape, length):
     assert sources["positions.weight"] == "Embedding"
 
 
-def test_a_shared_output_used_otherwise_is_refused():
+@pytest.mark.parametrize("misuse", ["index", "scale"])
+def test_a_shared_output_used_otherwise_is_refused(misuse):
     torch.manual_seed(0)
-    model = PositionModel("1T", misuse=True).double()
+    model = PositionModel("1T", misuse).double()
     tokens = torch.randint(0, 7, (5, 3))
     with pytest.warns(pergrad.FallbackWarning, match="'positions.weight': Embedding: its output"):
         sources = statistics(model, CROSS_ENTROPY, tokens, torch.randint(0, 3, (5,)))
