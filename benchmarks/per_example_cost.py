@@ -3,8 +3,10 @@
     python benchmarks/per_example_cost.py            # B = 32, 256, 1024
     python benchmarks/per_example_cost.py --quick    # B = 32, 256, fewer repeats
 
-For three model families (an MLP, a CNN, a small transformer), every method runs the same
-step on the same batch, from the same weights:
+For three toy families (an MLP, a CNN, a small transformer) and the models people train
+(``examples/real_models.py``: GPT-2, BERT, Llama and ViT from Hugging Face configs, nanoGPT,
+ResNet-18 with GroupNorm; 2 layers of width 128 on sequences of 64), every method runs the
+same step on the same batch, from the same weights:
 
 - ``plain``: ``loss.mean().backward()``, the reference (its time and extra memory are 1×);
 - ``auto``, ``func``, ``hooks``, ``loop``: ``pergrad.PerExample(mode=…).backward``, which
@@ -18,6 +20,7 @@ Time is the median over the repeats, all methods of a row timed in one fresh pro
 taking turns step by step, so that the machine's changing load reaches them alike. Extra
 memory is a fresh process's peak resident memory during two steps, less what it held before
 them, after a warm-up step, with glibc returning every freed block of 64 KiB or more.
+Each row records the thread count and the machine's load average before and after it.
 Writes ``results.md`` (two tables) and ``results.png`` to ``--out``.
 """
 
@@ -37,9 +40,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from real_models import REAL_MODELS  # noqa: E402
+
 METHODS = ("plain", "auto", "func", "hooks", "loop", "grads()", "opacus", "backpack")
 LOOP_LIMIT = 256
-"""``loop`` runs one backward per example; beyond this batch size it is not timed."""
+"""``loop`` runs one backward per example; beyond this batch size, and on the real models, it
+is not timed."""
 
 
 class Transformer(nn.Module):
@@ -55,42 +62,67 @@ class Transformer(nn.Module):
         return self.head(self.block(self.embed(tokens)).mean(1))
 
 
-def mlp() -> tuple[nn.Module, Callable[[int], Tensor]]:
+def _classifier(model: nn.Module, inputs: Callable[[int], Tensor]) -> Callable[[int], tuple]:
+    """A toy model's builder: ``batch -> (model, inputs, target, loss_fn)``, ten classes."""
+    return lambda b: (model, inputs(b), torch.randint(0, 10, (b,)), CROSS_ENTROPY)
+
+
+def mlp(batch: int) -> tuple:
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
     model.append(nn.Linear(256, 10))
-    return model, lambda b: torch.randn(b, 64)
+    return _classifier(model, lambda b: torch.randn(b, 64))(batch)
 
 
-def cnn() -> tuple[nn.Module, Callable[[int], Tensor]]:
+def cnn(batch: int) -> tuple:
     model = nn.Sequential(
         nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
     )  # fmt: skip
-    return model, lambda b: torch.randn(b, 1, 28, 28)
+    return _classifier(model, lambda b: torch.randn(b, 1, 28, 28))(batch)
 
 
-def transformer() -> tuple[nn.Module, Callable[[int], Tensor]]:
-    return Transformer(), lambda b: torch.randint(0, 100, (b, 32))
+def transformer(batch: int) -> tuple:
+    return _classifier(Transformer(), lambda b: torch.randint(0, 100, (b, 32)))(batch)
 
 
-MODELS = {
+def _real(name: str) -> Callable[[int], tuple]:
+    """A model of ``examples/real_models.py`` at its benchmark size, in float32."""
+    return lambda b: REAL_MODELS[name](b, dtype=torch.float32, size="bench")
+
+
+CROSS_ENTROPY = nn.CrossEntropyLoss(reduction="none")
+
+TOY_MODELS = {
     "MLP 64-256-256-10": mlp,
     "CNN (2 conv + linear, 28×28)": cnn,
     "Transformer (Embedding + TransformerEncoderLayer + Linear, seq 32)": transformer,
 }
+REAL = {
+    "GPT-2 (HF, tied head)": "gpt2",
+    "BERT (HF, padded)": "bert",
+    "Llama (HF, GQA)": "llama",
+    "ViT (HF)": "vit",
+    "nanoGPT (tied head)": "nanogpt",
+    "ResNet-18 GroupNorm (32×32)": "resnet18_gn",
+}
+MODELS = {**TOY_MODELS, **{label: _real(name) for label, name in REAL.items()}}
+"""Each model's builder, ``batch -> (model, inputs, target, loss_fn)``: the toy families,
+then the models of ``examples/real_models.py`` (2 layers, width 128, sequences of 64, a
+vocabulary of 1000; ResNet-18 as published)."""
 
 
-def make_step(method: str, model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], object]:
-    """One training step's worth of work for ``method`` on this batch."""
+def make_step(method: str, model: nn.Module, x, y: Tensor, loss_fn) -> Callable[[], object]:
+    """One training step's worth of work for ``method`` on this batch (``x``: a Tensor or a
+    tuple of them, passed as ``model(*x)``)."""
     import pergrad
 
-    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    inputs = x if isinstance(x, tuple) else (x,)
     if method == "plain":
 
         def step():
             model.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).mean().backward()
+            loss_fn(model(*inputs), y).mean().backward()
 
         return step
     if method in ("auto", "func", "hooks", "loop"):
@@ -111,7 +143,7 @@ def make_step(method: str, model: nn.Module, x: Tensor, y: Tensor) -> Callable[[
 
         def step():
             wrapped.zero_grad(set_to_none=True)
-            loss_fn(wrapped(x), y).mean().backward()
+            loss_fn(wrapped(*inputs), y).mean().backward()
             return [p.grad_sample.square().sum(0) for p in model.parameters()]
 
         return step
@@ -119,12 +151,14 @@ def make_step(method: str, model: nn.Module, x: Tensor, y: Tensor) -> Callable[[
         from backpack import backpack, extend
         from backpack.extensions import SumGradSquared
 
+        if loss_fn is not CROSS_ENTROPY:
+            raise RuntimeError("BackPACK needs a mean loss it knows; this model's is its own")
         extended, mean_loss = extend(model), extend(nn.CrossEntropyLoss())
 
         def step():
             extended.zero_grad(set_to_none=True)
             with backpack(SumGradSquared()):
-                mean_loss(extended(x), y).backward()
+                mean_loss(extended(*inputs), y).backward()
             missing = [n for n, p in model.named_parameters() if not hasattr(p, "sum_grad_squared")]
             if missing:  # BackPACK skips layers it does not know
                 raise RuntimeError(f"no sum_grad_squared for {', '.join(missing)}")
@@ -149,9 +183,8 @@ def _reset_peak() -> None:
 def _batch(model_name: str, batch: int, method: str):
     """A fresh model (the same weights for every method), a batch, and ``method``'s step."""
     torch.manual_seed(0)
-    model, inputs = MODELS[model_name]()
-    x, y = inputs(batch), torch.randint(0, 10, (batch,))
-    return make_step(method, model, x, y)
+    model, x, y, loss_fn = MODELS[model_name](batch)
+    return make_step(method, model, x, y, loss_fn)
 
 
 def time_steps(model_name: str, batch: int, methods: list[str], repeats: int) -> dict:
@@ -173,6 +206,7 @@ def time_steps(model_name: str, batch: int, methods: list[str], repeats: int) ->
             step()
             times[method].append(time.perf_counter() - start)
     results.update({m: {"seconds": statistics.median(t)} for m, t in times.items()})
+    results["threads"] = torch.get_num_threads()
     return results
 
 
@@ -210,9 +244,12 @@ def _run(*arguments: str, env: dict | None = None) -> dict:
 def measure(model_name: str, batch: int, methods: list[str], repeats: int) -> dict:
     """``{method: {"seconds", "extra_bytes"} or {"error"}}`` for one model and batch size:
     times in one fresh process, memory in a fresh process per method."""
-    timed = [m for m in methods if not (m == "loop" and batch > LOOP_LIMIT)]
-    row = {m: {"error": f"not timed beyond B={LOOP_LIMIT}"} for m in methods if m not in timed}
+    untimed = {"loop"} if batch > LOOP_LIMIT or model_name not in TOY_MODELS else set()
+    timed = [m for m in methods if m not in untimed]
+    row = {m: {"error": "not timed"} for m in methods if m not in timed}
+    load = os.getloadavg()[0]
     times = _run("--times", model_name, str(batch), str(repeats), *timed)
+    row["_machine"] = {"threads": times.get("threads"), "load": (load, os.getloadavg()[0])}
     for method in timed:
         result = times.get(method, times)  # the whole run failed: its error for everyone
         if "error" not in result:
@@ -236,7 +273,7 @@ def _missing(result: dict) -> str | None:
     """The cell of a method that did not run: ``fails``, or ``—`` where it was not timed."""
     if "error" not in result:
         return None
-    return "—" if result["error"].startswith("not timed") else "fails"
+    return "—" if result["error"] == "not timed" else "fails"
 
 
 def _time(result: dict, plain: dict) -> str:
@@ -258,13 +295,21 @@ def tables(results: dict, methods: list[str]) -> str:
         ("Median time per step: plain backward's, the others' as a ratio to it", _time),
         ("Peak extra memory, MiB", _memory),
     ):
-        out += [f"### {title}", "", "| model | B | " + " | ".join(methods) + " |"]
-        out.append("|---" * (len(methods) + 2) + "|")
+        header = "| model | B | " + " | ".join(methods) + " | threads, load before → after |"
+        out += [f"### {title}", "", header, "|---" * (len(methods) + 3) + "|"]
         for (model_name, batch), row in results.items():
             cells = [text(row[method], row["plain"]) for method in methods]
+            machine = row.get("_machine", {})
+            load = " → ".join(f"{x:.1f}" for x in machine.get("load", ()))
+            cells.append(f"{machine.get('threads')}, {load}")
             out.append(f"| {model_name} | {batch} | " + " | ".join(cells) + " |")
         out.append("")
     out.append("`fails`: the method cannot run the model. `—`: not measured (see the script).")
+    if "backpack" not in methods:
+        out.append(
+            "BackPACK is not installed, so it has no column "
+            "(`pip install --no-deps backpack-for-pytorch einops unfoldNd`)."
+        )
     return "\n".join(out)
 
 
@@ -280,19 +325,22 @@ def plot(results: dict, methods: list[str], path: Path) -> None:
     width = 0.8 / len(shown)
     labels, labeled = [], set()
     for i, ((model_name, batch), row) in enumerate(results.items()):
-        labels.append(f"{model_name.split(' ')[0]}\nB={batch}")
+        labels.append(f"{model_name.split(' (')[0]}\nB={batch}")
         for j, method in enumerate(shown):
-            r = row[method]
+            r, x = row[method], i + (j - len(shown) / 2 + 0.5) * width
             if "error" not in r:
                 ax.bar(
-                    i + (j - len(shown) / 2 + 0.5) * width,
+                    x,
                     r["seconds"] / row["plain"]["seconds"],
                     width,
                     color=f"C{j}",
                     label=None if method in labeled else method,
                 )
                 labeled.add(method)
+            elif _missing(r) == "fails":  # a method that cannot run the model: a cross
+                ax.plot(x, 1, marker="x", color=f"C{j}", markersize=6)
     ax.axhline(1, color="black", linewidth=0.8)
+    ax.set_title("Time per step over a plain backward (× at 1: the method cannot run the model)")
     ax.set_yscale("log")
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("time per step / plain backward")
@@ -313,6 +361,11 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, help="timed steps per cell [default: 20; --quick: 3]"
     )
+    parser.add_argument(
+        "--real-batch-sizes", type=int, nargs="+", default=[32],
+        help="batch sizes of the real models (examples/real_models.py), timed with half "
+        "of the repeats",
+    )  # fmt: skip
     parser.add_argument(
         "--models", nargs="+", choices=list(MODELS), default=list(MODELS), metavar="MODEL",
         help=f"model families, from: {'; '.join(MODELS)}",
@@ -341,10 +394,14 @@ def main(argv=None) -> dict:
     from tqdm.auto import tqdm
 
     methods = [m for m in METHODS if available(m)]
-    cells = [(m, b) for m in args.models for b in args.batch_sizes]
+    cells = [
+        (m, b, args.repeats if m in TOY_MODELS else max(3, args.repeats // 2))
+        for m in args.models
+        for b in (args.batch_sizes if m in TOY_MODELS else args.real_batch_sizes)
+    ]
     results: dict = {}
-    for model_name, batch in tqdm(cells, unit="cell", desc="model × batch size"):
-        results[(model_name, batch)] = measure(model_name, batch, methods, args.repeats)
+    for model_name, batch, repeats in tqdm(cells, unit="cell", desc="model × batch size"):
+        results[(model_name, batch)] = measure(model_name, batch, methods, repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     text = tables(results, methods)
     (args.out / "results.md").write_text(text + "\n")

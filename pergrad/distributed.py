@@ -62,8 +62,8 @@ def all_reduce_sums(
     grad_sums: dict[str, Tensor],
     sq_sums: dict[str, Tensor],
 ) -> tuple[int, Tensor]:
-    """Sum ``count``, ``loss_sum`` and every entry of ``grad_sums`` and ``sq_sums`` (replaced
-    in place in the dicts) over ``group``; return the global count and loss sum."""
+    """Sum ``count``, ``loss_sum`` and every entry of ``grad_sums`` and ``sq_sums`` (in place)
+    over ``group``; return the global count and loss sum."""
     buckets: dict[tuple, list[tuple[dict, str]]] = defaultdict(list)
     for sums in (grad_sums, sq_sums):
         for name, tensor in sums.items():
@@ -75,9 +75,9 @@ def all_reduce_sums(
         flat = torch.cat(parts)
         dist.all_reduce(flat, group=group)
         offset = 0
-        for sums, name in entries:
+        for sums, name in entries:  # back into their own tensors: no two share storage
             size = sums[name].numel()
-            sums[name] = flat[offset : offset + size].view_as(sums[name])
+            sums[name].copy_(flat[offset : offset + size].view_as(sums[name]))
             offset += size
         if i == 0:
             count, loss_sum = int(flat[offset].round().item()), flat[offset + 1]

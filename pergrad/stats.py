@@ -63,7 +63,8 @@ def accumulate(
     params: dict[str, Tensor], count: int, grad_sums: dict[str, Tensor], sq_sums: dict[str, Tensor]
 ) -> None:
     """Merge ``count`` more examples, with ``Σ_b g_b = grad_sums[name]`` and
-    ``Σ_b g_b² = sq_sums[name]``, into each parameter's ``.grad`` and ``.grad_stats``:
+    ``Σ_b g_b² = sq_sums[name]`` (fresh tensors, which it may take over), into each parameter's
+    ``.grad`` and ``.grad_stats``:
     ``mean ← (n·mean + Σ) / (n + count)``. Nothing changes if any parameter is refused.
 
     Raises:
@@ -73,9 +74,9 @@ def accumulate(
     check_unchanged(params)
     for name, p in params.items():
         stats = grad_stats(p)
-        if stats is None:
-            p.grad = (grad_sums[name] / count).to(p.dtype)
-            stats = GradStats(count, (sq_sums[name] / count).to(p.dtype))
+        if stats is None:  # the sums are fresh tensors of the caller's: divided in place
+            p.grad = grad_sums[name].div_(count).to(p.dtype)
+            stats = GradStats(count, sq_sums[name].div_(count).to(p.dtype))
             setattr(p, ATTRIBUTE, stats)
         else:
             total = stats.count + count
