@@ -43,11 +43,13 @@ from torch.utils import _pytree as pytree
 
 from pergrad import checks, local
 from pergrad.rules.base import (
+    REDUCE_ELEMENTS,
     Call,
     Moments,
     Rule,
     add_moments,
     chunks,
+    fresh_moments,
     moments_in_chunks,
     moments_of,
     rule_for,
@@ -170,7 +172,7 @@ class _Record:
         total: Values = {}
         numel = sum(self._param(n).numel() for n in self.hooked.params)
         for start, stop in chunks(self.size, numel):
-            for name, g in self.grads(start, stop).items():
+            for name, g in self.grads(start, stop).items():  # may alias δ: not in place
                 total[name] = add_moments(total.get(name), moments_of(g))
         return total
 
@@ -477,14 +479,15 @@ class _Forward:
         records = {id(r): r for found in several.values() for r, _ in found}
         numel = sum(r._param(n).numel() for r in records.values() for n in r.hooked.params)
         try:
-            for start, stop in chunks(self.size, numel):
+            for start, stop in chunks(self.size, numel, REDUCE_ELEMENTS):
                 grads = {key: r.grads(start, stop) for key, r in records.items()}
-                for name, found in several.items():
+                for name, found in several.items():  # a sum of two or more: a fresh tensor
                     g = functools.reduce(torch.add, (grads[id(r)][n] for r, n in found))
                     if self.per_example:
                         result.values.setdefault(name, []).append(g)
                     else:
-                        result.values[name] = add_moments(result.values.get(name), moments_of(g))
+                        moments = fresh_moments(g)
+                        result.values[name] = add_moments(result.values.get(name), moments)
         except local.LocalError as error:
             for name in several:
                 result.values.pop(name, None)

@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pergrad.rules.base import Call, Moments, chunks, pair_moments, pairs_cheaper, register_rule
+from pergrad.rules.base import (
+    REDUCE_ELEMENTS,
+    Call,
+    Moments,
+    chunks,
+    pair_moments,
+    pairs_cheaper,
+    reduce_fresh,
+    register_rule,
+)
 
 Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -57,12 +66,9 @@ def _moments(layer: Conv, call: Call) -> dict[str, Moments]:
         total = torch.bmm(d.flatten(1, 2).mT, a.flatten(1, 2))
         found["weight"] = (total.reshape(shape), pair_moments(d, a).reshape(shape))
     else:
-        total = squares = 0
         per_example = max(shape.numel(), layer.groups * shape[1:].numel() * count)
-        for start, stop in chunks(batch, per_example):
-            g = _weight_grads(layer, x[start:stop], delta[start:stop])
-            total, squares = total + g.sum(0), squares + g.square().sum(0)
-        found["weight"] = (total, squares)
+        parts = chunks(batch, per_example, REDUCE_ELEMENTS)
+        found["weight"] = reduce_fresh(_weight_grads(layer, x[i:j], delta[i:j]) for i, j in parts)
     if layer.bias is not None:
         g = delta.flatten(2).sum(-1)
         found["bias"] = (g.sum(0), g.square().sum(0))

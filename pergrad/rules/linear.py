@@ -12,12 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from pergrad.rules.base import (
+    REDUCE_ELEMENTS,
     Call,
     Moments,
     chunks,
     pair_moments,
     pairs_cheaper,
     positions,
+    reduce_fresh,
     register_rule,
 )
 
@@ -43,11 +45,8 @@ def weight_moments(a: Tensor, delta: Tensor) -> Moments:
     if pairs_cheaper(batch, count, rows, columns):
         total = delta.reshape(-1, rows).T @ a.reshape(-1, columns)
         return total, pair_moments(delta.unsqueeze(0), a.unsqueeze(0))[0]
-    total = squares = 0
-    for start, stop in chunks(batch, rows * columns):
-        g = torch.bmm(delta[start:stop].mT, a[start:stop])
-        total, squares = total + g.sum(0), squares + g.square().sum(0)
-    return total, squares
+    parts = chunks(batch, rows * columns, REDUCE_ELEMENTS)
+    return reduce_fresh(torch.bmm(delta[i:j].mT, a[i:j]) for i, j in parts)
 
 
 def bias_moments(delta: Tensor) -> Moments:
