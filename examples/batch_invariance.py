@@ -1,8 +1,9 @@
 """Train one model at several batch sizes with the same per-example hyperparameters.
 
     python examples/batch_invariance.py                        # digits, B = 8, 32, 128, 512
-    python examples/batch_invariance.py --quick                # under two minutes on 2 CPU cores
+    python examples/batch_invariance.py --quick                # B = 8, 32, 128, fewer examples
     python examples/batch_invariance.py --data text --quick    # a transformer on Python's sources
+    python examples/batch_invariance.py --tune --quick         # each optimizer's lr, tuned per B
 
 The tasks (data and model) are in ``tasks.py``; nothing is downloaded.
 
@@ -10,13 +11,25 @@ Every run sees the same number of examples, in the same order, from the same ini
 Optimizers compared (keys of summary.json):
 
 - ``invariant``: ``optim.Adam(second_moment="example")``, per-example hyperparameters;
+- ``invariant_gain``: the same with ``batch_scaling="gain"``: the step uses the gain ratio, the
+  number of single-example steps the batch is worth, in place of ``B``;
 - ``standard``: ``optim.Adam(second_moment="batch")``: the same, fed ``ĝ²`` (linear lr scaling);
-- ``torch_sqrt``: ``torch.optim.Adam`` tuned at B = 32, lr scaled by ``√(B/32)`` (common practice);
+- ``torch_sqrt``: ``torch.optim.Adam`` matched at B = 32, lr scaled by ``√(B/32)`` (common
+  practice); ``torch_linear`` (with ``--tune``): the same, scaled by ``B/32``;
 - ``sgd`` (with ``--sgd``): ``optim.SGD`` with momentum as a running average.
 
-Writes ``loss.png`` (train loss against examples seen, one panel per optimizer, one line per
-batch size) and ``summary.json`` (``{optimizer: {"runs": {B: {"train_loss", "test_acc"}},
-"spread"}}``, spread = max/min of the final train loss across batch sizes) to ``--out``.
+Writes to ``--out``: ``loss.png`` (train loss against examples seen, one panel per optimizer,
+one line per batch size), ``noise.png`` (the critical batch size ``B_noise`` over training,
+measured by ``pergrad.noise_scale`` in the invariant runs, the batch sizes marked) and
+``summary.json`` (``{optimizer: {"runs": {B: {"train_loss", "test_loss", "test_acc"}},
+"spread"}}``, spread = max/min of the final train loss across batch sizes).
+
+``--tune`` instead runs every optimizer at every learning rate of ``--lr-grid`` (per example;
+for the ``torch_*`` ones, the per-example lr at B = 32, scaled by their rule) and batch size,
+and writes ``tune.json`` (``{optimizer: {"best": {B: {"lr", "loss"}}, "transfer": {B: ratio},
+"grid": {B: {lr: loss}}}}``, loss = final held-out loss, transfer = the loss at B of the lr
+best at B = 32 over the best loss at B) and ``lr.png`` (loss against lr, one line per batch
+size, one panel per optimizer: for an invariant method the lines' minima line up).
 """
 
 from __future__ import annotations
@@ -37,7 +50,8 @@ import pergrad
 REFERENCE_BATCH = 32
 """The batch size at which ``torch_sqrt`` matches the per-example hyperparameters."""
 
-OPTIMIZERS = ("invariant", "standard", "torch_sqrt", "sgd")
+OPTIMIZERS = ("invariant", "invariant_gain", "standard", "torch_sqrt", "torch_linear", "sgd")
+TORCH = ("torch_sqrt", "torch_linear")
 
 
 def example_order(size: int, total: int, seed: int) -> Tensor:
@@ -47,17 +61,21 @@ def example_order(size: int, total: int, seed: int) -> Tensor:
     return torch.cat([torch.randperm(size, generator=gen) for _ in range(epochs)])[:total]
 
 
-def make_optimizer(name: str, params, batch: int, args) -> torch.optim.Optimizer:
-    """The optimizer ``name`` with the per-example hyperparameters in ``args``."""
+def make_optimizer(name: str, params, batch: int, lr: float, args) -> torch.optim.Optimizer:
+    """The optimizer ``name`` with per-example learning rate ``lr`` and the horizons in
+    ``args``."""
     horizons = {"grad_horizon": args.grad_horizon, "sq_horizon": args.sq_horizon}
     if name == "invariant":
-        return optim.Adam(params, lr=args.lr, second_moment="example", **horizons)
+        return optim.Adam(params, lr=lr, second_moment="example", **horizons)
+    if name == "invariant_gain":
+        return optim.Adam(params, lr=lr, batch_scaling="gain", **horizons)
     if name == "standard":
-        return optim.Adam(params, lr=args.lr, second_moment="batch", **horizons)
-    if name == "torch_sqrt":
-        tuned = optim.convert.to_torch_adam(args.lr, **horizons, batch_size=REFERENCE_BATCH)
-        lr = tuned["lr"] * math.sqrt(batch / REFERENCE_BATCH)
-        return torch.optim.Adam(params, lr=lr, betas=tuned["betas"])
+        return optim.Adam(params, lr=lr, second_moment="batch", **horizons)
+    if name in TORCH:
+        matched = optim.convert.to_torch_adam(lr, **horizons, batch_size=REFERENCE_BATCH)
+        ratio = batch / REFERENCE_BATCH
+        scale = math.sqrt(ratio) if name == "torch_sqrt" else ratio
+        return torch.optim.Adam(params, lr=matched["lr"] * scale, betas=matched["betas"])
     if name == "sgd":
         return optim.SGD(params, lr=args.sgd_lr, grad_horizon=args.grad_horizon)
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
@@ -71,55 +89,129 @@ def train_loss(model: nn.Module, task: Task) -> float:
 
 
 @torch.no_grad()
-def test_accuracy(model: nn.Module, task: Task) -> float:
-    """Fraction of the test set's labels (digits, or next characters) predicted correctly."""
+def test_figures(model: nn.Module, task: Task) -> tuple[float, float]:
+    """Mean held-out loss, and the fraction of the test set's labels (digits, or next
+    characters) predicted correctly."""
     x, y = task.test
-    return (model(x).argmax(-1) == y).float().mean().item()
+    output = model(x)
+    accuracy = (output.argmax(-1) == y).float().mean().item()
+    loss = task.loss_fn(output, y).mean().item()
+    return (loss if math.isfinite(loss) else math.inf), accuracy
 
 
-def train(task: Task, name: str, batch: int, order: Tensor, args, progress) -> dict:
-    """One run: returns the loss curve ``[(examples seen, train loss)]`` and final figures."""
+def train(task: Task, name: str, batch: int, order: Tensor, args, progress, lr=None) -> dict:
+    """One run: returns the loss curve ``[(examples seen, train loss)]``, the critical batch
+    size measured along the way ``[(examples seen, B_noise)]`` (pergrad's optimizers, B ≥ 2),
+    and final figures."""
     torch.manual_seed(args.seed)
     model = task.make_model()
-    opt = make_optimizer(name, model.parameters(), batch, args)
+    opt = make_optimizer(name, model.parameters(), batch, args.lr if lr is None else lr, args)
     engine = pergrad.PerExample(model, task.loss_fn)
     x, y = task.train
-    curve = [(0, train_loss(model, task))]
+    curve, noise = [(0, train_loss(model, task))], []
     every = max(batch, len(order) // args.points)
+    window = [0.0, 0.0]  # noise and signal summed since the last point
     for start in range(0, len(order), batch):
         index = order[start : start + batch]
         opt.zero_grad()
-        if name == "torch_sqrt":
+        if name in TORCH:
             task.loss_fn(model(x[index]), y[index]).mean().backward()
         else:
             engine.backward(x[index], y[index])
+            if len(index) > 1:
+                scale = pergrad.noise_scale(model.parameters())
+                window = [window[0] + scale.noise, window[1] + scale.signal]
         opt.step()
         seen = start + len(index)
         if seen // every > (seen - len(index)) // every or seen == len(order):
             curve.append((seen, train_loss(model, task)))
+            if window[1] > 0:  # the ratio of averages: steadier than averaging ratios
+                noise.append((seen, window[0] / window[1]))
+            window = [0.0, 0.0]
         progress.update(len(index))
+    test_loss, test_acc = test_figures(model, task)
     # the curve always ends at the last step, so its last point is the final train loss
-    return {"train_loss": curve[-1][1], "test_acc": test_accuracy(model, task), "curve": curve}
+    final = curve[-1][1] if math.isfinite(curve[-1][1]) else math.inf
+    return {
+        "train_loss": final,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "curve": curve,
+        "noise": noise,
+    }
 
 
 def run(task: Task, args) -> dict:
-    """Every optimizer at every batch size; returns ``{optimizer: {B: run}}``."""
+    """Every optimizer at every batch size (and, with ``--tune``, every lr of the grid);
+    returns ``{optimizer: {B: run}}``, or ``{optimizer: {B: {lr: run}}}``."""
     from tqdm.auto import tqdm
 
     order = example_order(len(task.train[1]), args.examples, args.seed)
-    results: dict[str, dict[int, dict]] = {}
-    for name in args.optimizers:
-        results[name] = {}
-        for batch in args.batch_sizes:
-            with tqdm(
-                total=len(order),
-                desc=f"{name:>10} B={batch:<4}",
-                unit="ex",
-                disable=not args.progress,
-                leave=False,
-            ) as bar:
-                results[name][batch] = train(task, name, batch, order, args, bar)
+    rates = args.lr_grid if args.tune else [None]
+    cells = [(n, b, lr) for n in args.optimizers for b in args.batch_sizes for lr in rates]
+    results: dict = {}
+    with tqdm(
+        total=len(cells) * len(order), unit="ex", disable=not args.progress, smoothing=0
+    ) as bar:
+        for name, batch, lr in cells:
+            bar.set_description(f"{name} B={batch}" + (f" lr={lr:g}" if lr else ""))
+            done = train(task, name, batch, order, args, bar, lr)
+            runs = results.setdefault(name, {})
+            if lr is None:
+                runs[batch] = done
+            else:
+                runs.setdefault(batch, {})[lr] = done
     return results
+
+
+def tune_summary(results: dict) -> dict:
+    """The shape of tune.json: per optimizer and B, the best lr and its held-out loss, the
+    transfer of the lr best at the reference batch size, and the whole grid."""
+    summary = {}
+    for name, by_batch in results.items():
+        grid = {b: {lr: r["test_loss"] for lr, r in runs.items()} for b, runs in by_batch.items()}
+        best = {b: min(losses.items(), key=lambda item: item[1]) for b, losses in grid.items()}
+        reference_lr = best[REFERENCE_BATCH][0]
+        summary[name] = {
+            "best": {str(b): {"lr": lr, "loss": _finite(loss)} for b, (lr, loss) in best.items()},
+            "transfer": {str(b): _finite(grid[b][reference_lr] / best[b][1]) for b in grid},
+            "grid": {
+                str(b): {f"{lr:g}": _finite(v) for lr, v in g.items()} for b, g in grid.items()
+            },
+        }
+    return summary
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: a diverged run's loss is written as null."""
+    return value if math.isfinite(value) else None
+
+
+def tune_table(summary: dict, batch_sizes: Sequence[int]) -> str:
+    """Best held-out loss (its lr) per optimizer and B, and the transfer of the lr best at
+    the reference batch size."""
+    header = f"{'optimizer':<15}" + "".join(f"{'B=' + str(b):>22}" for b in batch_sizes)
+    lines = [header, "-" * len(header)]
+    for name, entry in summary.items():
+        best = [entry["best"][str(b)] for b in batch_sizes]
+        cells = "".join(
+            f"{_cell(r['loss'])} ({r['lr']:.0e}) / {_ratio(entry['transfer'][str(b)])}"
+            for r, b in zip(best, batch_sizes)
+        )
+        lines.append(f"{name:<15}{cells}")
+    lines.append(
+        f"cells: best held-out loss (its lr) / transfer: loss at the lr best at "
+        f"B={REFERENCE_BATCH}, over the best loss at B (1 = the lr carries over)"
+    )
+    return "\n".join(lines)
+
+
+def _cell(loss: float | None) -> str:
+    return f"{loss:>8.3g}" if loss is not None else f"{'diverged':>8}"
+
+
+def _ratio(ratio: float | None) -> str:
+    return f"{ratio:<5.3g}" if ratio is not None else f"{'inf':<5}"
 
 
 def summarize(results: dict) -> dict:
@@ -129,7 +221,7 @@ def summarize(results: dict) -> dict:
         losses = [r["train_loss"] for r in runs.values()]
         summary[name] = {
             "runs": {
-                str(b): {"train_loss": r["train_loss"], "test_acc": r["test_acc"]}
+                str(b): {key: r[key] for key in ("train_loss", "test_loss", "test_acc")}
                 for b, r in runs.items()
             },
             "spread": max(losses) / min(losses),
@@ -176,6 +268,62 @@ def plot(results: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_noise(results: dict, batch_sizes: Sequence[int], path: Path, title: str) -> None:
+    """``B_noise`` over training in the invariant runs, one line per batch size, the batch
+    sizes marked: where a batch size lies above the curve, invariance must break."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    runs = results.get("invariant", {})
+    for i, batch in enumerate(batch_sizes):
+        points = runs.get(batch, {}).get("noise", [])
+        if points:
+            seen, scale = zip(*points)
+            ax.plot(seen, scale, color=f"C{i}", label=f"measured at B={batch}")
+        ax.axhline(batch, color=f"C{i}", linestyle=":", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("examples seen")
+    ax.set_ylabel("critical batch size B_noise = tr Σ / |G|²")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="dotted: the batch sizes", title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_lr(summary: dict, path: Path, title: str) -> None:
+    """Final held-out loss against lr, one line per batch size, one panel per optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, axes = plt.subplots(
+        1, len(names), figsize=(3.6 * len(names), 3.4), sharey=True, squeeze=False
+    )
+    for ax, name in zip(axes[0], names):
+        for batch, losses in summary[name]["grid"].items():
+            points = [(float(lr), v) for lr, v in losses.items() if v is not None]
+            if points:
+                ax.plot(*zip(*sorted(points)), marker="o", markersize=3, label=f"B={batch}")
+        ax.set_title(name, fontsize=10)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("lr (per example; torch_*: at B=32)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("final held-out loss")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -215,6 +363,18 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--sq-horizon", type=float, default=10_000, help="second-moment horizon N_s⁰, in examples"
     )
     parser.add_argument("--sgd", action="store_true", help="also run optim.SGD with momentum")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="run every lr of --lr-grid: writes tune.json and lr.png instead of the curves",
+    )
+    parser.add_argument(
+        "--lr-grid",
+        type=float,
+        nargs="+",
+        help="per-example learning rates tried by --tune [default: 1e-4 3e-4 1e-3 3e-3 1e-2; "
+        "with --quick: 3e-4 1e-3 3e-3]",
+    )
     parser.add_argument("--points", type=int, default=60, help="points on each loss curve")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, split and order")
     parser.add_argument(
@@ -234,7 +394,18 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.out = args.out or Path("runs/batch_invariance") / args.data
     args.batch_sizes = args.batch_sizes or batch_sizes
     args.examples = args.examples or examples
-    args.optimizers = ["invariant", "standard", "torch_sqrt"] + (["sgd"] if args.sgd else [])
+    args.lr_grid = args.lr_grid or (
+        [3e-4, 1e-3, 3e-3] if args.quick else [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+    )
+    if args.tune:
+        args.optimizers = ["invariant", "invariant_gain", "standard", *TORCH]
+        if REFERENCE_BATCH not in args.batch_sizes:
+            parser.error(
+                f"--tune measures transfer from B={REFERENCE_BATCH}: include it in --batch-sizes"
+            )
+    else:
+        args.optimizers = ["invariant", "invariant_gain", "standard", "torch_sqrt"]
+        args.optimizers += ["sgd"] if args.sgd else []
     return args
 
 
@@ -243,16 +414,23 @@ def main(argv: Sequence[str] | None = None, task: Task | None = None) -> dict:
     args = parse(argv)
     task = task or TASKS[args.data](args.seed)
     results = run(task, args)
-    summary = summarize(results)
     args.out.mkdir(parents=True, exist_ok=True)
+    title = f"{args.data}: {args.examples:,} examples at every batch size"
+    if args.tune:
+        summary = tune_summary(results)
+        (args.out / "tune.json").write_text(json.dumps(summary, indent=2))
+        plot_lr(summary, args.out / "lr.png", title)
+        print(tune_table(summary, args.batch_sizes))
+        print(f"wrote {args.out / 'lr.png'} and {args.out / 'tune.json'}")
+        return summary
+    summary = summarize(results)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot(
-        results,
-        args.out / "loss.png",
-        f"{args.data}: {args.examples:,} examples at every batch size",
-    )
+    plot(results, args.out / "loss.png", title)
+    plot_noise(results, args.batch_sizes, args.out / "noise.png", title)
     print(table(summary, args.batch_sizes))
-    print(f"wrote {args.out / 'loss.png'} and {args.out / 'summary.json'}")
+    print(
+        f"wrote {args.out / 'loss.png'}, {args.out / 'noise.png'} and {args.out / 'summary.json'}"
+    )
     return summary
 
 

@@ -28,19 +28,40 @@ class _Adaptive(PerExampleOptimizer):
         if group["centered"]:
             state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # a
 
-    def _update(
+    def _second(self, p: Tensor, stats: pergrad.GradStats, group: dict[str, Any]) -> Tensor:
+        """``q = mean_b g_b²``, or ``ĝ²`` for the standard second moment."""
+        return stats.sq_mean if group["second_moment"] == "example" else p.grad.square()
+
+    def _metric(
         self, p: Tensor, stats: pergrad.GradStats, state: dict[str, Any], group: dict[str, Any]
+    ) -> Tensor:
+        """``1 / (s'^power + ε)`` with the averages as this step will leave them."""
+        weight = F.average_weight(stats.count, state["seen"], group["sq_horizon"])
+        spread = state["exp_avg_sq"].lerp(self._second(p, stats, group), weight)
+        if group["centered"]:
+            spread = (spread - state["grad_avg"].lerp(p.grad, weight).square()).clamp_(min=0)
+        return 1 / spread.pow(group["power"]).add_(group["eps"])
+
+    def _gain_horizon(self, group: dict[str, Any]) -> float:
+        return group["sq_horizon"]
+
+    def _update(
+        self,
+        p: Tensor,
+        stats: pergrad.GradStats,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        examples: float,
     ) -> None:
-        second = stats.sq_mean if group["second_moment"] == "example" else p.grad.square()
         F.adaptive(
             p,
             p.grad,
-            second,
+            self._second(p, stats, group),
             state["exp_avg"],
             state["exp_avg_sq"],
             state.get("grad_avg"),
             lr=group["lr"],
-            batch_size=stats.count,
+            examples=examples,
             grad_weight=F.average_weight(stats.count, state["seen"], group["grad_horizon"]),
             sq_weight=F.average_weight(stats.count, state["seen"], group["sq_horizon"]),
             eps=group["eps"],
@@ -81,6 +102,11 @@ class RMSprop(_Adaptive):
         weight_decay: ``λ``, decoupled, per example: ``Φ −= B·lr·λ·Φ`` first.
         power: the denominator is ``s^power + ε``; ``½`` is RMSProp, ``1`` the dimensionally
             consistent choice the slides discuss. A research knob.
+        batch_scaling: ``"linear"``: a step moves by ``B·lr·…``; ``"gain"``: by ``r·lr·…``,
+            ``r = B(σ² + |G|²)/(σ² + B|G|²)`` the gain ratio, estimated from the per-example
+            statistics in this optimizer's metric ``1/(√s + ε)`` and averaged over
+            ``sq_horizon`` examples: ``B`` while the gradient noise dominates, falling toward
+            1 past the critical batch size, so one ``lr`` survives large batches (MATH.md).
 
     Example:
         >>> opt = optim.RMSprop(model.parameters(), lr=1e-4, sq_horizon=1000)
@@ -99,6 +125,7 @@ class RMSprop(_Adaptive):
         second_moment: str = "example",
         weight_decay: float = 0.0,
         power: float = 0.5,
+        batch_scaling: str = "linear",
     ):
         defaults = {
             "lr": lr,
@@ -109,6 +136,7 @@ class RMSprop(_Adaptive):
             "second_moment": second_moment,
             "weight_decay": weight_decay,
             "power": power,
+            "batch_scaling": batch_scaling,
         }
         super().__init__(params, defaults)
 
@@ -134,6 +162,11 @@ class Adam(_Adaptive):
         eps: ``ε``, added to ``√s``.
         second_moment: ``"example"`` (invariant) or ``"batch"`` (standard).
         weight_decay: ``λ``, decoupled as in AdamW, per example: ``Φ −= B·lr·λ·Φ`` first.
+        batch_scaling: ``"linear"``: a step moves by ``B·lr·…``; ``"gain"``: by ``r·lr·…``,
+            ``r = B(σ² + |G|²)/(σ² + B|G|²)`` the gain ratio, estimated from the per-example
+            statistics in this optimizer's metric ``1/(√s + ε)`` and averaged over
+            ``sq_horizon`` examples: ``B`` while the gradient noise dominates, falling toward
+            1 past the critical batch size, so one ``lr`` survives large batches (MATH.md).
 
     Example:
         >>> opt = optim.Adam(model.parameters(), lr=3e-5)
@@ -153,6 +186,7 @@ class Adam(_Adaptive):
         eps: float = 1e-8,
         second_moment: str = "example",
         weight_decay: float = 0.0,
+        batch_scaling: str = "linear",
     ):
         defaults = {
             "lr": lr,
@@ -161,6 +195,7 @@ class Adam(_Adaptive):
             "eps": eps,
             "second_moment": second_moment,
             "weight_decay": weight_decay,
+            "batch_scaling": batch_scaling,
             "centered": False,
             "power": 0.5,
         }

@@ -9,8 +9,11 @@ import torch
 from torch import Tensor
 
 import pergrad
+import pergrad.noise
+from optim import functional as F
 
 SECOND_MOMENTS = ("example", "batch")
+BATCH_SCALINGS = ("linear", "gain")
 
 
 class PerExampleOptimizer(torch.optim.Optimizer):
@@ -23,6 +26,14 @@ class PerExampleOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict[str, Any]):
         _validate(defaults)
         super().__init__(params, defaults)
+        self.gains: list[float] = []
+        """The gain ratio of every ``batch_scaling="gain"`` group's every step, in order."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("gains", [])
+        for group in self.param_groups:
+            group.setdefault("batch_scaling", "linear")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         _validate(param_group)
@@ -63,23 +74,72 @@ class PerExampleOptimizer(torch.optim.Optimizer):
             {f"#{i} (shape {tuple(p.shape)})": p for i, p in enumerate(owned)}
         )
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                stats = pergrad.grad_stats(p)
+            counts = {pergrad.grad_stats(p).count for p in group["params"] if p.grad is not None}
+            if group["batch_scaling"] == "gain" and len(counts) > 1:
+                raise RuntimeError(
+                    f"batch_scaling='gain' needs one batch size per parameter group; the "
+                    f"statistics cover {sorted(counts)} examples. No parameter was changed."
+                )
+        for group in self.param_groups:
+            active = [p for p in group["params"] if p.grad is not None]
+            for p in active:
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state, group)
-                state["seen"] += stats.count
-                self._update(p, stats, state, group)
+                state["seen"] += pergrad.grad_stats(p).count
+            examples = self._gain(active, group) if group["batch_scaling"] == "gain" else None
+            for p in active:
+                stats = pergrad.grad_stats(p)
+                self._update(p, stats, self.state[p], group, examples or stats.count)
         return loss
+
+    def _gain(self, params: list[Tensor], group: dict[str, Any]) -> float:
+        """The smoothed gain ratio ``r = B(σ² + |G|²) / (σ² + B|G|²)`` of the group (MATH.md),
+        in the metric the optimizer steps in; it takes the place of ``B`` in the step."""
+        if not params:
+            return 1.0
+        batch = pergrad.grad_stats(params[0]).count  # one per group, checked before any change
+        noise = signal = 0.0
+        for p in params:
+            state, stats = self.state[p], pergrad.grad_stats(p)
+            for key, start in (("gain_seen", 0), ("noise", 0.0), ("signal", 0.0)):
+                state.setdefault(key, start)  # examples in steps of B ≥ 2; smoothed σ², |G|²
+            if batch > 1:  # one example has no spread: the estimates stay as they were
+                state["gain_seen"] += batch
+                s, m = pergrad.noise.sums(
+                    p.grad, stats.sq_mean, self._metric(p, stats, state, group)
+                )
+                noise_now, signal_now = pergrad.noise.estimates(batch, s, m)
+                weight = F.average_weight(batch, state["gain_seen"], self._gain_horizon(group))
+                state["noise"] += weight * (noise_now - state["noise"])
+                state["signal"] += weight * (signal_now - state["signal"])
+            noise, signal = noise + state["noise"], signal + state["signal"]
+        gain = F.gain_ratio(batch, noise, signal)
+        self.gains.append(gain)
+        return gain
+
+    def _metric(
+        self, p: Tensor, stats: pergrad.GradStats, state: dict[str, Any], group: dict[str, Any]
+    ) -> Tensor | None:
+        """The weight of each coordinate in the metric of the step (``None``: all 1)."""
+        return None
+
+    def _gain_horizon(self, group: dict[str, Any]) -> float:
+        """The examples the noise and signal estimates are averaged over."""
+        return group["gain_horizon"]
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         raise NotImplementedError
 
     def _update(
-        self, p: Tensor, stats: pergrad.GradStats, state: dict[str, Any], group: dict[str, Any]
+        self,
+        p: Tensor,
+        stats: pergrad.GradStats,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        examples: float,
     ) -> None:
+        """One parameter's step; ``examples`` is ``B`` (or the gain ratio in its place)."""
         raise NotImplementedError
 
 
@@ -91,6 +151,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "weight_decay": (lambda v: v >= 0, "weight_decay value"),
     "power": (lambda v: v > 0, "power (> 0)"),
     "second_moment": (lambda v: v in SECOND_MOMENTS, f"second_moment (one of {SECOND_MOMENTS})"),
+    "batch_scaling": (lambda v: v in BATCH_SCALINGS, f"batch_scaling (one of {BATCH_SCALINGS})"),
+    "gain_horizon": (lambda v: v >= 1, "gain_horizon (in examples, >= 1)"),
 }
 
 

@@ -1,6 +1,7 @@
 """The update rules of MATH.md as plain functions, one per optimizer, on one tensor each.
 
-Notation: ``B`` examples in this step, ``n`` examples seen so far (this step included),
+Notation: ``B`` examples in this step (or, with ``batch_scaling="gain"``, the gain ratio in
+its place where the step is scaled), ``n`` examples seen so far (this step included),
 ``ĝ = mean_b g_b`` (``p.grad``), ``q = mean_b g_b²`` (or ``ĝ²`` for the standard second
 moment), per-example horizons ``N⁰`` counted in examples.
 """
@@ -19,17 +20,28 @@ def average_weight(batch_size: int, seen: int, horizon: float) -> float:
     return min(1.0, batch_size / min(seen, horizon))
 
 
+def gain_ratio(batch_size: int, noise: float, signal: float) -> float:
+    """``r = B(σ² + |G|²) / (σ² + B|G|²)``, the number of single-example steps a batch of ``B``
+    is worth (McCandlish et al. 2018; AdaScale, Johnson et al. 2020): ``B`` for pure noise,
+    1 for identical per-example gradients. Negative estimates count as 0; with neither, ``B``.
+    """
+    noise, signal = max(noise, 0.0), max(signal, 0.0)
+    if noise + signal == 0:
+        return float(batch_size)
+    return batch_size * (noise + signal) / (noise + batch_size * signal)
+
+
 def sgd(
     param: Tensor,
     grad: Tensor,
     exp_avg: Tensor,
     *,
     lr: float,
-    batch_size: int,
+    examples: float,
     grad_weight: float,
     weight_decay: float,
 ) -> None:
-    """SGD with momentum as a running average, in place::
+    """SGD with momentum as a running average, in place, ``B`` = ``examples``::
 
         Φ ← Φ − B·lr·λ·Φ
         m ← (1 − w_g)·m + w_g·ĝ
@@ -38,9 +50,9 @@ def sgd(
     With ``N_g⁰ = 1``, ``m = ĝ`` and this is vanilla SGD, ``Φ −= lr · Σ_b g_b``.
     """
     if weight_decay:
-        param.mul_(1 - batch_size * lr * weight_decay)
+        param.mul_(1 - examples * lr * weight_decay)
     exp_avg.lerp_(grad, grad_weight)
-    param.add_(exp_avg, alpha=-batch_size * lr)
+    param.add_(exp_avg, alpha=-examples * lr)
 
 
 def adaptive(
@@ -52,14 +64,14 @@ def adaptive(
     grad_avg: Tensor | None,
     *,
     lr: float,
-    batch_size: int,
+    examples: float,
     grad_weight: float,
     sq_weight: float,
     eps: float,
     power: float,
     weight_decay: float,
 ) -> None:
-    """RMSProp and Adam, in place::
+    """RMSProp and Adam, in place, ``B`` = ``examples``::
 
         Φ ← Φ − B·lr·λ·Φ
         m ← (1 − w_g)·m + w_g·ĝ
@@ -70,7 +82,7 @@ def adaptive(
     ``second`` is ``q``. ``grad_avg`` is ``a``, or ``None`` when not centered.
     """
     if weight_decay:
-        param.mul_(1 - batch_size * lr * weight_decay)
+        param.mul_(1 - examples * lr * weight_decay)
     exp_avg.lerp_(grad, grad_weight)
     exp_avg_sq.lerp_(second, sq_weight)
     spread = exp_avg_sq
@@ -78,4 +90,4 @@ def adaptive(
         grad_avg.lerp_(grad, sq_weight)
         spread = (exp_avg_sq - grad_avg.square()).clamp_(min=0)
     denominator = (spread.sqrt() if power == 0.5 else spread.pow(power)).add_(eps)
-    param.addcdiv_(exp_avg, denominator, value=-batch_size * lr)
+    param.addcdiv_(exp_avg, denominator, value=-examples * lr)

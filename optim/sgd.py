@@ -24,6 +24,10 @@ class SGD(PerExampleOptimizer):
         grad_horizon: ``N_g⁰``, the examples the momentum average spans; ``1`` (the default)
             is vanilla SGD, ``Φ −= lr · Σ_b g_b``.
         weight_decay: ``λ``, decoupled and per example: ``Φ −= B·lr·λ·Φ`` before the update.
+        batch_scaling: ``"linear"``: a step moves by ``B·lr·m``; ``"gain"``: by ``r·lr·m``,
+            ``r = B(σ² + |G|²)/(σ² + B|G|²)`` the gain ratio estimated from the per-example
+            statistics and averaged over ``gain_horizon`` examples (MATH.md).
+        gain_horizon: the examples the gain's noise and signal estimates span.
 
     Example:
         >>> engine = pergrad.PerExample(model, nn.CrossEntropyLoss(reduction="none"))
@@ -35,23 +39,48 @@ class SGD(PerExampleOptimizer):
         the Learning Rate, Increase the Batch Size".
     """
 
-    def __init__(self, params, lr: float, *, grad_horizon: float = 1, weight_decay: float = 0.0):
-        defaults = {"lr": lr, "grad_horizon": grad_horizon, "weight_decay": weight_decay}
+    def __init__(
+        self,
+        params,
+        lr: float,
+        *,
+        grad_horizon: float = 1,
+        weight_decay: float = 0.0,
+        batch_scaling: str = "linear",
+        gain_horizon: float = 1000,
+    ):
+        defaults = {
+            "lr": lr,
+            "grad_horizon": grad_horizon,
+            "weight_decay": weight_decay,
+            "batch_scaling": batch_scaling,
+            "gain_horizon": gain_horizon,
+        }
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("gain_horizon", 1000)
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["seen"] = 0  # n: examples seen, this step included
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # m
 
     def _update(
-        self, p: Tensor, stats: pergrad.GradStats, state: dict[str, Any], group: dict[str, Any]
+        self,
+        p: Tensor,
+        stats: pergrad.GradStats,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        examples: float,
     ) -> None:
         F.sgd(
             p,
             p.grad,
             state["exp_avg"],
             lr=group["lr"],
-            batch_size=stats.count,
+            examples=examples,
             grad_weight=F.average_weight(stats.count, state["seen"], group["grad_horizon"]),
             weight_decay=group["weight_decay"],
         )

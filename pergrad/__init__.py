@@ -8,6 +8,7 @@ from pergrad import testing
 from pergrad.checks import InputError
 from pergrad.engine import FallbackWarning, PerExample
 from pergrad.modes import ModeError
+from pergrad.noise import NoiseScale, noise_scale
 from pergrad.rules import Call, register_rule
 from pergrad.stats import GradStats, grad_stats, zero_grad
 
@@ -17,8 +18,10 @@ __all__ = [
     "GradStats",
     "InputError",
     "ModeError",
+    "NoiseScale",
     "PerExample",
     "grad_stats",
+    "noise_scale",
     "register_rule",
     "testing",
     "zero_grad",

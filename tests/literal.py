@@ -24,23 +24,40 @@ def run(kind: str, phi: Tensor, stream: list[Tensor], **h) -> Tensor:
     eps, lam = h.get("eps", 1e-8), h.get("weight_decay", 0.0)
     power, centered = h.get("power", 0.5), h.get("centered", False)
     example = h.get("second_moment", "example") == "example"
+    gain = h.get("batch_scaling", "linear") == "gain"
+    n_r = h.get("gain_horizon", 1000) if kind == "sgd" else n_s
     phi = phi.clone()
     m = s = a = torch.zeros_like(phi)
-    n = 0
+    n = k = 0
+    noise = signal = 0.0
     for G in stream:
         B = G.shape[0]
         n = n + B
         g_hat = G.sum(0) / B
-        q = (G * G).sum(0) / B if example else g_hat * g_hat
+        q_example = (G * G).sum(0) / B
+        q = q_example if example else g_hat * g_hat
         w_g = min(1, B / min(n, n_g))
         w_s = min(1, B / min(n, n_s))
-        phi = phi - B * lr * lam * phi
         m = (1 - w_g) * m + w_g * g_hat
-        if kind == "sgd":
-            phi = phi - B * lr * m
-            continue
-        s = (1 - w_s) * s + w_s * q
-        a = (1 - w_s) * a + w_s * g_hat
+        if kind != "sgd":
+            s = (1 - w_s) * s + w_s * q
+            a = (1 - w_s) * a + w_s * g_hat
         spread = s - a * a if centered else s
-        phi = phi - B * lr * m / (spread**power + eps)
+        r = B
+        if gain:
+            if B > 1:
+                k = k + B
+                w_r = min(1, B / min(k, n_r))
+                metric = 1 if kind == "sgd" else 1 / (spread.clamp(min=0) ** power + eps)
+                noise_now = (metric * (q_example - g_hat * g_hat)).sum() * B / (B - 1)
+                signal_now = (metric * (B * g_hat * g_hat - q_example)).sum() / (B - 1)
+                noise = (1 - w_r) * noise + w_r * float(noise_now)
+                signal = (1 - w_r) * signal + w_r * float(signal_now)
+            sigma2, g2 = max(noise, 0.0), max(signal, 0.0)
+            r = B if sigma2 + g2 == 0 else B * (sigma2 + g2) / (sigma2 + B * g2)
+        phi = phi - r * lr * lam * phi
+        if kind == "sgd":
+            phi = phi - r * lr * m
+        else:
+            phi = phi - r * lr * m / (spread**power + eps)
     return phi

@@ -20,8 +20,13 @@ import wrap_your_model  # noqa: E402
 @pytest.mark.parametrize(
     "data, batch_sizes, examples, optimizers",
     [
-        ("digits", ["4", "32"], "1500", {"invariant", "standard", "torch_sqrt", "sgd"}),
-        ("text", ["8", "128"], "2048", {"invariant", "standard", "torch_sqrt"}),
+        (
+            "digits",
+            ["4", "32"],
+            "1500",
+            {"invariant", "invariant_gain", "standard", "torch_sqrt", "sgd"},
+        ),
+        ("text", ["8", "128"], "2048", {"invariant", "invariant_gain", "standard", "torch_sqrt"}),
     ],
 )
 def test_batch_invariance_writes_table_png_and_json(
@@ -31,19 +36,42 @@ def test_batch_invariance_writes_table_png_and_json(
     argv += ["--points", "5", "--no-progress", "--out", str(tmp_path)]
     summary = batch_invariance.main(argv + (["--sgd"] if "sgd" in optimizers else []))
     assert (tmp_path / "loss.png").stat().st_size > 10_000
+    assert (tmp_path / "noise.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert set(summary) == optimizers
     for entry in summary.values():
         assert set(entry) == {"runs", "spread"}
         assert set(entry["runs"]) == set(batch_sizes)
         for run in entry["runs"].values():
-            assert set(run) == {"train_loss", "test_acc"}
-            assert 0 <= run["test_acc"] <= 1 and run["train_loss"] > 0
+            assert set(run) == {"train_loss", "test_loss", "test_acc"}
+            assert 0 <= run["test_acc"] <= 1 and run["train_loss"] > 0 and run["test_loss"] > 0
         losses = [run["train_loss"] for run in entry["runs"].values()]
         assert entry["spread"] == pytest.approx(max(losses) / min(losses))
     assert summary["invariant"]["spread"] < summary["standard"]["spread"]
     printed = capsys.readouterr().out
     assert "invariant" in printed and "spread" in printed and "loss.png" in printed
+
+
+def test_tune_writes_the_best_lr_the_transfer_and_the_lr_plot(tmp_path, capsys):
+    argv = ["--tune", "--quick", "--batch-sizes", "8", "32", "--examples", "600"]
+    argv += ["--lr-grid", "3e-4", "3e-3", "--points", "3", "--no-progress", "--out", str(tmp_path)]
+    summary = batch_invariance.main(argv)
+    assert json.loads((tmp_path / "tune.json").read_text()) == summary
+    assert (tmp_path / "lr.png").stat().st_size > 10_000
+    assert set(summary) == {"invariant", "invariant_gain", "standard", "torch_sqrt", "torch_linear"}
+    for entry in summary.values():
+        assert set(entry["best"]) == set(entry["transfer"]) == set(entry["grid"]) == {"8", "32"}
+        for b, best in entry["best"].items():
+            assert best["lr"] in (3e-4, 3e-3)
+            assert best["loss"] == min(v for v in entry["grid"][b].values() if v is not None)
+            assert entry["transfer"][b] >= 1
+        assert entry["transfer"]["32"] == 1  # the reference transfers to itself
+    assert "transfer" in capsys.readouterr().out
+
+
+def test_tune_needs_the_reference_batch_size():
+    with pytest.raises(SystemExit):
+        batch_invariance.parse(["--tune", "--batch-sizes", "8", "64"])
 
 
 def test_text_task_is_next_character_prediction():
@@ -64,7 +92,17 @@ def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         batch_invariance.parse(["--help"])
     text = capsys.readouterr().out
-    for option in ("--data", "--batch-sizes", "--examples", "--lr", "--quick", "--out", "--sgd"):
+    for option in (
+        "--data",
+        "--batch-sizes",
+        "--examples",
+        "--lr",
+        "--quick",
+        "--out",
+        "--sgd",
+        "--tune",
+        "--lr-grid",
+    ):
         assert option in text
 
 

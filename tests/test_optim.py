@@ -17,6 +17,7 @@ OPTIONS = {
         {"lr": 0.05},
         {"lr": 0.05, "grad_horizon": 40},
         {"lr": 0.05, "grad_horizon": 7, "weight_decay": 0.1},
+        {"lr": 0.05, "grad_horizon": 7, "batch_scaling": "gain", "gain_horizon": 30},
     ],
     "rmsprop": [
         {"lr": 0.01},
@@ -24,12 +25,15 @@ OPTIONS = {
         {"lr": 0.01, "sq_horizon": 30, "centered": True, "grad_horizon": 20},
         {"lr": 0.01, "sq_horizon": 50, "second_moment": "batch", "weight_decay": 0.01},
         {"lr": 0.001, "sq_horizon": 50, "power": 1.0, "eps": 0.1},
+        {"lr": 0.01, "sq_horizon": 30, "centered": True, "batch_scaling": "gain"},
     ],
     "adam": [
         {"lr": 0.01},
         {"lr": 0.01, "grad_horizon": 16, "sq_horizon": 100},
         {"lr": 0.01, "grad_horizon": 16, "sq_horizon": 100, "second_moment": "batch"},
         {"lr": 0.01, "grad_horizon": 5, "sq_horizon": 60, "weight_decay": 0.2, "eps": 1e-2},
+        {"lr": 0.01, "grad_horizon": 16, "sq_horizon": 100, "batch_scaling": "gain"},
+        {"lr": 0.01, "sq_horizon": 40, "second_moment": "batch", "batch_scaling": "gain"},
     ],
 }
 CASES_ = [(kind, options) for kind, all_options in OPTIONS.items() for options in all_options]
