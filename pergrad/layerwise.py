@@ -227,8 +227,11 @@ class Layerwise:
         if self._probe is None and size > 1 and not self._probe_failed:
             self._run_probe(hooked, inputs)
         forward = _Forward(self, params, hooked, size, per_example)
-        losses, others = forward.run(inputs, target)
-        return forward.result(losses, others)
+        try:
+            losses, others = forward.run(inputs, target)
+            return forward.result(losses, others)
+        finally:
+            forward.release()
 
     def _hooked(self, params: dict[str, nn.Parameter]) -> list[_Hooked]:
         trainable = {id(p): name for name, p in params.items()}
@@ -389,6 +392,17 @@ class _Forward:
             return pytree.tree_unflatten(leaves, spec)
 
         return hook
+
+    def release(self) -> None:
+        """Drop every tensor the pass kept. The hooks left on its tensors hold the records, and
+        the records the inputs whose autograd graph holds those hooks: a cycle through C++ that
+        Python's garbage collector cannot see, which would keep every model alive."""
+        for record in self.records:
+            record.args, record.kwargs, record.outputs, record.deltas = (), {}, [], []
+            record.values = None
+            if record.shared is not None:
+                record.shared.release()
+        self.records, self.anchors = [], []
 
     def _record(self, hooked: _Hooked, module: nn.Module, args: tuple, kwargs: dict) -> _Record:
         index = self.calls[id(module)]

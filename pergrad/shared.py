@@ -44,6 +44,10 @@ class SharedOutput:
     total_grad: Tensor | None = None
     misuse: str | None = None
 
+    def release(self) -> None:
+        """Drop the tensors (the hooks that hold this object sit on their autograd graph)."""
+        self.tensor, self.example_grads, self.total_grad = None, [], None
+
     def per_example_grad(self, batch_size: int) -> Tensor:
         """``δ_b`` for every example, ``(B, *u.shape)``.
 

@@ -269,3 +269,20 @@ def test_model_is_left_clean_even_when_the_forward_pass_fails():
     assert all(type(p) is nn.Parameter for p in model.parameters())
     for m in model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+
+
+@pytest.mark.parametrize("case", ["transformer", "tied"])
+def test_nothing_is_kept_alive_after_a_call(case):
+    """The hooks on a pass's tensors hold its records, and the records the inputs whose graph
+    holds the hooks: unless released, a cycle Python cannot collect keeps every step's graph."""
+    import gc
+    import weakref
+
+    model, inputs, target = CASES[case].build(4)
+    engine = pergrad.PerExample(model, CROSS_ENTROPY)
+    engine.backward(inputs, target)
+    engine.grads(inputs, target)
+    alive = weakref.ref(next(model.parameters()))
+    del model, engine
+    gc.collect()
+    assert alive() is None

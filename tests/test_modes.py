@@ -194,3 +194,11 @@ def test_parameters_are_not_copied():
     engine.backward(inputs, target)
     assert engine.model is model
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_fallback_warning_points_at_the_callers_line():
+    model, inputs, target = CASES["gru"].build(3)
+    engine = pergrad.PerExample(model, CROSS_ENTROPY)
+    with pytest.warns(pergrad.FallbackWarning) as record:
+        engine.grads(inputs, target)
+    assert {w.filename for w in record} == {__file__}
