@@ -231,12 +231,12 @@ def summarize(results: dict) -> dict:
 
 def table(summary: dict, batch_sizes: Sequence[int]) -> str:
     """A plain-text table: final train loss / test accuracy per optimizer and B, and spread."""
-    header = f"{'optimizer':<12}" + "".join(f"{'B=' + str(b):>18}" for b in batch_sizes)
+    header = f"{'optimizer':<15}" + "".join(f"{'B=' + str(b):>18}" for b in batch_sizes)
     lines = [header + f"{'spread':>10}", "-" * (len(header) + 10)]
     for name, entry in summary.items():
         runs = [entry["runs"][str(b)] for b in batch_sizes]
         cells = "".join(f"{r['train_loss']:>11.2e} / {r['test_acc']:.2f}" for r in runs)
-        lines.append(f"{name:<12}{cells}{entry['spread']:>10.3g}")
+        lines.append(f"{name:<15}{cells}{entry['spread']:>10.3g}")
     lines.append("cells: final train loss / test accuracy; spread: max/min train loss over B")
     return "\n".join(lines)
 

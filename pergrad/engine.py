@@ -264,7 +264,7 @@ class PerExample:
 def _warn(message: str) -> None:
     """Warn with :class:`FallbackWarning`, attributed to the first caller outside pergrad."""
     package = str(Path(__file__).resolve().parent)
-    frame, level = sys._getframe(1), 1
+    frame, level = sys._getframe(1), 2  # stacklevel 2: the caller of _warn
     while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, FallbackWarning, stacklevel=level)
