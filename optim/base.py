@@ -54,12 +54,31 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         Parameters without ``.grad`` are skipped, as in PyTorch.
 
         Raises:
-            RuntimeError: a parameter has a ``.grad`` but no per-example statistics.
+            RuntimeError: a parameter has a ``.grad`` but no per-example statistics, or a
+                ``batch_scaling="gain"`` group holds statistics of different batch sizes.
+            pergrad.InputError: a ``.grad`` changed after pergrad computed it.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_statistics()
+        for group in self.param_groups:
+            active = [p for p in group["params"] if p.grad is not None]
+            for p in active:
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state, group)
+                state["seen"] += pergrad.grad_stats(p).count
+            examples = self._gain(active, group) if group["batch_scaling"] == "gain" else None
+            for p in active:
+                stats = pergrad.grad_stats(p)
+                self._update(p, stats, self.state[p], group, examples or stats.count)
+        return loss
+
+    def _check_statistics(self) -> None:
+        """Raise, before any parameter or state changes, unless every ``.grad`` comes with the
+        statistics pergrad computed for it and each gain-scaled group has one batch size."""
         owned = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         missing = [p for p in owned if pergrad.grad_stats(p) is None]
         if missing:
@@ -80,18 +99,6 @@ class PerExampleOptimizer(torch.optim.Optimizer):
                     f"batch_scaling='gain' needs one batch size per parameter group; the "
                     f"statistics cover {sorted(counts)} examples. No parameter was changed."
                 )
-        for group in self.param_groups:
-            active = [p for p in group["params"] if p.grad is not None]
-            for p in active:
-                state = self.state[p]
-                if not state:
-                    self._init_state(p, state, group)
-                state["seen"] += pergrad.grad_stats(p).count
-            examples = self._gain(active, group) if group["batch_scaling"] == "gain" else None
-            for p in active:
-                stats = pergrad.grad_stats(p)
-                self._update(p, stats, self.state[p], group, examples or stats.count)
-        return loss
 
     def _gain(self, params: list[Tensor], group: dict[str, Any]) -> float:
         """The smoothed gain ratio ``r = B(σ² + |G|²) / (σ² + B|G|²)`` of the group (MATH.md),

@@ -12,7 +12,8 @@ mixes examples or draws random numbers fails that comparison and is refused.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -83,18 +84,10 @@ def per_example_grads(
         (grads,) = pull([d.unsqueeze(0).to(o.dtype) for d, o in zip(deltas, out)])
         return grads, [o.squeeze(0) for o in out]
 
-    try:
-        with torch.enable_grad():
-            grads, replayed = vmap(one, in_dims=(None, 0, 0), randomness="different")(
-                theta, values, list(output_grads)
-            )
-    except LocalError:
-        raise
-    except Exception as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise LocalError(
-            f"torch.func cannot replay it: {type(error).__name__}: {first_line}"
-        ) from error
+    with _replaying():
+        grads, replayed = vmap(one, in_dims=(None, 0, 0), randomness="different")(
+            theta, values, list(output_grads)
+        )
     _check(outputs, replayed)
     return grads
 
@@ -111,12 +104,21 @@ def shared_grads(
     ``u`` is too: one vector-Jacobian product, applied to each example's ``δ_b``
     (``output_grads``: ``(B, *u.shape)``)."""
     theta = {name: module.get_parameter(name).detach() for name in names}
+    with _replaying():
+        out, pull = vjp(lambda t: _forward(module, t, args, kwargs), theta)
+        if len(out) != 1:
+            raise LocalError("it returns more than one tensor")
+        (grads,) = vmap(lambda d: pull([d.to(out[0].dtype)]))(output_grads)
+    _check([output], [out[0]])
+    return grads
+
+
+@contextmanager
+def _replaying() -> Iterator[None]:
+    """Gradients on, and any error of ``torch.func`` turned into a :class:`LocalError`."""
     try:
         with torch.enable_grad():
-            out, pull = vjp(lambda t: _forward(module, t, args, kwargs), theta)
-            if len(out) != 1:
-                raise LocalError("it returns more than one tensor")
-            (grads,) = vmap(lambda d: pull([d.to(out[0].dtype)]))(output_grads)
+            yield
     except LocalError:
         raise
     except Exception as error:
@@ -124,8 +126,6 @@ def shared_grads(
         raise LocalError(
             f"torch.func cannot replay it: {type(error).__name__}: {first_line}"
         ) from error
-    _check([output], [out[0]])
-    return grads
 
 
 def _check(outputs: Sequence[Tensor], replayed: Sequence[Tensor]) -> None:
