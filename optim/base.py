@@ -163,8 +163,18 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+CHOICES = ("second_moment", "batch_scaling")
+
+
 def _validate(options: dict[str, Any]) -> None:
-    """Raise ``ValueError`` for a hyperparameter out of range, worded as ``torch.optim`` does."""
+    """Raise ``ValueError`` for a hyperparameter out of range, worded as ``torch.optim`` does,
+    and ``TypeError`` for a number given as something else (``lr="0.001"``)."""
     for key, (ok, what) in _RULES.items():
-        if key in options and not ok(options[key]):
-            raise ValueError(f"Invalid {what}: {options[key]!r}")
+        if key not in options:
+            continue
+        value = options[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key not in CHOICES and not number:
+            raise TypeError(f"Invalid {what}: {value!r} is a {type(value).__name__}; pass a number")
+        if not ok(value):
+            raise ValueError(f"Invalid {what}: {value!r}")

@@ -68,7 +68,9 @@ class PerExample:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if mode != "auto" and mode not in MODES:
             raise ValueError(f"Invalid mode: {mode!r}; choose 'auto' or one of {sorted(MODES)}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
             raise ValueError(f"Invalid chunk_size: {chunk_size!r}; use None or an int >= 1")
         if process_group is not None:
             distributed.check_initialized(process_group)

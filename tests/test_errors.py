@@ -121,6 +121,8 @@ def test_a_grad_not_computed_by_pergrad_is_refused(mlp):
         ({"mode": "vmap"}, "Invalid mode"),
         ({"chunk_size": 0}, "Invalid chunk_size"),
         ({"chunk_size": True}, "Invalid chunk_size"),
+        ({"chunk_size": 2.5}, "Invalid chunk_size: 2.5; use None or an int >= 1"),
+        ({"chunk_size": "4"}, "Invalid chunk_size: '4'; use None or an int >= 1"),
     ],
 )
 def test_invalid_arguments_are_refused_at_construction(mlp, kwargs, match):

@@ -158,6 +158,8 @@ def test_parameters_without_grad_are_skipped():
         (lambda p: optim.Adam(p, lr=0.1, second_moment="mean"), "Invalid second_moment"),
         (lambda p: optim.RMSprop(p, lr=0.1, weight_decay=-0.1), "Invalid weight_decay"),
         (lambda p: optim.RMSprop(p, lr=0.1, power=0), "Invalid power"),
+        (lambda p: optim.Adam(p, lr=0.1, batch_scaling="sqrt"), "Invalid batch_scaling"),
+        (lambda p: optim.SGD(p, lr=0.1, gain_horizon=0), "Invalid gain_horizon"),
         (
             lambda p: optim.Adam([{"params": p, "lr": -2.0}], lr=0.1),
             "Invalid learning rate: -2.0",
@@ -166,6 +168,19 @@ def test_parameters_without_grad_are_skipped():
 )
 def test_invalid_hyperparameters_are_refused_at_construction(make, match):
     with pytest.raises(ValueError, match=match):
+        make([torch.nn.Parameter(torch.zeros(2))])
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda p: optim.Adam(p, lr="0.001"), "Invalid learning rate: '0.001' is a str"),
+        (lambda p: optim.SGD(p, lr=0.1, grad_horizon=None), "Invalid grad_horizon"),
+        (lambda p: optim.RMSprop(p, lr=True), "Invalid learning rate: True is a bool"),
+    ],
+)
+def test_a_number_given_as_something_else_is_refused(make, match):
+    with pytest.raises(TypeError, match=match):
         make([torch.nn.Parameter(torch.zeros(2))])
 
 
