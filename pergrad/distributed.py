@@ -63,15 +63,20 @@ def all_reduce_sums(
     sq_sums: dict[str, Tensor],
 ) -> tuple[int, Tensor]:
     """Sum ``count``, ``loss_sum`` and every entry of ``grad_sums`` and ``sq_sums`` (in place)
-    over ``group``; return the global count and loss sum."""
+    over ``group``; return the global count and loss sum. The count and the loss travel in
+    float64, exact for any count below 2⁵³ whatever the gradients' dtype."""
+    tally = torch.tensor([count, float(loss_sum)], dtype=torch.float64)
     buckets: dict[tuple, list[tuple[dict, str]]] = defaultdict(list)
     for sums in (grad_sums, sq_sums):
         for name, tensor in sums.items():
             buckets[(tensor.dtype, tensor.device)].append((sums, name))
-    for i, ((dtype, device), entries) in enumerate(buckets.items()):
+    device = next(iter(buckets))[1] if buckets else loss_sum.device
+    carrier = (torch.float64, device)  # the count and the loss ride in float64
+    buckets.setdefault(carrier, [])
+    for key, entries in buckets.items():
         parts = [sums[name].reshape(-1) for sums, name in entries]
-        if i == 0:  # the count and the loss travel with the first bucket
-            parts.append(torch.tensor([count, float(loss_sum)], dtype=dtype, device=device))
+        if key == carrier:
+            parts.append(tally.to(device))
         flat = torch.cat(parts)
         dist.all_reduce(flat, group=group)
         offset = 0
@@ -79,6 +84,6 @@ def all_reduce_sums(
             size = sums[name].numel()
             sums[name].copy_(flat[offset : offset + size].view_as(sums[name]))
             offset += size
-        if i == 0:
-            count, loss_sum = int(flat[offset].round().item()), flat[offset + 1]
-    return count, loss_sum
+        if key == carrier:
+            tally = flat[offset:]
+    return int(tally[0].round().item()), tally[1].to(loss_sum.dtype)

@@ -121,3 +121,24 @@ def test_the_data_parallel_example_runs_with_torchrun():
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "identical parameters on all 2 ranks" in done.stdout
+
+
+def test_the_count_travels_exactly_whatever_the_gradients_dtype():
+    """301 is not a bfloat16 number (it rounds to 300): the count rides in float64."""
+    import torch.distributed as dist
+
+    from pergrad import distributed
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    try:
+        sums = {"w": torch.ones(3, dtype=torch.bfloat16)}
+        squares = {"w": torch.ones(3, dtype=torch.bfloat16)}
+        count, loss = distributed.all_reduce_sums(
+            dist.group.WORLD, 301, torch.tensor(2.5, dtype=torch.bfloat16), sums, squares
+        )
+    finally:
+        dist.destroy_process_group()
+    assert count == 301 and float(loss) == 2.5 and loss.dtype == torch.bfloat16
+    assert torch.equal(sums["w"], torch.ones(3, dtype=torch.bfloat16))
