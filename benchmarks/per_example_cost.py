@@ -351,9 +351,19 @@ def plot(results: dict, methods: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+class _DefaultsWhereSet(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: …)`` only where an option has a value of its own: not for flags, nor
+    where the help already says what an unset option means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=_DefaultsWhereSet
     )
     parser.add_argument(
         "--batch-sizes", type=int, nargs="+", help="[default: 32 256 1024; --quick: 32 256]"

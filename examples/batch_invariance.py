@@ -324,10 +324,20 @@ def plot_lr(summary: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+class _DefaultsWhereSet(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: …)`` only where an option has a value of its own: not for flags, nor
+    where the help already says what an unset option means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsWhereSet,
     )
     parser.add_argument(
         "--data",
@@ -380,10 +390,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        help="folder for loss.png and summary.json [default: runs/batch_invariance/DATA]",
+        help="folder for the plots and the JSON [default: runs/batch_invariance/DATA]",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smaller defaults that finish in under two minutes"
+        "--quick",
+        action="store_true",
+        help="B = 8, 32, 128 and 12,000 examples (digits: 14 s on 2 idle CPU cores)",
     )
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="hide the progress bars"

@@ -105,8 +105,9 @@ def accessor(name: str) -> str:
     return "model" + "".join(parts)
 
 
-def per_example_loss(loss: object, batch_size: int) -> Tensor:
-    """Return ``loss`` if it holds one loss per example, shape ``(B,)``.
+def per_example_loss(loss: object, batch_size: int, whole_batch: int | None = None) -> Tensor:
+    """Return ``loss`` if it holds one loss per example, shape ``(B,)``; ``whole_batch`` is the
+    batch the user passed, where a mode calls ``loss_fn`` on fewer examples at a time.
 
     Raises:
         InputError: the loss is not a Tensor of shape ``(B,)``.
@@ -120,8 +121,16 @@ def per_example_loss(loss: object, batch_size: int) -> Tensor:
             if loss.dim() == 0
             else " Reduce every dimension but the batch, e.g. loss.flatten(1).mean(1)."
         )
+        where = (
+            ""
+            if whole_batch is None
+            else (
+                f" (this mode calls it on {batch_size} example(s) at a time of your batch of "
+                f"{whole_batch})"
+            )
+        )
         raise InputError(
-            f"loss_fn must return one loss per example, shape ({batch_size},), "
+            f"loss_fn must return one loss per example, shape (B,): ({batch_size},){where}, "
             f"got shape {tuple(loss.shape)}.{hint}"
         )
     if not loss.is_floating_point():

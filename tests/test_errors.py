@@ -23,6 +23,17 @@ def test_a_loss_reduced_over_the_batch_is_refused(mlp, mode):
     assert engine.mode == mode  # a user error never counts against a mode
 
 
+@pytest.mark.parametrize("mode", ["auto", "func", "loop"])
+def test_a_loss_of_shape_b_by_1_is_reported_with_the_batch_passed(mode):
+    model = nn.Linear(3, 1).double()
+    loss = lambda out, y: (out - y).square()  # noqa: E731  (B, 1): one dimension too many
+    engine = pergrad.PerExample(model, loss, mode=mode)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"\(5,\)|batch of 5") as error:
+        engine.backward(x, y)
+    assert "flatten(1)" in str(error.value)
+
+
 @pytest.mark.parametrize("mode", ["func", "hooks", "loop"])
 def test_a_loss_with_extra_dimensions_is_refused(mode):
     model = nn.Linear(3, 2).double()
@@ -70,7 +81,9 @@ def test_zero_dimensional_inputs_are_refused(mlp):
 
 def test_batchnorm_in_training_mode_is_refused_by_name():
     model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
-    with pytest.raises(ValueError, match=r"layer '1' \(BatchNorm1d\).*eval mode.*GroupNorm"):
+    with pytest.raises(
+        ValueError, match=r"layer '1' \(BatchNorm1d\).*model\[1\]\.eval\(\).*GroupNorm"
+    ):
         pergrad.PerExample(model, CROSS_ENTROPY).backward(torch.randn(4, 6), torch.zeros(4).long())
 
 

@@ -26,10 +26,12 @@ class FuncMode(Mode):
         fixed = {n: p for n, p in self.model.named_parameters() if n not in params}
         fixed.update(self.model.named_buffers())
 
+        size = len(target)
+
         def example_loss(free: dict[str, Tensor], xs: tuple[Tensor, ...], y: Tensor):
             one = tuple(x.unsqueeze(0) for x in xs)
             output = functional_call(self.model, (free, fixed), one)
-            loss = checks.per_example_loss(self.loss_fn(output, y.unsqueeze(0)), 1)[0]
+            loss = checks.per_example_loss(self.loss_fn(output, y.unsqueeze(0)), 1, size)[0]
             return loss, loss.detach()
 
         per_example = vmap(

@@ -25,7 +25,7 @@ class LoopMode(Mode):
         losses = []
         for b in range(target.shape[0]):
             output = self.model(*(x[b : b + 1] for x in inputs))
-            loss = checks.per_example_loss(self.loss_fn(output, target[b : b + 1]), 1)
+            loss = checks.per_example_loss(self.loss_fn(output, target[b : b + 1]), 1, len(target))
             example = torch.autograd.grad(loss[0], tensors, allow_unused=True)
             for name, p, g in zip(names, tensors, example):
                 grads[name].append(torch.zeros_like(p) if g is None else g)
