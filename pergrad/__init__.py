@@ -10,7 +10,7 @@ from pergrad.engine import FallbackWarning, PerExample
 from pergrad.modes import ModeError
 from pergrad.noise import NoiseScale, noise_scale
 from pergrad.rules import Call, register_rule
-from pergrad.stats import GradStats, grad_stats, zero_grad
+from pergrad.stats import GradStats, clip_grad_norm_, grad_stats, zero_grad
 
 __all__ = [
     "Call",
@@ -20,6 +20,7 @@ __all__ = [
     "ModeError",
     "NoiseScale",
     "PerExample",
+    "clip_grad_norm_",
     "grad_stats",
     "noise_scale",
     "register_rule",

@@ -110,7 +110,8 @@ def check_unchanged(params: dict[str, Tensor]) -> None:
             f"(a loss.backward() adds into it; torch.nn.utils.clip_grad_norm_ scales it), so "
             f"it no longer matches its per-example statistics. Clear it with "
             f"optimizer.zero_grad() or pergrad.zero_grad(model.parameters()) and recompute with "
-            f"PerExample.backward."
+            f"PerExample.backward; to clip, use pergrad.clip_grad_norm_, which scales the "
+            f"statistics too."
         )
 
 
@@ -126,3 +127,37 @@ def zero_grad(params: Iterable[Tensor]) -> None:
 def moments(grads: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
     """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients ``g`` of shape ``(B, *param.shape)``."""
     return {name: (g.sum(0), g.square().sum(0)) for name, g in grads.items()}
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Tensor:
+    """Scale the mean gradients to a total 2-norm of at most ``max_norm``, and their statistics
+    with them: as if every per-example gradient were scaled by the same factor ``c``,
+    ``p.grad ← c·p.grad`` and ``sq_mean ← c²·sq_mean`` (``c = min(1, max_norm / ‖ĝ‖)``).
+
+    ``torch.nn.utils.clip_grad_norm_`` scales ``p.grad`` alone, which pergrad then refuses:
+    the statistics would no longer go with it.
+
+    Returns:
+        The total norm of the mean gradients before clipping.
+
+    Raises:
+        ValueError: ``max_norm`` is negative or not a number.
+        InputError: a ``.grad`` has no statistics or changed after pergrad computed it.
+    """
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm < 0:
+        raise ValueError(f"Invalid max_norm: {max_norm!r}; pass a number >= 0")
+    owned = {f"#{i} (shape {tuple(p.shape)})": p for i, p in enumerate(params)}
+    owned = {name: p for name, p in owned.items() if p.grad is not None}
+    check_unchanged(owned)
+    if not owned:
+        return torch.zeros(())
+    norms = torch.stack([p.grad.detach().float().norm() for p in owned.values()])
+    total = norms.norm()
+    factor = float((max_norm / (total + 1e-6)).clamp(max=1.0))
+    for p in owned.values():
+        stats = grad_stats(p)
+        p.grad.mul_(factor)
+        stats.sq_mean.mul_(factor**2)
+        stats._seal(p.grad)
+    return total

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from literal import feed
 from zoo import ALL_MODES, ATOL, CASES, CROSS_ENTROPY, RTOL, reference_grads
 
+import optim
 import pergrad
 
 
@@ -72,3 +74,30 @@ def test_variance_from_the_statistics():
         torch.testing.assert_close(
             variance, expected[name].var(0, unbiased=False), rtol=1e-5, atol=1e-12
         )
+
+
+def test_clip_grad_norm_scales_the_mean_and_the_mean_of_squares_together():
+    torch.manual_seed(0)
+    per_example = [torch.randn(6, n, dtype=torch.float64) for n in (3, 2)]
+    params = [
+        torch.nn.Parameter(torch.zeros(g.shape[1:], dtype=torch.float64)) for g in per_example
+    ]
+    for p, g in zip(params, per_example):
+        feed(p, g)
+    total = torch.cat([g.mean(0) for g in per_example]).norm()
+    assert pergrad.clip_grad_norm_(params, 0.5) == pytest.approx(float(total))
+    factor = 0.5 / (float(total) + 1e-6)
+    for p, g in zip(params, per_example):  # as if every per-example gradient were scaled
+        torch.testing.assert_close(p.grad, (factor * g).mean(0))
+        torch.testing.assert_close(p.grad_stats.sq_mean, (factor * g).square().mean(0))
+    optim.Adam(params, lr=1e-3).step()  # still their own statistics: accepted
+
+
+def test_torch_clip_grad_norm_is_refused_at_the_step_pointing_at_pergrads():
+    model, inputs, target = CASES["mlp"].build(4)
+    pergrad.PerExample(model, CROSS_ENTROPY).backward(inputs, target)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    with pytest.raises(pergrad.InputError, match="use pergrad.clip_grad_norm_"):
+        optim.Adam(model.parameters(), lr=1e-3).step()
+    with pytest.raises(ValueError, match="Invalid max_norm"):
+        pergrad.clip_grad_norm_(model.parameters(), -1.0)
