@@ -46,6 +46,11 @@ class PerExample:
             every rank holds those of the global batch, its share of which may be uneven or
             empty. Every rank must call :meth:`backward` alike; the first call checks that the
             ranks start from the same parameters.
+        max_example_norm: ``C``: :meth:`backward` clips every example's gradient to norm ``C``
+            (over all trainable parameters) before forming the statistics,
+            ``g_b ← g_b · min(1, C / ‖g_b‖)``, as DP-SGD and robust training need; ``grads()``
+            still returns the gradients as they are. It forms each chunk's per-example
+            gradients (bound them with ``chunk_size``).
 
     Example:
         >>> engine = PerExample(model, nn.CrossEntropyLoss(reduction="none"))
@@ -61,6 +66,7 @@ class PerExample:
         mode: str = "auto",
         chunk_size: int | None = None,
         process_group: object | None = None,
+        max_example_norm: float | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -72,6 +78,14 @@ class PerExample:
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
             raise ValueError(f"Invalid chunk_size: {chunk_size!r}; use None or an int >= 1")
+        if max_example_norm is not None and (
+            isinstance(max_example_norm, bool)
+            or not isinstance(max_example_norm, (int, float))
+            or not max_example_norm > 0
+        ):
+            raise ValueError(
+                f"Invalid max_example_norm: {max_example_norm!r}; use None or a number > 0"
+            )
         if process_group is not None:
             distributed.check_initialized(process_group)
         self.model = model
@@ -79,6 +93,7 @@ class PerExample:
         self._ranks_checked = False
         self.loss_fn = loss_fn
         self.chunk_size = chunk_size
+        self.max_example_norm = max_example_norm
         self._requested = mode
         self._mode: Mode | None = None if mode == "auto" else MODES[mode](model, loss_fn)
         self._layerwise = Layerwise(model, loss_fn) if mode == "auto" else None
@@ -143,7 +158,11 @@ class PerExample:
         first = next(iter(params.values()))
         losses = [torch.zeros(0, dtype=first.dtype, device=first.device)]  # for an empty share
         for x, y in chunks:
-            chunk_moments, chunk_losses = self._chunk(params, x, y, per_example=False)
+            if self.max_example_norm is None:
+                chunk_moments, chunk_losses = self._chunk(params, x, y, per_example=False)
+            else:  # each example's whole gradient is needed for its norm
+                grads, chunk_losses = self._chunk(params, x, y, per_example=True)
+                chunk_moments = stats.clipped_moments(grads, self.max_example_norm)
             for name, (grad_sum, sq_sum) in chunk_moments.items():
                 if name in grad_sums:  # later chunks add into the first chunk's fresh tensors
                     grad_sums[name] += grad_sum

@@ -124,6 +124,22 @@ def zero_grad(params: Iterable[Tensor]) -> None:
 
 
 @torch.no_grad()
+def clipped_moments(grads: dict[str, Tensor], max_norm: float) -> dict[str, tuple[Tensor, Tensor]]:
+    """``(Σ_b c_b g_b, Σ_b c_b² g_b²)`` with ``c_b = min(1, max_norm / ‖g_b‖)``, ``‖g_b‖`` the
+    norm of example ``b``'s gradient over every parameter in ``grads``."""
+    squares = torch.stack([g.flatten(1).square().sum(1).double() for g in grads.values()])
+    norms = squares.sum(0).sqrt()
+    scale = (max_norm / norms.clamp(min=torch.finfo(torch.float64).tiny)).clamp(max=1.0)
+    return {
+        name: (
+            torch.tensordot(scale.to(g.dtype), g, dims=1),
+            torch.tensordot(scale.square().to(g.dtype), g.square(), dims=1),
+        )
+        for name, g in grads.items()
+    }
+
+
+@torch.no_grad()
 def moments(grads: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
     """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients ``g`` of shape ``(B, *param.shape)``."""
     return {name: (g.sum(0), g.square().sum(0)) for name, g in grads.items()}

@@ -101,3 +101,29 @@ def test_torch_clip_grad_norm_is_refused_at_the_step_pointing_at_pergrads():
         optim.Adam(model.parameters(), lr=1e-3).step()
     with pytest.raises(ValueError, match="Invalid max_norm"):
         pergrad.clip_grad_norm_(model.parameters(), -1.0)
+
+
+@pytest.mark.parametrize("mode", ["auto", "func"])
+@pytest.mark.parametrize("case", ["mlp", "tied"])
+def test_max_example_norm_clips_each_example_before_the_statistics(case, mode):
+    model, inputs, target = CASES[case].build(6)
+    per_example = reference_grads(model, CROSS_ENTROPY, inputs, target)
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in per_example.values()]).sum(0).sqrt()
+    limit = float(norms.median())  # about half the examples are clipped
+    scale = (limit / norms).clamp(max=1)
+    engine = pergrad.PerExample(
+        model, CROSS_ENTROPY, mode=mode, max_example_norm=limit, chunk_size=4
+    )
+    engine.backward(inputs, target)
+    for name, p in model.named_parameters():
+        clipped = per_example[name] * scale.view(-1, *[1] * (per_example[name].dim() - 1))
+        torch.testing.assert_close(p.grad, clipped.mean(0), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(
+            p.grad_stats.sq_mean, clipped.square().mean(0), rtol=RTOL, atol=ATOL
+        )
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "1", True])
+def test_max_example_norm_must_be_a_positive_number(value):
+    with pytest.raises(ValueError, match="Invalid max_example_norm"):
+        pergrad.PerExample(torch.nn.Linear(2, 2), CROSS_ENTROPY, max_example_norm=value)
