@@ -45,6 +45,9 @@ class _Adaptive(PerExampleOptimizer):
     def _gain_horizon(self, group: dict[str, Any]) -> float:
         return group["sq_horizon"]
 
+    def _state_keys(self) -> set[str]:
+        return {"seen", "exp_avg", "exp_avg_sq"}
+
     def _update(
         self,
         p: Tensor,

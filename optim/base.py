@@ -39,6 +39,38 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         _validate(param_group)
         super().add_param_group(param_group)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, refusing a state that is not this
+        optimizer's (``torch.optim.Adam``'s, or another of ours) before anything is loaded.
+
+        Raises:
+            ValueError: naming the hyperparameters or state buffers that are missing.
+        """
+        kind = type(self).__name__
+        required = set(self.defaults) - {"batch_scaling", "gain_horizon"}  # newer: defaulted
+        for i, group in enumerate(state_dict.get("param_groups", [])):
+            missing = sorted(required - set(group))
+            foreign = sorted(set(group) - set(self.defaults) - {"params"})
+            if missing or foreign:
+                what = f"lacks {', '.join(missing)}" if missing else f"has {', '.join(foreign)}"
+                raise ValueError(
+                    f"this state_dict is not an optim.{kind}'s: its param_groups[{i}] {what}. "
+                    f"Load a state saved by optim.{kind}.state_dict()."
+                )
+        buffers = self._state_keys()
+        for key, state in state_dict.get("state", {}).items():
+            missing = sorted(buffers - set(state))
+            if missing:
+                raise ValueError(
+                    f"this state_dict is not an optim.{kind}'s: the state of parameter {key} "
+                    f"lacks {', '.join(missing)}. Load a state saved by optim.{kind}.state_dict()."
+                )
+        super().load_state_dict(state_dict)
+
+    def _state_keys(self) -> set[str]:
+        """The buffers every parameter's state holds."""
+        return {"seen", "exp_avg"}
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``p.grad`` and the per-example statistics of every parameter.
 

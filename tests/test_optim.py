@@ -238,3 +238,27 @@ def test_conversions_round_trip(batch):
     )
     assert rms == pytest.approx({"lr": 1e-4, "sq_horizon": 1000})
     assert convert.to_torch_adam(1e-4, 320, 32_000, 32)["betas"] == pytest.approx((0.9, 0.999))
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "match"),
+    [
+        (lambda p: torch.optim.Adam(p, lr=1e-3), optim.Adam, "lacks .*grad_horizon"),
+        (lambda p: optim.SGD(p, lr=1e-3), optim.Adam, "lacks .*sq_horizon"),
+        (lambda p: optim.Adam(p, lr=1e-3), optim.SGD, "has .*sq_horizon"),
+        (lambda p: optim.Adam(p, lr=1e-3), optim.Adam, None),
+    ],
+)
+def test_a_state_dict_that_is_not_this_optimizers_is_refused_at_load(source, target, match):
+    param = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    feed(param, torch.randn(4, 3, dtype=torch.float64))
+    other = source([param])
+    other.step()
+    state = other.state_dict()
+    opt = target([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))], lr=0.1)
+    if match is None:
+        opt.load_state_dict(state)
+        return
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state)
+    assert not opt.state and opt.param_groups[0]["lr"] == 0.1  # nothing was loaded
