@@ -133,6 +133,8 @@ class PerExample:
         else:
             grads = {name: torch.cat([g[name] for g, _ in results]) for name in params}
             self.last_losses = torch.cat([losses for _, losses in results])
+        # in each parameter's own dtype, as .grad is (autocast computes some in lower precision)
+        grads = {name: g.to(params[name].dtype) for name, g in grads.items()}
         checks.finite(grads, "per-example gradients")
         return grads
 

@@ -202,3 +202,12 @@ def test_fallback_warning_points_at_the_callers_line():
     with pytest.warns(pergrad.FallbackWarning) as record:
         engine.grads(inputs, target)
     assert {w.filename for w in record} == {__file__}
+
+
+def test_grads_come_in_each_parameters_dtype_under_autocast():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6), torch.nn.Linear(6, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = pergrad.PerExample(model, CROSS_ENTROPY).grads(x, y)
+    assert {g.dtype for g in grads.values()} == {torch.float32}
