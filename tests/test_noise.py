@@ -95,8 +95,8 @@ def test_the_gain_is_the_batch_size_for_pure_noise(kind, batch, seed):
     param = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
     opt = kind([param], lr=1e-3, batch_scaling="gain")
     for _ in range(3):
-        half = torch.randn((batch + 1) // 2, 4, generator=gen, dtype=torch.float64)
-        per_example = torch.cat([half, -half])[: 2 * (batch // 2)]
+        half = torch.randn(batch // 2, 4, generator=gen, dtype=torch.float64)
+        per_example = torch.cat([half, -half])  # an even number of examples, mean zero
         feed(param, per_example)
         opt.step()
         assert opt.gains[-1] == pytest.approx(len(per_example), rel=1e-12)
