@@ -60,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     same = all(torch.equal(gathered[0], other) for other in gathered)
     if rank == 0:
         print(f"identical parameters on all {world} ranks: {same}")
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
     if not same:
         raise SystemExit(1)
