@@ -73,6 +73,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
     except RuntimeError as error:
         results["different start"] = str(error)
     torch.save(results, out / f"rank{rank}.pt")
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
 
 
