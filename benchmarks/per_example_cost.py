@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from cli import DefaultsWhereSet  # noqa: E402
 from real_models import REAL_MODELS  # noqa: E402
 
 METHODS = ("plain", "auto", "func", "hooks", "loop", "grads()", "opacus", "backpack")
@@ -351,19 +352,9 @@ def plot(results: dict, methods: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-class _DefaultsWhereSet(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: …)`` only where an option has a value of its own: not for flags, nor
-    where the help already says what an unset option means."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or isinstance(action.default, bool):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=_DefaultsWhereSet
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsWhereSet
     )
     parser.add_argument(
         "--batch-sizes", type=int, nargs="+", help="[default: 32 256 1024; --quick: 32 256]"

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from cli import DefaultsWhereSet
 from tasks import TASKS, Task
 from torch import Tensor, nn
 
@@ -324,20 +325,10 @@ def plot_lr(summary: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-class _DefaultsWhereSet(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: …)`` only where an option has a value of its own: not for flags, nor
-    where the help already says what an unset option means."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or isinstance(action.default, bool):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=_DefaultsWhereSet,
+        formatter_class=DefaultsWhereSet,
     )
     parser.add_argument(
         "--data",
