@@ -326,7 +326,7 @@ def plot(results: dict, methods: list[str], path: Path) -> None:
     width = 0.8 / len(shown)
     labels, labeled = [], set()
     for i, ((model_name, batch), row) in enumerate(results.items()):
-        labels.append(f"{model_name.split(' (')[0]}\nB={batch}")
+        labels.append(f"{model_name.split(' ')[0]}\nB={batch}")
         for j, method in enumerate(shown):
             r, x = row[method], i + (j - len(shown) / 2 + 0.5) * width
             if "error" not in r:
