@@ -51,7 +51,6 @@ from pergrad.rules.base import (
     chunks,
     fresh_moments,
     moments_in_chunks,
-    moments_of,
     rule_for,
 )
 from pergrad.shared import Broadcasts, SharedOutput
@@ -86,6 +85,11 @@ class _Hooked:
     @property
     def kind(self) -> str:
         return type(self.module).__name__
+
+    @property
+    def numel(self) -> int:
+        """The numbers in one example's gradients of the parameters it covers."""
+        return sum(self.module.get_parameter(name).numel() for name in self.params)
 
     @property
     def label(self) -> str:
@@ -161,20 +165,19 @@ class _Record:
                         return rule.grads(self.hooked.module, call)
                     if rule.moments is not None:
                         return rule.moments(self.hooked.module, call)
-                    numel = sum(self._param(n).numel() for n in self.hooked.params)
-                    return moments_in_chunks(rule.grads, self.hooked.module, call, numel)
+                    module = self.hooked.module
+                    return moments_in_chunks(
+                        lambda i, j: rule.grads(module, call.narrow(i, j)),
+                        self.size,
+                        self.hooked.numel,
+                    )
             except local.LocalError:
                 raise
             except Exception as error:  # outside what the rule handles: try the local path
                 self.rule_problem = f"its rule failed: {type(error).__name__}: {error}"
         if per_example:
             return self.grads(0, self.size)
-        total: Values = {}
-        numel = sum(self._param(n).numel() for n in self.hooked.params)
-        for start, stop in chunks(self.size, numel):
-            for name, g in self.grads(start, stop).items():  # may alias δ: not in place
-                total[name] = add_moments(total.get(name), moments_of(g))
-        return total
+        return moments_in_chunks(self.grads, self.size, self.hooked.numel)
 
     def grads(self, start: int, stop: int) -> dict[str, Tensor]:
         """Per-example gradients of examples ``start:stop``."""
@@ -189,7 +192,7 @@ class _Record:
             )
         args, kwargs = _detached(self.args), _detached(self.kwargs)
         for key in self.batched:
-            _narrow(args, kwargs, key, start, stop)
+            local.put(args, kwargs, key, local.get(args, kwargs, key)[start:stop])
         return local.per_example_grads(
             module,
             names,
@@ -199,9 +202,6 @@ class _Record:
             [o[start:stop] for o in self.outputs],
             [g[start:stop] for g in self.all_deltas()],
         )
-
-    def _param(self, local_name: str) -> Tensor:
-        return self.hooked.module.get_parameter(local_name)
 
 
 class Layerwise:
@@ -491,7 +491,7 @@ class _Forward:
         if not several:
             return
         records = {id(r): r for found in several.values() for r, _ in found}
-        numel = sum(r._param(n).numel() for r in records.values() for n in r.hooked.params)
+        numel = sum(r.hooked.numel for r in records.values())
         try:
             for start, stop in chunks(self.size, numel, REDUCE_ELEMENTS):
                 grads = {key: r.grads(start, stop) for key, r in records.items()}
@@ -538,10 +538,3 @@ def _tensors(args: tuple, kwargs: dict):
 def _detached(inputs):
     detached = pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, inputs)
     return list(detached) if isinstance(detached, tuple) else detached
-
-
-def _narrow(args: list, kwargs: dict, key, start: int, stop: int) -> None:
-    if isinstance(key, int):
-        args[key] = args[key][start:stop]
-    else:
-        kwargs[key] = kwargs[key][start:stop]

@@ -72,12 +72,12 @@ def per_example_grads(
             differs from the batch's.
     """
     theta = {name: module.get_parameter(name).detach() for name in names}
-    values = {key: _get(args, kwargs, key) for key in batched}
+    values = {key: get(args, kwargs, key) for key in batched}
 
     def one(theta: dict[str, Tensor], values: dict, deltas: list[Tensor]):
         a, k = list(args), dict(kwargs)
         for key, value in values.items():
-            _put(a, k, key, value.unsqueeze(0))
+            put(a, k, key, value.unsqueeze(0))
         out, pull = vjp(lambda t: _forward(module, t, tuple(a), k), theta)
         if len(out) != len(deltas):
             raise LocalError("its outputs differ in number for one example")
@@ -137,11 +137,13 @@ def _check(outputs: Sequence[Tensor], replayed: Sequence[Tensor]) -> None:
             )
 
 
-def _get(args: Sequence, kwargs: dict, key: int | str):
+def get(args: Sequence, kwargs: dict, key: int | str):
+    """The input at ``key``: a position in ``args`` or a keyword of ``kwargs``."""
     return args[key] if isinstance(key, int) else kwargs[key]
 
 
-def _put(args: list, kwargs: dict, key: int | str, value) -> None:
+def put(args: list, kwargs: dict, key: int | str, value) -> None:
+    """Set the input at ``key`` (see :func:`get`)."""
     if isinstance(key, int):
         args[key] = value
     else:

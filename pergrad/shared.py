@@ -43,10 +43,12 @@ class SharedOutput:
     example_grads: list[Tensor] = field(default_factory=list)
     total_grad: Tensor | None = None
     misuse: str | None = None
+    _per_example: Tensor | None = None
 
     def release(self) -> None:
         """Drop the tensors (the hooks that hold this object sit on their autograd graph)."""
         self.tensor, self.example_grads, self.total_grad = None, [], None
+        self._per_example = None
 
     def per_example_grad(self, batch_size: int) -> Tensor:
         """``δ_b`` for every example, ``(B, *u.shape)``.
@@ -54,6 +56,8 @@ class SharedOutput:
         Raises:
             LocalError: ``u`` was used otherwise than broadcast into the batch.
         """
+        if self._per_example is not None:
+            return self._per_example
         shape = (batch_size, *self.tensor.shape)
         grads = sum(self.example_grads, self.tensor.new_zeros(shape))
         if self.misuse is None and self.total_grad is not None:
@@ -63,6 +67,7 @@ class SharedOutput:
             raise LocalError(
                 f"its output, shared by the whole batch, reaches the loss through {self.misuse}"
             )
+        self._per_example = grads  # formed after the backward pass: every use has arrived
         return grads
 
 

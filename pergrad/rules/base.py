@@ -177,11 +177,14 @@ def add_moments(total: Moments | None, more: Moments) -> Moments:
     return total[0] + more[0], total[1] + more[1]
 
 
-def moments_in_chunks(grads: GradsFn, module: nn.Module, call: Call, numel: int) -> dict:
-    """The moments of ``grads(module, call)``, formed a few examples at a time."""
+def moments_in_chunks(
+    grads: Callable[[int, int], dict[str, Tensor]], size: int, numel: int
+) -> dict[str, Moments]:
+    """The moments of the per-example gradients ``grads(start, stop)`` of examples
+    ``start:stop``, formed a few examples at a time (``numel`` numbers per example)."""
     total: dict[str, Moments] = {}
-    for start, stop in chunks(call.batch_size, numel):
-        for name, g in grads(module, call.narrow(start, stop)).items():
+    for start, stop in chunks(size, numel):
+        for name, g in grads(start, stop).items():
             total[name] = add_moments(total.get(name), moments_of(g))
     return total
 
