@@ -37,7 +37,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -69,7 +71,8 @@ def make_optimizer(name: str, params, batch: int, lr: float, args) -> torch.opti
     if name == "invariant":
         return optim.Adam(params, lr=lr, second_moment="example", **horizons)
     if name == "invariant_gain":
-        return optim.Adam(params, lr=lr, batch_scaling="gain", **horizons)
+        gain = {"batch_scaling": "gain", "gain_horizon": args.gain_horizon}
+        return optim.Adam(params, lr=lr, **gain, **horizons)
     if name == "standard":
         return optim.Adam(params, lr=lr, second_moment="batch", **horizons)
     if name in TORCH:
@@ -144,25 +147,59 @@ def train(task: Task, name: str, batch: int, order: Tensor, args, progress, lr=N
 
 def run(task: Task, args) -> dict:
     """Every optimizer at every batch size (and, with ``--tune``, every lr of the grid);
-    returns ``{optimizer: {B: run}}``, or ``{optimizer: {B: {lr: run}}}``."""
+    returns ``{optimizer: {B: run}}``, or ``{optimizer: {B: {lr: run}}}``. With ``--jobs N``
+    the runs go to ``N`` processes, each with ``1/N`` of the threads."""
     from tqdm.auto import tqdm
 
     order = example_order(len(task.train[1]), args.examples, args.seed)
     rates = args.lr_grid if args.tune else [None]
     cells = [(n, b, lr) for n in args.optimizers for b in args.batch_sizes for lr in rates]
     results: dict = {}
-    with tqdm(
-        total=len(cells) * len(order), unit="ex", disable=not args.progress, smoothing=0
-    ) as bar:
-        for name, batch, lr in cells:
-            bar.set_description(f"{name} B={batch}" + (f" lr={lr:g}" if lr else ""))
-            done = train(task, name, batch, order, args, bar, lr)
-            runs = results.setdefault(name, {})
-            if lr is None:
-                runs[batch] = done
-            else:
-                runs.setdefault(batch, {})[lr] = done
-    return results
+    bar = tqdm(total=len(cells) * len(order), unit="ex", disable=not args.progress, smoothing=0)
+    with bar:
+        if args.jobs == 1:
+            for name, batch, lr in cells:
+                bar.set_description(f"{name} B={batch}" + (f" lr={lr:g}" if lr else ""))
+                _store(results, name, batch, lr, train(task, name, batch, order, args, bar, lr))
+            return results
+        bar.set_description(f"{len(cells)} runs in {args.jobs} processes")
+        threads = max(1, torch.get_num_threads() // args.jobs)
+        context = multiprocessing.get_context("spawn")  # fork is unsafe once torch has threads
+        with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            futures = {pool.submit(_train_in_worker, args, threads, *cell): cell for cell in cells}
+            for future in as_completed(futures):
+                _store(results, *futures[future], future.result())
+                bar.update(len(order))
+    return {name: _in_order(results[name], args) for name in args.optimizers}
+
+
+def _train_in_worker(args, threads: int, name: str, batch: int, lr: float | None) -> dict:
+    """One run of :func:`run` in a process of its own, with ``threads`` threads."""
+    torch.set_num_threads(threads)
+    task = TASKS[args.data](args.seed)
+    order = example_order(len(task.train[1]), args.examples, args.seed)
+    return train(task, name, batch, order, args, _NoProgress(), lr)
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+
+def _store(results: dict, name: str, batch: int, lr: float | None, done: dict) -> None:
+    runs = results.setdefault(name, {})
+    if lr is None:
+        runs[batch] = done
+    else:
+        runs.setdefault(batch, {})[lr] = done
+
+
+def _in_order(runs: dict, args) -> dict:
+    """Runs that finished in any order, keyed in the order of the command line."""
+    ordered = {b: runs[b] for b in args.batch_sizes}
+    if args.tune:
+        ordered = {b: {lr: r[lr] for lr in args.lr_grid} for b, r in ordered.items()}
+    return ordered
 
 
 def tune_summary(results: dict) -> dict:
@@ -376,6 +413,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="per-example learning rates tried by --tune [default: 1e-4 3e-4 1e-3 3e-3 1e-2; "
         "with --quick: 3e-4 1e-3 3e-3]",
     )
+    parser.add_argument(
+        "--gain-horizon",
+        type=float,
+        default=1000,
+        help="invariant_gain: the examples its noise and signal estimates span",
+    )
     parser.add_argument("--points", type=int, default=60, help="points on each loss curve")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, split and order")
     parser.add_argument(
@@ -389,9 +432,17 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="B = 8, 32, 128 and 12,000 examples (digits: 14 s on 2 idle CPU cores)",
     )
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="run the runs in this many processes, splitting the threads between them",
+    )
+    parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="hide the progress bars"
     )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     quick, full = ([8, 32, 128], 12_000), ([8, 32, 128, 512], 60_000)
     batch_sizes, examples = quick if args.quick else full
     args.out = args.out or Path("runs/batch_invariance") / args.data
@@ -415,6 +466,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None, task: Task | None = None) -> dict:
     """Run the comparison, print the table, write the PNG and JSON; return the summary."""
     args = parse(argv)
+    if task is not None and args.jobs > 1:
+        raise ValueError("--jobs builds the task in each process from --data: pass no task")
     task = task or TASKS[args.data](args.seed)
     results = run(task, args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -42,9 +42,6 @@ class _Adaptive(PerExampleOptimizer):
             spread = (spread - state["grad_avg"].lerp(p.grad, weight).square()).clamp_(min=0)
         return 1 / spread.pow(group["power"]).add_(group["eps"])
 
-    def _gain_horizon(self, group: dict[str, Any]) -> float:
-        return group["sq_horizon"]
-
     def _state_keys(self) -> set[str]:
         return {"seen", "exp_avg", "exp_avg_sq"}
 
@@ -108,8 +105,13 @@ class RMSprop(_Adaptive):
         batch_scaling: ``"linear"``: a step moves by ``B·lr·…``; ``"gain"``: by ``r·lr·…``,
             ``r = B(σ² + |G|²)/(σ² + B|G|²)`` the gain ratio, estimated from the per-example
             statistics in this optimizer's metric ``1/(√s + ε)`` and averaged over
-            ``sq_horizon`` examples: ``B`` while the gradient noise dominates, falling toward
-            1 past the critical batch size, so one ``lr`` survives large batches (MATH.md).
+            ``gain_horizon`` examples: ``B`` while the gradient noise dominates, falling
+            toward 1 past the critical batch size, so one ``lr`` survives large batches
+            (MATH.md).
+        gain_horizon: the examples the gain's noise and signal estimates span. Short enough
+            to follow the noise scale as it grows during training: averaged over a long
+            horizon, the large gradients of the first steps dominate and ``r`` lags far
+            behind.
 
     Example:
         >>> opt = optim.RMSprop(model.parameters(), lr=1e-4, sq_horizon=1000)
@@ -129,6 +131,7 @@ class RMSprop(_Adaptive):
         weight_decay: float = 0.0,
         power: float = 0.5,
         batch_scaling: str = "linear",
+        gain_horizon: float = 1000,
     ):
         defaults = {
             "lr": lr,
@@ -140,6 +143,7 @@ class RMSprop(_Adaptive):
             "weight_decay": weight_decay,
             "power": power,
             "batch_scaling": batch_scaling,
+            "gain_horizon": gain_horizon,
         }
         super().__init__(params, defaults)
 
@@ -168,8 +172,13 @@ class Adam(_Adaptive):
         batch_scaling: ``"linear"``: a step moves by ``B·lr·…``; ``"gain"``: by ``r·lr·…``,
             ``r = B(σ² + |G|²)/(σ² + B|G|²)`` the gain ratio, estimated from the per-example
             statistics in this optimizer's metric ``1/(√s + ε)`` and averaged over
-            ``sq_horizon`` examples: ``B`` while the gradient noise dominates, falling toward
-            1 past the critical batch size, so one ``lr`` survives large batches (MATH.md).
+            ``gain_horizon`` examples: ``B`` while the gradient noise dominates, falling
+            toward 1 past the critical batch size, so one ``lr`` survives large batches
+            (MATH.md).
+        gain_horizon: the examples the gain's noise and signal estimates span. Short enough
+            to follow the noise scale as it grows during training: averaged over a long
+            horizon, the large gradients of the first steps dominate and ``r`` lags far
+            behind.
 
     Example:
         >>> opt = optim.Adam(model.parameters(), lr=3e-5)
@@ -190,6 +199,7 @@ class Adam(_Adaptive):
         second_moment: str = "example",
         weight_decay: float = 0.0,
         batch_scaling: str = "linear",
+        gain_horizon: float = 1000,
     ):
         defaults = {
             "lr": lr,
@@ -199,6 +209,7 @@ class Adam(_Adaptive):
             "second_moment": second_moment,
             "weight_decay": weight_decay,
             "batch_scaling": batch_scaling,
+            "gain_horizon": gain_horizon,
             "centered": False,
             "power": 0.5,
         }

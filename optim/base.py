@@ -34,6 +34,7 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("gains", [])
         for group in self.param_groups:
             group.setdefault("batch_scaling", "linear")
+            group.setdefault("gain_horizon", 1000)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         _validate(param_group)
@@ -149,7 +150,7 @@ class PerExampleOptimizer(torch.optim.Optimizer):
                     p.grad, stats.sq_mean, self._metric(p, stats, state, group)
                 )
                 noise_now, signal_now = pergrad.noise.estimates(batch, s, m)
-                weight = F.average_weight(batch, state["gain_seen"], self._gain_horizon(group))
+                weight = F.average_weight(batch, state["gain_seen"], group["gain_horizon"])
                 state["noise"] += weight * (noise_now - state["noise"])
                 state["signal"] += weight * (signal_now - state["signal"])
             noise, signal = noise + state["noise"], signal + state["signal"]
@@ -162,10 +163,6 @@ class PerExampleOptimizer(torch.optim.Optimizer):
     ) -> Tensor | None:
         """The weight of each coordinate in the metric of the step (``None``: all 1)."""
         return None
-
-    def _gain_horizon(self, group: dict[str, Any]) -> float:
-        """The examples the noise and signal estimates are averaged over."""
-        return group["gain_horizon"]
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         raise NotImplementedError

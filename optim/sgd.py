@@ -58,11 +58,6 @@ class SGD(PerExampleOptimizer):
         }
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("gain_horizon", 1000)
-
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["seen"] = 0  # n: examples seen, this step included
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # m

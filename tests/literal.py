@@ -25,7 +25,7 @@ def run(kind: str, phi: Tensor, stream: list[Tensor], **h) -> Tensor:
     power, centered = h.get("power", 0.5), h.get("centered", False)
     example = h.get("second_moment", "example") == "example"
     gain = h.get("batch_scaling", "linear") == "gain"
-    n_r = h.get("gain_horizon", 1000) if kind == "sgd" else n_s
+    n_r = h.get("gain_horizon", 1000)
     phi = phi.clone()
     m = s = a = torch.zeros_like(phi)
     n = k = 0

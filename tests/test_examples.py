@@ -69,6 +69,24 @@ def test_tune_writes_the_best_lr_the_transfer_and_the_lr_plot(tmp_path, capsys):
     assert "transfer" in capsys.readouterr().out
 
 
+def test_jobs_run_the_same_runs_in_several_processes(tmp_path):
+    argv = ["--tune", "--quick", "--batch-sizes", "8", "32", "--examples", "200", "--no-progress"]
+    argv += ["--lr-grid", "3e-4", "3e-3", "--points", "2"]
+    alone = batch_invariance.main([*argv, "--out", str(tmp_path / "1")])
+    shared = batch_invariance.main([*argv, "--out", str(tmp_path / "2"), "--jobs", "2"])
+    assert list(shared) == list(alone)
+    for name, entry in alone.items():
+        for b, grid in entry["grid"].items():
+            assert list(shared[name]["grid"][b]) == list(grid)  # the command line's order
+            assert shared[name]["grid"][b] == pytest.approx(grid, rel=1e-4)  # threads differ
+
+
+def test_jobs_need_the_task_of_data():
+    task = tasks.text_task(seed=0, sequences=100, curve_examples=8)
+    with pytest.raises(ValueError, match="--jobs"):
+        batch_invariance.main(["--jobs", "2", "--no-progress"], task=task)
+
+
 def test_tune_needs_the_reference_batch_size():
     with pytest.raises(SystemExit):
         batch_invariance.parse(["--tune", "--batch-sizes", "8", "64"])

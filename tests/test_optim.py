@@ -1,5 +1,6 @@
 """The optimizers against a literal transcription of MATH.md, and as torch.optim citizens."""
 
+import copy
 import io
 
 import pytest
@@ -26,6 +27,7 @@ OPTIONS = {
         {"lr": 0.01, "sq_horizon": 50, "second_moment": "batch", "weight_decay": 0.01},
         {"lr": 0.001, "sq_horizon": 50, "power": 1.0, "eps": 0.1},
         {"lr": 0.01, "sq_horizon": 30, "centered": True, "batch_scaling": "gain"},
+        {"lr": 0.01, "sq_horizon": 300, "batch_scaling": "gain", "gain_horizon": 20},
     ],
     "adam": [
         {"lr": 0.01},
@@ -34,6 +36,7 @@ OPTIONS = {
         {"lr": 0.01, "grad_horizon": 5, "sq_horizon": 60, "weight_decay": 0.2, "eps": 1e-2},
         {"lr": 0.01, "grad_horizon": 16, "sq_horizon": 100, "batch_scaling": "gain"},
         {"lr": 0.01, "sq_horizon": 40, "second_moment": "batch", "batch_scaling": "gain"},
+        {"lr": 0.01, "sq_horizon": 500, "batch_scaling": "gain", "gain_horizon": 12},
     ],
 }
 CASES_ = [(kind, options) for kind, all_options in OPTIONS.items() for options in all_options]
@@ -160,6 +163,7 @@ def test_parameters_without_grad_are_skipped():
         (lambda p: optim.RMSprop(p, lr=0.1, power=0), "Invalid power"),
         (lambda p: optim.Adam(p, lr=0.1, batch_scaling="sqrt"), "Invalid batch_scaling"),
         (lambda p: optim.SGD(p, lr=0.1, gain_horizon=0), "Invalid gain_horizon"),
+        (lambda p: optim.Adam(p, lr=0.1, gain_horizon=0.5), "Invalid gain_horizon"),
         (
             lambda p: optim.Adam([{"params": p, "lr": -2.0}], lr=0.1),
             "Invalid learning rate: -2.0",
@@ -262,3 +266,26 @@ def test_a_state_dict_that_is_not_this_optimizers_is_refused_at_load(source, tar
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(state)
     assert not opt.state and opt.param_groups[0]["lr"] == 0.1  # nothing was loaded
+
+
+@pytest.mark.parametrize("kind", ["sgd", "rmsprop", "adam"])
+def test_a_state_saved_before_gain_horizon_existed_loads_with_its_default(kind):
+    stream = _stream(5)
+    first = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    second = torch.nn.Parameter(first.detach().clone())
+    opt = KINDS[kind]([first], lr=0.01, batch_scaling="gain")
+    for per_example in stream[:4]:
+        feed(first, per_example)
+        opt.step()
+    state = copy.deepcopy(opt.state_dict())  # not sharing the buffers opt keeps stepping
+    for group in state["param_groups"]:
+        del group["gain_horizon"]  # what an optimizer saved before the option existed holds
+    second.data.copy_(first.detach())
+    resumed = KINDS[kind]([second], lr=0.01, gain_horizon=7)
+    resumed.load_state_dict(state)
+    assert resumed.param_groups[0]["gain_horizon"] == 1000
+    for per_example in stream[4:]:
+        for param, optimizer in ((first, opt), (second, resumed)):
+            feed(param, per_example)
+            optimizer.step()
+        assert torch.equal(first, second)
