@@ -35,6 +35,7 @@ size, one panel per optimizer: for an invariant method the lines' minima line up
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import multiprocessing
@@ -176,9 +177,15 @@ def run(task: Task, args) -> dict:
 def _train_in_worker(args, threads: int, name: str, batch: int, lr: float | None) -> dict:
     """One run of :func:`run` in a process of its own, with ``threads`` threads."""
     torch.set_num_threads(threads)
-    task = TASKS[args.data](args.seed)
+    task = _task(args.data, args.seed)
     order = example_order(len(task.train[1]), args.examples, args.seed)
     return train(task, name, batch, order, args, _NoProgress(), lr)
+
+
+@functools.cache
+def _task(data: str, seed: int) -> Task:
+    """The task of ``--data``, built once per process."""
+    return TASKS[data](seed)
 
 
 class _NoProgress:
