@@ -22,7 +22,9 @@ def test_mode_matches_one_backward_per_example(case, mode, batch_size):
             engine.grads(inputs, target)
         return
     expected = reference_grads(model, CROSS_ENTROPY, inputs, target)
-    assert_close_dicts(engine.grads(inputs, target), expected)
+    grads = engine.grads(inputs, target)
+    assert_close_dicts(grads, expected)
+    assert not any(g.requires_grad for g in grads.values())  # plain numbers, no graph kept
     assert engine.mode == mode
 
 
@@ -39,6 +41,7 @@ def test_auto_matches_one_backward_per_example(case):
         warnings.simplefilter("always", pergrad.FallbackWarning)
         grads = engine.grads(inputs, target)
     assert_close_dicts(grads, reference_grads(model, CROSS_ENTROPY, inputs, target))
+    assert not any(g.requires_grad for g in grads.values())  # whole-model modes' too
     rest = {name for name, source in engine.sources.items() if source in ALL_MODES}
     assert {engine.sources[name] for name in rest} <= {spec.auto}
     assert engine.mode == spec.auto

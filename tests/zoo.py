@@ -153,6 +153,20 @@ class Tied(nn.Module):
         return self.out(torch.tanh(self.hidden(self.embed(tokens))).mean(1))
 
 
+class ParentUse(nn.Module):
+    """The embedding's weight also used by the parent, outside the layer (a tied head written
+    ``h @ embed.weight.T``, as nanoGPT-style code does): the per-layer path covers the other
+    parameters, a whole-model mode the embedding's."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.hidden = nn.Linear(6, 6)
+
+    def forward(self, tokens):
+        return torch.tanh(self.hidden(self.embed(tokens))).mean(1) @ self.embed.weight.T
+
+
 class TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
@@ -242,6 +256,8 @@ CASES = {
     "batchnorm_eval": Case(batchnorm_eval, _features, frozenset({"func", "loop"}), "layerwise"),
     "transformer": Case(Transformer, _tokens, frozenset({"func", "loop"}), "layerwise"),
     "tied": Case(Tied, _tokens, frozenset({"func", "hooks", "loop"}), "layerwise", classes=11),
+    # Opacus misses the parent's use, and the hooks guard catches it
+    "parent_use": Case(ParentUse, _tokens, frozenset({"func", "loop"}), "func", classes=11),
     # vmap runs a float32 LSTM on CPU, not a float64 one
     "lstm": Case(lambda: Recurrent(nn.LSTM), _tokens, frozenset({"loop"}), "loop"),
     "gru": Case(lambda: Recurrent(nn.GRU), _tokens, frozenset({"loop"}), "loop"),

@@ -13,8 +13,8 @@ class FuncMode(Mode):
     """``g_b = ∇_Φ loss_fn(model(x_b), y_b)`` for every ``b`` at once, by ``vmap`` over examples.
 
     The model runs on one example at a time with a batch dimension of 1, so layers see the
-    shapes they expect. Parameters are passed as detached views (never copied); frozen
-    parameters and buffers are passed as they are. Random layers draw a separate sample for
+    shapes they expect. Parameters are passed as detached views (never copied), buffers as
+    they are. Random layers draw a separate sample for
     every example (``randomness="different"``).
     """
 
@@ -23,7 +23,9 @@ class FuncMode(Mode):
     def __call__(
         self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
     ) -> PerExampleResult:
-        fixed = {n: p for n, p in self.model.named_parameters() if n not in params}
+        # the other parameters detached too: a trainable one left attached (where the
+        # per-layer path covers it) would give these gradients a graph through it
+        fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in params}
         fixed.update(self.model.named_buffers())
 
         size = len(target)
