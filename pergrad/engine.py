@@ -49,8 +49,11 @@ class PerExample:
         max_example_norm: ``C``: :meth:`backward` clips every example's gradient to norm ``C``
             (over all trainable parameters) before forming the statistics,
             ``g_b ← g_b · min(1, C / ‖g_b‖)``, as DP-SGD and robust training need; ``grads()``
-            still returns the gradients as they are. It forms each chunk's per-example
-            gradients (bound them with ``chunk_size``).
+            still returns the gradients as they are. ``‖g_b‖²`` comes from the rules' closed
+            forms where they have one (``|δ_b|²·|a_b|²`` for a ``Linear`` on ``(B, in)``, an
+            ``Embedding``), else from per-example gradients formed a few examples at a time;
+            the clipped moments from the rules' moments with each ``δ_b`` scaled by ``c_b``.
+            It keeps every layer's ``δ`` until the backward pass ends.
 
     Example:
         >>> engine = PerExample(model, nn.CrossEntropyLoss(reduction="none"))
@@ -160,11 +163,7 @@ class PerExample:
         first = next(iter(params.values()))
         losses = [torch.zeros(0, dtype=first.dtype, device=first.device)]  # for an empty share
         for x, y in chunks:
-            if self.max_example_norm is None:
-                chunk_moments, chunk_losses = self._chunk(params, x, y, per_example=False)
-            else:  # each example's whole gradient is needed for its norm
-                grads, chunk_losses = self._chunk(params, x, y, per_example=True)
-                chunk_moments = stats.clipped_moments(grads, self.max_example_norm)
+            chunk_moments, chunk_losses = self._chunk(params, x, y, per_example=False)
             for name, (grad_sum, sq_sum) in chunk_moments.items():
                 if name in grad_sums:  # later chunks add into the first chunk's fresh tensors
                     grad_sums[name] += grad_sum
@@ -213,23 +212,50 @@ class PerExample:
         per_example: bool,
     ) -> tuple[dict[str, Tensor | tuple[Tensor, Tensor]], Tensor]:
         """For one chunk, each parameter's per-example gradients if ``per_example``, else their
-        moments ``(Σ_b g_b, Σ_b g_b²)``, and the losses: per-layer rules and layer-local
-        ``torch.func`` where they cover a parameter (in ``"auto"``), a whole-model mode for the
-        rest."""
+        moments ``(Σ_b g_b, Σ_b g_b²)`` (of the clipped gradients with ``max_example_norm``),
+        and the losses: per-layer rules and layer-local ``torch.func`` where they cover a
+        parameter (in ``"auto"``), a whole-model mode for the rest."""
+        clipping = self.max_example_norm is not None and not per_example
         if self._layerwise is None:
             grads, losses = self._per_example(params, inputs, target)
             self.sources = dict.fromkeys(params, self.mode)
-            return (grads if per_example else stats.moments(grads)), losses
+            if per_example:
+                return grads, losses
+            scale = self._clip_factors(stats.sq_norms(grads)) if clipping else None
+            return stats.moments(grads, scale), losses
+        rest: dict[str, Tensor] = {}
+        factors: list[Tensor] = []
+
+        def clip(covered: Tensor, uncovered: dict[str, str]) -> Tensor:
+            rest.update(self._uncovered_grads(params, uncovered, inputs, target))
+            factors.append(self._clip_factors(covered + stats.sq_norms(rest)))
+            return factors[0]
+
         with torch.enable_grad():
-            result = self._layerwise(params, inputs, target, per_example)
+            clip_fn = clip if clipping else None
+            result = self._layerwise(params, inputs, target, per_example, clip_fn)
         self._layerwise_ran = True
-        rest = {name: params[name] for name in result.uncovered}
+        if not clipping:
+            rest = self._uncovered_grads(params, result.uncovered, inputs, target)
         if rest:
-            grads, _ = self._per_example(rest, inputs, target)
-            result.values.update(grads if per_example else stats.moments(grads))
-            self._warn_uncovered(result.uncovered)
+            moments = stats.moments(rest, factors[0] if clipping else None)
+            result.values.update(rest if per_example else moments)
         self.sources = {**result.sources, **dict.fromkeys(rest, self.mode)}
         return result.values, result.losses
+
+    def _uncovered_grads(
+        self, params: dict[str, nn.Parameter], uncovered: dict[str, str], inputs, target
+    ) -> dict[str, Tensor]:
+        """Per-example gradients, from a whole-model mode, of what the layers leave."""
+        if not uncovered:
+            return {}
+        grads, _ = self._per_example({name: params[name] for name in uncovered}, inputs, target)
+        self._warn_uncovered(uncovered)
+        return grads
+
+    def _clip_factors(self, sq_norms: Tensor) -> Tensor:
+        """``c_b = min(1, C / ‖g_b‖)`` from ``‖g_b‖²`` over every trainable parameter."""
+        return stats.clip_factors(sq_norms, self.max_example_norm)
 
     def _warn_uncovered(self, uncovered: dict[str, str]) -> None:
         if set(uncovered) <= self._warned:

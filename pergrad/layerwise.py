@@ -52,10 +52,17 @@ from pergrad.rules.base import (
     fresh_moments,
     moments_in_chunks,
     rule_for,
+    sq_norms_in_chunks,
+    sq_norms_of,
 )
 from pergrad.shared import Broadcasts, SharedOutput
 
 Values = dict[str, "Tensor | Moments"]
+
+Clip = Callable[[Tensor, dict[str, str]], Tensor]
+"""``clip(sq_norms, uncovered) -> c``: given ``Σ |g_b|²`` over the covered parameters,
+``(B,)`` in float64, and the parameters left uncovered (name -> why), the factors ``c_b`` by
+which each example's gradient is scaled before the moments are formed."""
 
 
 @dataclass
@@ -113,6 +120,7 @@ class _Record:
     problem: str | None = None  # why neither a rule nor the local path can use this call
     rule_problem: str | None = None  # why the rule cannot
     values: Values | None = None  # computed during the backward pass, where that is safe
+    scale: Tensor | None = None  # per-example factors c_b on δ (clipping), once known
 
     @property
     def source(self) -> str:
@@ -140,8 +148,9 @@ class _Record:
                 else x
                 for i, x in enumerate(self.args)
             )
-            return Call(args, self.kwargs, self.all_deltas()[0], self._batched_keywords())
-        delta = self.shared.per_example_grad(self.size)
+            delta = self._scaled(self.all_deltas()[0])
+            return Call(args, self.kwargs, delta, self._batched_keywords())
+        delta = self._scaled(self.shared.per_example_grad(self.size))
         output = self.shared.tensor
         if output.dim() and output.shape[0] == 1:  # (1, …): the batch takes the place of 1
             widen = lambda x: x.expand(self.size, *x.shape[1:])  # noqa: E731
@@ -156,37 +165,29 @@ class _Record:
 
     def compute(self, per_example: bool) -> Values:
         """All per-example gradients of the module's covered parameters, or their moments."""
-        if self._use_rule:
-            rule = self.hooked.rule
-            try:
-                with torch.no_grad():
-                    call = self.call()
-                    if per_example:
-                        return rule.grads(self.hooked.module, call)
-                    if rule.moments is not None:
-                        return rule.moments(self.hooked.module, call)
-                    module = self.hooked.module
-                    return moments_in_chunks(
-                        lambda i, j: rule.grads(module, call.narrow(i, j)),
-                        self.size,
-                        self.hooked.numel,
-                    )
-            except local.LocalError:
-                raise
-            except Exception as error:  # outside what the rule handles: try the local path
-                self.rule_problem = f"its rule failed: {type(error).__name__}: {error}"
         if per_example:
             return self.grads(0, self.size)
+        found = self._by_rule(lambda rule, layer, call: rule.moments and rule.moments(layer, call))
+        if found is not None:
+            return found
         return moments_in_chunks(self.grads, self.size, self.hooked.numel)
+
+    def sq_norms(self) -> dict[str, Tensor]:
+        """``|g_b|²`` of each covered parameter, ``(B,)``: the rule's closed form where it has
+        one, else from per-example gradients formed a few examples at a time."""
+        found = self._by_rule(lambda rule, layer, call: rule.norms and rule.norms(layer, call))
+        if found is not None:
+            return found
+        return sq_norms_in_chunks(self.grads, self.size, self.hooked.numel)
 
     def grads(self, start: int, stop: int) -> dict[str, Tensor]:
         """Per-example gradients of examples ``start:stop``."""
+        found = self._by_rule(lambda rule, layer, call: rule.grads(layer, call.narrow(start, stop)))
+        if found is not None:
+            return found
         module, names = self.hooked.module, list(self.hooked.params)
-        if self._use_rule:
-            with torch.no_grad():
-                return self.hooked.rule.grads(module, self.call().narrow(start, stop))
         if self.shared is not None:
-            delta = self.shared.per_example_grad(self.size)[start:stop]
+            delta = self._scaled(self.shared.per_example_grad(self.size))[start:stop]
             return local.shared_grads(
                 module, names, self.args, self.kwargs, self.shared.tensor, delta
             )
@@ -200,8 +201,30 @@ class _Record:
             kwargs,
             self.batched,
             [o[start:stop] for o in self.outputs],
-            [g[start:stop] for g in self.all_deltas()],
+            [self._scaled(g)[start:stop] for g in self.all_deltas()],
         )
+
+    def _by_rule(self, use: Callable[[Rule, nn.Module, Call], Values | None]) -> Values | None:
+        """``use(rule, layer, call)`` where the layer's rule applies. ``None`` where it gives
+        nothing for this call, or where the rule fails: the layer-local path then takes over,
+        for this call and every later use of it."""
+        if not self._use_rule:
+            return None
+        try:
+            with torch.no_grad():
+                return use(self.hooked.rule, self.hooked.module, self.call())
+        except local.LocalError:
+            raise
+        except Exception as error:  # outside what the rule handles
+            self.rule_problem = f"its rule failed: {type(error).__name__}: {error}"
+            return None
+
+    def _scaled(self, delta: Tensor) -> Tensor:
+        """``c_b·δ_b``: with per-example factors (clipping), each ``g_b`` comes out ``c_b·g_b``
+        (``g_b`` is linear in ``δ_b``)."""
+        if self.scale is None:
+            return delta
+        return delta * self.scale.to(delta.dtype).view(-1, *[1] * (delta.dim() - 1))
 
 
 class Layerwise:
@@ -219,14 +242,15 @@ class Layerwise:
         inputs: tuple[Tensor, ...],
         target: Tensor,
         per_example: bool = False,
+        clip: Clip | None = None,
     ) -> LayerwiseResult:
         """Per-example gradients of the covered parameters if ``per_example``, else their
-        moments."""
+        moments; with ``clip``, the moments of ``c_b·g_b`` for the factors ``c`` it returns."""
         hooked = self._hooked(params)
         size = len(target)
         if self._probe is None and size > 1 and not self._probe_failed:
             self._run_probe(hooked, inputs)
-        forward = _Forward(self, params, hooked, size, per_example)
+        forward = _Forward(self, params, hooked, size, per_example, clip)
         try:
             losses, others = forward.run(inputs, target)
             return forward.result(losses, others)
@@ -298,12 +322,13 @@ class Layerwise:
 class _Forward:
     """One batched forward and backward pass with the hooks in place."""
 
-    def __init__(self, owner: Layerwise, params, hooked: list[_Hooked], size: int, per_example):
+    def __init__(self, owner: Layerwise, params, hooked, size: int, per_example, clip):
         self.owner = owner
         self.params = params
         self.hooked = hooked
         self.size = size
         self.per_example = per_example
+        self.clip: Clip | None = clip
         self.records: list[_Record] = []
         self.calls: dict[int, int] = defaultdict(int)
         self.anchors: list[Tensor] = []
@@ -419,7 +444,8 @@ class _Forward:
     def _grad_hook(self, record: _Record, slot: int):
         def hook(delta: Tensor) -> None:
             record.deltas[slot] = delta
-            if id(record) in self.single_use and len(record.deltas) == 1 and record.problem is None:
+            eager = self.clip is None and len(record.deltas) == 1 and record.problem is None
+            if eager and id(record) in self.single_use:
                 try:
                     record.values = record.compute(self.per_example)
                 except local.LocalError:
@@ -448,6 +474,7 @@ class _Forward:
             for local_name, name in record.hooked.params.items():
                 uses[name].append((record, local_name))
         owners = {name: h for h in self.hooked for name in h.params.values()}
+        single: dict[str, tuple[_Record, str]] = {}
         several: dict[str, list[tuple[_Record, str]]] = {}
         for name, p in self.params.items():
             found = uses.get(name, [])
@@ -462,16 +489,19 @@ class _Forward:
                 )
                 result.sources[name] = "unused"
             elif len(found) == 1:
-                record, local_name = found[0]
-                try:
-                    if record.values is None:
-                        record.values = record.compute(self.per_example)
-                    result.values[name] = record.values[local_name]
-                    result.sources[name] = record.source
-                except local.LocalError as error:
-                    result.uncovered[name] = f"{record.hooked.label}: {error}"
+                single[name] = found[0]
             else:
                 several[name] = found
+        if self.clip is not None:
+            self._scale(single, several, result)
+        for name, (record, local_name) in single.items():
+            try:
+                if record.values is None:
+                    record.values = record.compute(self.per_example)
+                result.values[name] = record.values[local_name]
+                result.sources[name] = record.source
+            except local.LocalError as error:
+                result.uncovered[name] = f"{record.hooked.label}: {error}"
         self._combine(several, result)
         return result
 
@@ -485,18 +515,54 @@ class _Forward:
                 return f"{record.hooked.label}: {record.problem}"
         return None
 
+    def _scale(self, single, several, result: LayerwiseResult) -> None:
+        """Clipping: ``Σ |g_b|²`` over the covered parameters (closed forms where the rules
+        have them), the factors ``c`` that :attr:`clip` returns for it, and ``δ_b`` of every
+        record scaled by ``c_b`` from now on. A parameter the local path cannot give moves to
+        ``result.uncovered`` first, so that ``clip`` sees every parameter it must add."""
+        total = torch.zeros(self.size, dtype=torch.float64, device=result.losses.device)
+        norms: dict[int, dict[str, Tensor]] = {}
+        for name, (record, local_name) in list(single.items()):
+            try:
+                if id(record) not in norms:
+                    norms[id(record)] = record.sq_norms()
+            except local.LocalError as error:
+                result.uncovered[name] = f"{record.hooked.label}: {error}"
+                del single[name]
+                continue
+            total += norms[id(record)][local_name].double()
+        try:
+            for start, stop, sums in self._summed_uses(several) if several else ():
+                total[start:stop] += sum(sq_norms_of(g).double() for g in sums.values())
+        except local.LocalError as error:
+            for name in list(several):
+                result.uncovered[name] = f"one of its uses: {error}"
+                del several[name]
+        scale = self.clip(total, dict(result.uncovered))
+        for record in self.records:
+            record.scale = scale
+
+    def _summed_uses(self, several: dict[str, list[tuple[_Record, str]]]):
+        """``(start, stop, {name: Σ_uses g_b})`` for a few examples at a time, for parameters
+        with several uses."""
+        records = {id(r): r for found in several.values() for r, _ in found}
+        numel = sum(r.hooked.numel for r in records.values())
+        for start, stop in chunks(self.size, numel, REDUCE_ELEMENTS):
+            grads = {key: r.grads(start, stop) for key, r in records.items()}
+            sums = {
+                name: functools.reduce(torch.add, (grads[id(r)][n] for r, n in found))
+                for name, found in several.items()
+            }  # a sum of two or more: a fresh tensor
+            yield start, stop, sums
+
     def _combine(self, several: dict[str, list[tuple[_Record, str]]], result) -> None:
         """Parameters with several uses: the per-example sum over uses, then its moments, a few
         examples at a time."""
         if not several:
             return
-        records = {id(r): r for found in several.values() for r, _ in found}
-        numel = sum(r.hooked.numel for r in records.values())
         try:
-            for start, stop in chunks(self.size, numel, REDUCE_ELEMENTS):
-                grads = {key: r.grads(start, stop) for key, r in records.items()}
-                for name, found in several.items():  # a sum of two or more: a fresh tensor
-                    g = functools.reduce(torch.add, (grads[id(r)][n] for r, n in found))
+            for _, _, sums in self._summed_uses(several):
+                for name, g in sums.items():
                     if self.per_example:
                         result.values.setdefault(name, []).append(g)
                     else:

@@ -74,7 +74,8 @@ def accumulate(
     check_unchanged(params)
     for name, p in params.items():
         stats = grad_stats(p)
-        if stats is None:  # the sums are fresh tensors of the caller's: divided in place
+        if stats is None or p.grad is None:  # fresh (statistics without a .grad: cleared)
+            # the sums are fresh tensors of the caller's: divided in place
             p.grad = grad_sums[name].div_(count).to(p.dtype)
             stats = GradStats(count, sq_sums[name].div_(count).to(p.dtype))
             setattr(p, ATTRIBUTE, stats)
@@ -88,12 +89,25 @@ def accumulate(
 
 def check_unchanged(params: dict[str, Tensor]) -> None:
     """Raise unless every parameter's ``.grad`` is either absent or the one ``pergrad``
-    computed, unchanged since.
+    computed, unchanged since, with well-formed statistics.
 
     Raises:
-        InputError: naming the parameters whose ``.grad`` has no statistics or was changed.
+        InputError: naming the parameters whose ``.grad`` has no statistics or was changed, or
+            whose statistics are not a count and a tensor shaped like the parameter.
     """
     foreign = [n for n, p in params.items() if p.grad is not None and grad_stats(p) is None]
+    malformed = {
+        n: why
+        for n, p in params.items()
+        if p.grad is not None and grad_stats(p) is not None and (why := _malformed(p))
+    }
+    if malformed:
+        listed = "; ".join(f"{n}: {why}" for n, why in malformed.items())
+        raise InputError(
+            f"the per-example statistics of parameter(s) {listed}. Let PerExample.backward "
+            f"compute them, or build GradStats(count, sq_mean) with an int count >= 1 and "
+            f"sq_mean shaped like its parameter, in its dtype and on its device."
+        )
     if foreign:
         raise InputError(
             f"parameter(s) {', '.join(foreign)} already have a .grad that pergrad did not "
@@ -115,6 +129,22 @@ def check_unchanged(params: dict[str, Tensor]) -> None:
         )
 
 
+def _malformed(p: Tensor) -> str | None:
+    """Why ``p.grad_stats`` cannot go with ``p``, or ``None``."""
+    stats = grad_stats(p)
+    if not isinstance(stats, GradStats):
+        return f"grad_stats is a {type(stats).__name__}, not a GradStats"
+    count, sq_mean = stats.count, stats.sq_mean
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        return f"count is {count!r}"
+    if not isinstance(sq_mean, Tensor):
+        return f"sq_mean is a {type(sq_mean).__name__}"
+    for what in ("shape", "dtype", "device"):
+        if getattr(sq_mean, what) != getattr(p, what):
+            return f"sq_mean has {what} {getattr(sq_mean, what)}, the parameter {getattr(p, what)}"
+    return None
+
+
 def zero_grad(params: Iterable[Tensor]) -> None:
     """Clear ``p.grad`` and the per-example statistics of every parameter in ``params``."""
     for p in params:
@@ -124,12 +154,13 @@ def zero_grad(params: Iterable[Tensor]) -> None:
 
 
 @torch.no_grad()
-def clipped_moments(grads: dict[str, Tensor], max_norm: float) -> dict[str, tuple[Tensor, Tensor]]:
-    """``(Σ_b c_b g_b, Σ_b c_b² g_b²)`` with ``c_b = min(1, max_norm / ‖g_b‖)``, ``‖g_b‖`` the
-    norm of example ``b``'s gradient over every parameter in ``grads``."""
-    squares = torch.stack([g.flatten(1).square().sum(1).double() for g in grads.values()])
-    norms = squares.sum(0).sqrt()
-    scale = (max_norm / norms.clamp(min=torch.finfo(torch.float64).tiny)).clamp(max=1.0)
+def moments(
+    grads: dict[str, Tensor], scale: Tensor | None = None
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients ``g`` of shape ``(B, *param.shape)``;
+    with ``scale`` (``(B,)``), those of ``c_b·g_b``: ``(Σ_b c_b g_b, Σ_b c_b² g_b²)``."""
+    if scale is None:
+        return {name: (g.sum(0), g.square().sum(0)) for name, g in grads.items()}
     return {
         name: (
             torch.tensordot(scale.to(g.dtype), g, dims=1),
@@ -140,9 +171,16 @@ def clipped_moments(grads: dict[str, Tensor], max_norm: float) -> dict[str, tupl
 
 
 @torch.no_grad()
-def moments(grads: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
-    """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients ``g`` of shape ``(B, *param.shape)``."""
-    return {name: (g.sum(0), g.square().sum(0)) for name, g in grads.items()}
+def sq_norms(grads: dict[str, Tensor]) -> Tensor | float:
+    """``‖g_b‖²`` over all parameters in ``grads``, in float64: ``(B,)`` (0 for none)."""
+    return sum(g.flatten(1).square().sum(1).double() for g in grads.values())
+
+
+def clip_factors(sq_norms: Tensor, max_norm: float) -> Tensor:
+    """``c_b = min(1, max_norm / ‖g_b‖)``: the factor that clips example ``b``'s gradient to
+    norm ``max_norm`` (1 for a zero gradient)."""
+    norms = sq_norms.sqrt().clamp(min=torch.finfo(torch.float64).tiny)
+    return (max_norm / norms).clamp(max=1.0)
 
 
 @torch.no_grad()
@@ -161,8 +199,8 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Tensor:
         ValueError: ``max_norm`` is negative or not a number.
         InputError: a ``.grad`` has no statistics or changed after pergrad computed it.
     """
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm < 0:
-        raise ValueError(f"Invalid max_norm: {max_norm!r}; pass a number >= 0")
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm >= 0:
+        raise ValueError(f"Invalid max_norm: {max_norm!r}; pass a number >= 0 (inf: no clipping)")
     owned = {f"#{i} (shape {tuple(p.shape)})": p for i, p in enumerate(params)}
     owned = {name: p for name, p in owned.items() if p.grad is not None}
     check_unchanged(owned)

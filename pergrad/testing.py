@@ -6,8 +6,10 @@
 
 :func:`check_rule` runs the layer on batches drawn by ``hypothesis`` (batch sizes from 1,
 random seeds), in float64, and compares the rule's per-example gradients, and the moments
-``(Σ_b g_b, Σ_b g_b²)`` it leaves as ``p.grad`` and ``p.grad_stats``, with one autograd
-backward per example. It needs ``hypothesis`` (``pip install hypothesis``).
+``(Σ_b g_b, Σ_b g_b²)`` it leaves as ``p.grad`` and ``p.grad_stats`` — as they are, and
+with every example clipped to the median norm (``max_example_norm``, which uses the rule's
+``norms``) — with one autograd backward per example. It needs ``hypothesis``
+(``pip install hypothesis``).
 """
 
 from __future__ import annotations
@@ -72,22 +74,41 @@ def check_call(layer: nn.Module, inputs: Inputs) -> None:
     expected = one_backward_per_example(model, inputs, target)
     engine = PerExample(model, _loss)
     grads = engine.grads(inputs, target)
-    kind = type(layer).__name__
+    _check_sources(engine, type(layer).__name__)
+    _check_statistics(engine, model, inputs, target, expected, torch.ones(len(target)))
+    norms = sum(g.flatten(1).square().sum(1) for g in expected.values()).sqrt()
+    limit = float(norms.median())
+    if limit > 0:  # about half the examples clipped
+        clipped = PerExample(model, _loss, max_example_norm=limit)
+        _check_statistics(clipped, model, inputs, target, expected, (limit / norms).clamp(max=1))
+        _check_sources(clipped, type(layer).__name__)
+    for name, g in expected.items():
+        torch.testing.assert_close(grads[name], g, **_close(g), msg=f"per-example {name}")
+
+
+def _check_sources(engine: PerExample, kind: str) -> None:
     others = {n: s for n, s in engine.sources.items() if s not in (kind, "unused")}
     assert not others, f"the {kind} rule did not give these parameters: {others}"
+
+
+def _close(g: Tensor, power: int = 1) -> dict[str, float]:
+    scale = max(float(g.abs().max()), 1.0)
+    return {"rtol": RTOL, "atol": RTOL * scale**power}
+
+
+def _check_statistics(engine, model, inputs, target, expected, factors: Tensor) -> None:
+    """``p.grad`` and ``sq_mean`` after ``engine.backward`` against those of the reference
+    gradients scaled by ``factors``, ``(B,)``."""
     engine.backward(inputs, target)
     for name, p in model.named_parameters():
-        g = expected[name]
-        scale = max(float(g.abs().max()), 1.0)
-        close = dict(rtol=RTOL, atol=RTOL * scale)
-        torch.testing.assert_close(grads[name], g, **close, msg=f"per-example {name}")
-        torch.testing.assert_close(p.grad, g.mean(0), **close, msg=f"mean of {name}")
+        g = expected[name] * factors.view(-1, *[1] * (expected[name].dim() - 1))
+        clipped = " (clipped)" if bool((factors < 1).any()) else ""
+        torch.testing.assert_close(p.grad, g.mean(0), **_close(g), msg=f"mean of {name}{clipped}")
         torch.testing.assert_close(
             p.grad_stats.sq_mean,
             g.square().mean(0),
-            rtol=RTOL,
-            atol=RTOL * scale**2,
-            msg=f"mean of squares of {name}",
+            **_close(g, 2),
+            msg=f"mean of squares of {name}{clipped}",
         )
     zero_grad(model.parameters())
 
@@ -104,8 +125,16 @@ def check_rule(
 
     Raises:
         AssertionError: with the failing batch size and seed (``hypothesis`` shrinks them).
+        TypeError: ``layer`` is not a module or ``make_inputs`` not a function.
         ImportError: ``hypothesis`` is not installed.
     """
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"layer must be an nn.Module instance, got {type(layer).__name__}")
+    if not callable(make_inputs):
+        raise TypeError(
+            f"make_inputs must be a function of the batch size that returns the layer's inputs, "
+            f"got {type(make_inputs).__name__}"
+        )
     try:
         from hypothesis import given, settings
         from hypothesis import strategies as st

@@ -60,8 +60,17 @@ def test_backward_and_grads_match_one_backward_per_example(name):
         assert g.shape == (B, *params[n].shape), n
         assert_per_example(g, reference[n], n)
     assert engine.sources == sources
-
     assert not {n: s for n, s in sources.items() if s in WHOLE_MODEL}
+
+    pergrad.zero_grad(model.parameters())  # every example clipped to the median norm
+    norms = sum(g.flatten(1).square().sum(1) for g in reference.values()).sqrt()
+    clipping = pergrad.PerExample(model, loss_fn, max_example_norm=float(norms.median()))
+    clipping.backward(inputs, target)
+    factors = (norms.median() / norms).clamp(max=1)
+    for n, p in params.items():
+        clipped = reference[n] * factors.view(-1, *[1] * params[n].dim())
+        assert_statistics(p, clipped, f"{n} (clipped)")
+    assert clipping.sources == sources
 
 
 @pytest.mark.parametrize(

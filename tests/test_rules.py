@@ -13,6 +13,8 @@ RULE_CASES = {
     "linear": (lambda: nn.Linear(3, 4), lambda b: torch.randn(b, 3)),
     "linear_sequence": (lambda: nn.Linear(3, 4), lambda b: torch.randn(b, 2, 5, 3)),
     "linear_one_position": (lambda: nn.Linear(3, 4, bias=False), lambda b: torch.randn(b, 1, 3)),
+    # few positions for their widths: |g_b|² from the two Gram matrices over positions
+    "linear_few_positions": (lambda: nn.Linear(8, 6), lambda b: torch.randn(b, 3, 8)),
     "conv1d": (lambda: nn.Conv1d(2, 4, 3, padding=1, groups=2), lambda b: torch.randn(b, 2, 6)),
     "conv2d_one_position": (
         lambda: nn.Conv2d(3, 4, 3, padding=1),

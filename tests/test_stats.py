@@ -1,5 +1,7 @@
 """What ``backward`` leaves: the mean in ``p.grad``, ``(n, mean of squares)`` beside it."""
 
+import warnings
+
 import pytest
 import torch
 from literal import feed
@@ -103,8 +105,10 @@ def test_torch_clip_grad_norm_is_refused_at_the_step_pointing_at_pergrads():
         pergrad.clip_grad_norm_(model.parameters(), -1.0)
 
 
-@pytest.mark.parametrize("mode", ["auto", "func"])
-@pytest.mark.parametrize("case", ["mlp", "tied"])
+CLIPPED = [(case, "auto") for case in CASES] + [("mlp", "func"), ("tied", "hooks"), ("mlp", "loop")]
+
+
+@pytest.mark.parametrize(("case", "mode"), CLIPPED, ids=[f"{c}-{m}" for c, m in CLIPPED])
 def test_max_example_norm_clips_each_example_before_the_statistics(case, mode):
     model, inputs, target = CASES[case].build(6)
     per_example = reference_grads(model, CROSS_ENTROPY, inputs, target)
@@ -114,13 +118,37 @@ def test_max_example_norm_clips_each_example_before_the_statistics(case, mode):
     engine = pergrad.PerExample(
         model, CROSS_ENTROPY, mode=mode, max_example_norm=limit, chunk_size=4
     )
-    engine.backward(inputs, target)
+    with warnings.catch_warnings():  # a fallback for what the layers leave is exact too
+        warnings.simplefilter("ignore", pergrad.FallbackWarning)
+        engine.backward(inputs, target)
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         clipped = per_example[name] * scale.view(-1, *[1] * (per_example[name].dim() - 1))
         torch.testing.assert_close(p.grad, clipped.mean(0), rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(
             p.grad_stats.sq_mean, clipped.square().mean(0), rtol=RTOL, atol=ATOL
         )
+
+
+def test_clipping_linear_layers_on_b_by_in_forms_no_per_example_gradient(monkeypatch):
+    """``|g_b|² = |δ_b|²·|a_b|²`` and the moments of ``c_b·δ_b``: the ``Linear`` rule's
+    per-example gradients (``B × out × in``) are never formed."""
+
+    def refuse(*_):
+        raise AssertionError("formed the per-example gradients of a Linear")
+
+    model, inputs, target = CASES["mlp"].build(16)
+    per_example = reference_grads(model, CROSS_ENTROPY, inputs, target)
+    monkeypatch.setattr(pergrad.rules.linear, "weight_grads", refuse)
+    engine = pergrad.PerExample(model, CROSS_ENTROPY, max_example_norm=0.1)
+    engine.backward(inputs, target)
+    assert set(engine.sources.values()) == {"Linear"}
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in per_example.values()]).sum(0).sqrt()
+    scale = (0.1 / norms).clamp(max=1)
+    for name, p in model.named_parameters():
+        clipped = per_example[name] * scale.view(-1, *[1] * (per_example[name].dim() - 1))
+        torch.testing.assert_close(p.grad_stats.sq_mean, clipped.square().mean(0))
 
 
 @pytest.mark.parametrize("value", [0, -1.0, "1", True])

@@ -3,7 +3,10 @@
 A rule turns one call of a layer on a batch, its inputs ``a`` and the gradient ``δ`` of
 ``Σ_b ℓ_b`` with respect to its output (both with the batch on dim 0), into the per-example
 gradients ``g_b`` of the layer's parameters. It may also give their moments
-``(Σ_b g_b, Σ_b g_b²)`` in a closed form that never forms all ``B`` gradients at once.
+``(Σ_b g_b, Σ_b g_b²)``, and each example's squared norm ``|g_b|²``, in closed forms that never
+form all ``B`` gradients at once. ``g_b`` is linear in ``δ_b`` (a vector-Jacobian product), so
+scaling ``δ_b`` by ``c_b`` scales ``g_b`` by ``c_b``: that is how per-example clipping reuses
+the moments' closed forms.
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ MomentsFn = Callable[[nn.Module, Call], "dict[str, Moments] | None"]
 """``moments(layer, call) -> {name: (Σ_b g_b, Σ_b g_b²)}``, or ``None`` where forming the
 per-example gradients in chunks is cheaper for this call."""
 
+NormsFn = Callable[[nn.Module, Call], "dict[str, Tensor] | None"]
+"""``norms(layer, call) -> {name: |g_b|² of shape (B,)}``, or ``None`` where forming the
+per-example gradients in chunks is cheaper for this call."""
+
 SupportsFn = Callable[[nn.Module], "str | None"]
 """``supports(layer) -> None`` if the rule applies to the layer as configured, else why not."""
 
@@ -77,6 +84,7 @@ class Rule:
     grads: GradsFn
     moments: MomentsFn | None = None
     supports: SupportsFn | None = None
+    norms: NormsFn | None = None
 
 
 RULES: dict[type[nn.Module] | str, Rule] = {}
@@ -90,6 +98,7 @@ def register_rule(
     *,
     moments: MomentsFn | None = None,
     supports: SupportsFn | None = None,
+    norms: NormsFn | None = None,
 ) -> Callable[[GradsFn], GradsFn]:
     """Register the decorated ``grads(layer, call)`` as the rule of ``layer_type``.
 
@@ -97,14 +106,17 @@ def register_rule(
     ``layer.named_parameters()``), its per-example gradients ``(B, *shape)`` from
     ``call.args`` / ``call.kwargs`` (the layer's inputs) and ``call.output_grad`` (``δ``).
     ``moments``, optional, gives ``(Σ_b g_b, Σ_b g_b²)`` directly (a closed form such as
-    ``(δ²)ᵀ(a²)``), or ``None`` for a call where it has none; ``supports`` says why a layer's
+    ``(δ²)ᵀ(a²)``), or ``None`` for a call where it has none; ``norms``, optional, gives each
+    example's ``|g_b|²`` (``|δ_b|²·|a_b|²``), which per-example clipping
+    (``max_example_norm``) needs, or ``None`` likewise; ``supports`` says why a layer's
     configuration is outside the rule (``None``: inside). A rule covers exactly its type, not
     subclasses. ``layer_type`` may also be the type's qualified name,
     ``"package.module.Class"``, so that registering does not import the package. Check a new
     rule with :func:`pergrad.testing.check_rule`.
 
     Raises:
-        TypeError: ``layer_type`` is neither an ``nn.Module`` subclass nor a qualified name.
+        TypeError: ``layer_type`` is neither an ``nn.Module`` subclass nor a qualified name,
+            or ``moments``, ``supports`` or ``norms`` is not a function.
         ValueError: ``layer_type`` already has a rule.
 
     Example:
@@ -118,6 +130,9 @@ def register_rule(
             f"layer_type must be an nn.Module subclass or a qualified name "
             f"'package.module.Class', got {layer_type!r}"
         )
+    for name, fn in (("moments", moments), ("supports", supports), ("norms", norms)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be a function or None, got {type(fn).__name__}")
     if layer_type in RULES:
         name = layer_type if named else layer_type.__name__
         raise ValueError(
@@ -126,7 +141,9 @@ def register_rule(
         )
 
     def decorator(grads: GradsFn) -> GradsFn:
-        RULES[layer_type] = Rule(grads, moments, supports)
+        if not callable(grads):
+            raise TypeError(f"register_rule decorates a function, got {type(grads).__name__}")
+        RULES[layer_type] = Rule(grads, moments, supports, norms)
         return grads
 
     return decorator
@@ -189,6 +206,23 @@ def moments_in_chunks(
     return total
 
 
+def sq_norms_of(grads: Tensor) -> Tensor:
+    """``|g_b|²`` of per-example gradients ``(B, *shape)``: ``(B,)``."""
+    return grads.flatten(1).square().sum(1)
+
+
+def sq_norms_in_chunks(
+    grads: Callable[[int, int], dict[str, Tensor]], size: int, numel: int
+) -> dict[str, Tensor]:
+    """``|g_b|²`` of the per-example gradients ``grads(start, stop)``, formed a few examples at
+    a time (``numel`` numbers per example)."""
+    parts: dict[str, list[Tensor]] = {}
+    for start, stop in chunks(size, numel, REDUCE_ELEMENTS):
+        for name, g in grads(start, stop).items():
+            parts.setdefault(name, []).append(sq_norms_of(g))
+    return {name: torch.cat(found) for name, found in parts.items()}
+
+
 def positions(x: Tensor) -> Tensor:
     """``(B, …, d) -> (B, positions, d)``."""
     return x.reshape(len(x), -1, x.shape[-1])
@@ -211,6 +245,15 @@ MEMORY_WEIGHT = 8
 matrix product runs at many multiply-adds per number it touches, an element-wise square and
 sum at a fraction of one. With 8 the expansion is chosen up to 5 positions; measured on one
 CPU thread (B = 32 or 256, 64–576 wide), it is faster up to 6 and slower from 9 or 16."""
+
+
+def gram_cheaper(count: int, rows: int, columns: int) -> bool:
+    """Whether ``|g_b|² = Σ_{t,t'} (δ_bt·δ_bt')(a_bt·a_bt')`` (two Gram matrices over the
+    ``count`` positions) beats forming ``g_b`` of shape ``(rows, columns)``, counted per example
+    as :func:`pairs_cheaper` counts."""
+    gram = count**2 * (rows + columns) + MEMORY_WEIGHT * 3 * count**2
+    per_example = count * rows * columns + MEMORY_WEIGHT * 2 * rows * columns
+    return gram < per_example
 
 
 def pairs_cheaper(batch: int, count: int, rows: int, columns: int) -> bool:

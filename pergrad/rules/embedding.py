@@ -2,7 +2,8 @@
 over that token's positions (the ``padding_idx`` row gets none).
 
 The moments scatter-add ``δ`` per (example, token), then scatter those rows into the
-vocabulary, plain and squared: never ``B × vocabulary`` numbers.
+vocabulary, plain and squared: never ``B × vocabulary`` numbers. ``|g_b|²`` is the sum of the
+squares of example ``b``'s rows.
 """
 
 from __future__ import annotations
@@ -26,23 +27,36 @@ def _rows(layer: nn.Embedding, call: Call) -> tuple[Tensor, Tensor]:
     return keys.flatten(), delta.reshape(-1, delta.shape[-1])
 
 
-def _moments(layer: nn.Embedding, call: Call) -> dict[str, Moments]:
+def _example_rows(layer: nn.Embedding, call: Call) -> tuple[Tensor, Tensor]:
+    """The distinct keys ``b · vocabulary + token`` and, for each, its row of ``g_b``: the
+    sum of ``δ`` over that token's positions in example ``b``."""
     keys, delta = _rows(layer, call)
-    vocabulary, width = layer.weight.shape
     unique, position = keys.unique(return_inverse=True)
-    per_example_rows = delta.new_zeros(len(unique), width).index_add_(0, position, delta)
+    return unique, delta.new_zeros(len(unique), delta.shape[-1]).index_add_(0, position, delta)
+
+
+def _moments(layer: nn.Embedding, call: Call) -> dict[str, Moments]:
+    unique, per_example_rows = _example_rows(layer, call)
+    vocabulary, width = layer.weight.shape
     rows = unique % vocabulary
-    total, squares = (delta.new_zeros(vocabulary, width) for _ in range(2))
+    total, squares = (per_example_rows.new_zeros(vocabulary, width) for _ in range(2))
     total.index_add_(0, rows, per_example_rows)
     squares.index_add_(0, rows, per_example_rows.square())
     return {"weight": (total, squares)}
+
+
+def _norms(layer: nn.Embedding, call: Call) -> dict[str, Tensor]:
+    unique, per_example_rows = _example_rows(layer, call)
+    examples = unique // layer.num_embeddings
+    squares = per_example_rows.square().sum(1)
+    return {"weight": squares.new_zeros(call.batch_size).index_add_(0, examples, squares)}
 
 
 def _supports(layer: nn.Embedding) -> str | None:
     return "sparse=True gives sparse gradients" if layer.sparse else None
 
 
-@register_rule(nn.Embedding, moments=_moments, supports=_supports)
+@register_rule(nn.Embedding, moments=_moments, supports=_supports, norms=_norms)
 def embedding(layer: nn.Embedding, call: Call) -> dict[str, Tensor]:
     keys, delta = _rows(layer, call)
     batch, (vocabulary, width) = call.batch_size, layer.weight.shape

@@ -15,7 +15,14 @@ def _moments(layer: nn.Module, call: Call) -> dict[str, Moments]:
     return {"weight": (total.T, squares.T), "bias": linear.bias_moments(call.output_grad)}
 
 
-@register_rule("transformers.pytorch_utils.Conv1D", moments=_moments)
+def _norms(layer: nn.Module, call: Call) -> dict[str, Tensor] | None:
+    weight = linear.weight_norms(call.input, call.output_grad)
+    if weight is None:
+        return None
+    return {"weight": weight, "bias": linear.bias_norms(call.output_grad)}
+
+
+@register_rule("transformers.pytorch_utils.Conv1D", moments=_moments, norms=_norms)
 def conv1d(layer: nn.Module, call: Call) -> dict[str, Tensor]:
     return {
         "weight": linear.weight_grads(call.input, call.output_grad).mT,

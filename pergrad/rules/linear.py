@@ -1,9 +1,11 @@
 """``nn.Linear``: ``g_b = δ_bᵀ a_b`` (summed over positions), ``g_b = δ_b`` for the bias.
 
 On ``(B, in)`` the moments are two matrix products, ``Σ_b g_b = δᵀa`` and
-``Σ_b g_b² = (δ²)ᵀ(a²)``. On ``(B, …, in)`` they come from per-example gradients formed a
-few examples at a time, or, for few positions, from the position-pair expansion
-(:func:`pergrad.rules.base.pair_moments`), whichever costs less.
+``Σ_b g_b² = (δ²)ᵀ(a²)``, and each example's squared norm is ``|g_b|² = |δ_b|²·|a_b|²``. On
+``(B, …, in)`` the moments come from per-example gradients formed a few examples at a time,
+or, for few positions, from the position-pair expansion
+(:func:`pergrad.rules.base.pair_moments`), whichever costs less; the norms from
+``|g_b|² = Σ_{t,t'} (δ_bt·δ_bt')(a_bt·a_bt')`` where that costs less than forming ``g_b``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pergrad.rules.base import (
     Call,
     Moments,
     chunks,
+    gram_cheaper,
     pair_moments,
     pairs_cheaper,
     positions,
@@ -49,6 +52,22 @@ def weight_moments(a: Tensor, delta: Tensor) -> Moments:
     return reduce_fresh(torch.bmm(delta[i:j].mT, a[i:j]) for i, j in parts)
 
 
+def weight_norms(a: Tensor, delta: Tensor) -> Tensor | None:
+    """``|g_b|²`` of :func:`weight_grads`, ``(B,)``, or ``None`` where forming ``g_b`` costs
+    less than the closed form."""
+    if a.dim() == 2:
+        return delta.square().sum(1) * a.square().sum(1)
+    a, delta = positions(a), positions(delta)
+    if not gram_cheaper(a.shape[1], delta.shape[-1], a.shape[-1]):
+        return None
+    return (torch.bmm(delta, delta.mT) * torch.bmm(a, a.mT)).sum((1, 2))
+
+
+def bias_norms(delta: Tensor) -> Tensor:
+    """``|g_b|²`` of :func:`bias_grads`, ``(B,)``."""
+    return bias_grads(delta).square().sum(1)
+
+
 def bias_moments(delta: Tensor) -> Moments:
     g = bias_grads(delta)
     return g.sum(0), g.square().sum(0)
@@ -61,7 +80,17 @@ def _moments(layer: nn.Linear, call: Call) -> dict[str, Moments]:
     return found
 
 
-@register_rule(nn.Linear, moments=_moments)
+def _norms(layer: nn.Linear, call: Call) -> dict[str, Tensor] | None:
+    weight = weight_norms(call.input, call.output_grad)
+    if weight is None:
+        return None
+    found = {"weight": weight}
+    if layer.bias is not None:
+        found["bias"] = bias_norms(call.output_grad)
+    return found
+
+
+@register_rule(nn.Linear, moments=_moments, norms=_norms)
 def linear(layer: nn.Linear, call: Call) -> dict[str, Tensor]:
     found = {"weight": weight_grads(call.input, call.output_grad)}
     if layer.bias is not None:
