@@ -9,7 +9,7 @@ from torch import Tensor
 
 import pergrad
 from optim import functional as F
-from optim.base import PerExampleOptimizer
+from optim.base import PerExampleOptimizer, refuse_torch_names
 
 
 class _Adaptive(PerExampleOptimizer):
@@ -112,6 +112,8 @@ class RMSprop(_Adaptive):
             to follow the noise scale as it grows during training: averaged over a long
             horizon, the large gradients of the first steps dominate and ``r`` lags far
             behind.
+        **unsupported: refused, with a ``TypeError`` that says what replaces
+            ``torch.optim``'s ``betas``, ``momentum`` or ``alpha`` here.
 
     Example:
         >>> opt = optim.RMSprop(model.parameters(), lr=1e-4, sq_horizon=1000)
@@ -132,7 +134,9 @@ class RMSprop(_Adaptive):
         power: float = 0.5,
         batch_scaling: str = "linear",
         gain_horizon: float = 1000,
+        **unsupported: Any,
     ):
+        refuse_torch_names("RMSprop", unsupported)
         defaults = {
             "lr": lr,
             "sq_horizon": sq_horizon,
@@ -179,6 +183,8 @@ class Adam(_Adaptive):
             to follow the noise scale as it grows during training: averaged over a long
             horizon, the large gradients of the first steps dominate and ``r`` lags far
             behind.
+        **unsupported: refused, with a ``TypeError`` that says what replaces
+            ``torch.optim``'s ``betas``, ``momentum`` or ``alpha`` here.
 
     Example:
         >>> opt = optim.Adam(model.parameters(), lr=3e-5)
@@ -200,7 +206,9 @@ class Adam(_Adaptive):
         weight_decay: float = 0.0,
         batch_scaling: str = "linear",
         gain_horizon: float = 1000,
+        **unsupported: Any,
     ):
+        refuse_torch_names("Adam", unsupported)
         defaults = {
             "lr": lr,
             "grad_horizon": grad_horizon,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +60,8 @@ class PerExampleOptimizer(torch.optim.Optimizer):
                     f"Load a state saved by optim.{kind}.state_dict()."
                 )
         buffers = self._state_keys()
+        saved = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
+        params = dict(zip(saved, (p for group in self.param_groups for p in group["params"])))
         for key, state in state_dict.get("state", {}).items():
             missing = sorted(buffers - set(state))
             if missing:
@@ -66,6 +69,14 @@ class PerExampleOptimizer(torch.optim.Optimizer):
                     f"this state_dict is not an optim.{kind}'s: the state of parameter {key} "
                     f"lacks {', '.join(missing)}. Load a state saved by optim.{kind}.state_dict()."
                 )
+            p = params.get(key)
+            for name, value in state.items():
+                if p is not None and isinstance(value, Tensor) and value.shape != p.shape:
+                    raise ValueError(
+                        f"this state_dict belongs to other parameters: its {name} of parameter "
+                        f"{key} has shape {tuple(value.shape)}, the parameter "
+                        f"{tuple(p.shape)}. Load it into an optimizer over the same model."
+                    )
         super().load_state_dict(state_dict)
 
     def _state_keys(self) -> set[str]:
@@ -179,31 +190,68 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
 
-_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "lr": (lambda v: v >= 0, "learning rate"),
-    "grad_horizon": (lambda v: v >= 1, "grad_horizon (in examples, >= 1)"),
-    "sq_horizon": (lambda v: v >= 1, "sq_horizon (in examples, >= 1)"),
-    "eps": (lambda v: v > 0, "epsilon value (> 0)"),
-    "weight_decay": (lambda v: v >= 0, "weight_decay value"),
-    "power": (lambda v: v > 0, "power (> 0)"),
-    "second_moment": (lambda v: v in SECOND_MOMENTS, f"second_moment (one of {SECOND_MOMENTS})"),
-    "batch_scaling": (lambda v: v in BATCH_SCALINGS, f"batch_scaling (one of {BATCH_SCALINGS})"),
-    "gain_horizon": (lambda v: v >= 1, "gain_horizon (in examples, >= 1)"),
+_NUMBERS: dict[str, tuple[Callable[[float], bool], str, str]] = {
+    # name: (valid, torch.optim's word for it, what it must be)
+    "lr": (lambda v: 0 <= v < math.inf, "learning rate", "a finite number >= 0"),
+    "grad_horizon": (lambda v: v >= 1, "grad_horizon", ">= 1 (examples; inf: everything)"),
+    "sq_horizon": (lambda v: v >= 1, "sq_horizon", ">= 1 (examples; inf: everything)"),
+    "gain_horizon": (lambda v: v >= 1, "gain_horizon", ">= 1 (examples; inf: everything)"),
+    "eps": (lambda v: 0 < v < math.inf, "epsilon value", "a finite number > 0"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "weight_decay value", "a finite number >= 0"),
+    "power": (lambda v: 0 < v < math.inf, "power", "a finite number > 0"),
 }
-
-
-CHOICES = ("second_moment", "batch_scaling")
+_CHOICES: dict[str, tuple] = {
+    "second_moment": SECOND_MOMENTS,
+    "batch_scaling": BATCH_SCALINGS,
+    "centered": (False, True),
+}
+TORCH_NAMES = {
+    "betas": "grad_horizon and sq_horizon, in examples: optim.convert.from_torch_adam(lr, betas, "
+    "batch_size) gives them",
+    "momentum": "grad_horizon, in examples: optim.convert.from_torch_sgd(lr, momentum, "
+    "batch_size) gives it",
+    "alpha": "sq_horizon, in examples: optim.convert.from_torch_rmsprop(lr, alpha, batch_size) "
+    "gives it",
+}
+"""``torch.optim`` arguments users reach for, and what takes their place here."""
 
 
 def _validate(options: dict[str, Any]) -> None:
-    """Raise ``ValueError`` for a hyperparameter out of range, worded as ``torch.optim`` does,
-    and ``TypeError`` for a number given as something else (``lr="0.001"``)."""
-    for key, (ok, what) in _RULES.items():
+    """Raise ``ValueError`` for a hyperparameter out of range, worded as ``torch.optim`` does
+    and saying what it must be, and ``TypeError`` for a number given as something else
+    (``lr="0.001"``)."""
+    for key, (ok, word, must) in _NUMBERS.items():
         if key not in options:
             continue
         value = options[key]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if key not in CHOICES and not number:
-            raise TypeError(f"Invalid {what}: {value!r} is a {type(value).__name__}; pass a number")
-        if not ok(value):
-            raise ValueError(f"Invalid {what}: {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"Invalid {word}: {value!r} is a {type(value).__name__}; {key} must be a number"
+            )
+        if math.isnan(value) or not ok(value):
+            raise ValueError(f"Invalid {word}: {value!r}; {key} must be {must}")
+    for key, allowed in _CHOICES.items():
+        if key in options and not any(
+            type(options[key]) is type(a) and options[key] == a for a in allowed
+        ):
+            raise ValueError(
+                f"Invalid {key}: {options[key]!r}; choose one of {', '.join(map(repr, allowed))}"
+            )
+
+
+def refuse_torch_names(kind: str, extra: dict[str, Any]) -> None:
+    """Raise for keyword arguments an optimizer does not take, saying what takes the place of
+    ``torch.optim``'s (``betas``, ``momentum``, ``alpha``).
+
+    Raises:
+        TypeError: naming each argument.
+    """
+    if not extra:
+        return
+    hints = [f"{name} (use {TORCH_NAMES[name]})" for name in extra if name in TORCH_NAMES]
+    others = [name for name in extra if name not in TORCH_NAMES]
+    what = "; ".join(hints + ([f"{', '.join(others)}"] if others else []))
+    raise TypeError(
+        f"optim.{kind} got unexpected keyword argument(s): {what}. Its hyperparameters are per "
+        f"example (docs/MATH.md); see help(optim.{kind})."
+    )

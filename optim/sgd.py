@@ -9,7 +9,7 @@ from torch import Tensor
 
 import pergrad
 from optim import functional as F
-from optim.base import PerExampleOptimizer
+from optim.base import PerExampleOptimizer, refuse_torch_names
 
 
 class SGD(PerExampleOptimizer):
@@ -28,6 +28,8 @@ class SGD(PerExampleOptimizer):
             ``r = B(σ² + |G|²)/(σ² + B|G|²)`` the gain ratio estimated from the per-example
             statistics and averaged over ``gain_horizon`` examples (MATH.md).
         gain_horizon: the examples the gain's noise and signal estimates span.
+        **unsupported: refused, with a ``TypeError`` that says what replaces
+            ``torch.optim``'s ``betas``, ``momentum`` or ``alpha`` here.
 
     Example:
         >>> engine = pergrad.PerExample(model, nn.CrossEntropyLoss(reduction="none"))
@@ -48,7 +50,9 @@ class SGD(PerExampleOptimizer):
         weight_decay: float = 0.0,
         batch_scaling: str = "linear",
         gain_horizon: float = 1000,
+        **unsupported: Any,
     ):
+        refuse_torch_names("SGD", unsupported)
         defaults = {
             "lr": lr,
             "grad_horizon": grad_horizon,

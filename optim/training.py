@@ -27,6 +27,11 @@ class TrainingStep:
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, **engine_options
     ):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer (optim.Adam(model.parameters(), "
+                f"lr=...)), got {type(optimizer).__name__}"
+            )
         self.engine = pergrad.PerExample(model, loss_fn, **engine_options)
         self.optimizer = optimizer
 

@@ -110,7 +110,8 @@ def per_example_loss(loss: object, batch_size: int, whole_batch: int | None = No
     batch the user passed, where a mode calls ``loss_fn`` on fewer examples at a time.
 
     Raises:
-        InputError: the loss is not a Tensor of shape ``(B,)``.
+        InputError: the loss is not a floating-point Tensor of shape ``(B,)`` that depends on
+            the parameters.
     """
     if not isinstance(loss, Tensor):
         raise InputError(f"loss_fn returned a {type(loss).__name__}, not a Tensor of shape (B,)")
@@ -135,6 +136,12 @@ def per_example_loss(loss: object, batch_size: int, whole_batch: int | None = No
         )
     if not loss.is_floating_point():
         raise InputError(f"loss_fn returned dtype {loss.dtype}: losses must be floating point")
+    if not loss.requires_grad:
+        raise InputError(
+            "the losses do not depend on any trainable parameter (they have no autograd "
+            "graph): loss_fn must not detach them, call .item() or run under torch.no_grad(), "
+            "and the model's output must reach them"
+        )
     return loss
 
 

@@ -19,7 +19,13 @@ def check_initialized(group: object) -> None:
 
     Raises:
         RuntimeError: naming the way to initialize it.
+        TypeError: ``group`` is not a process group.
     """
+    if dist.is_available() and dist.is_initialized() and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group must be a torch.distributed ProcessGroup (dist.group.WORLD, or one "
+            f"from dist.new_group), got {type(group).__name__}"
+        )
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             f"process_group={group!r} was given, but torch.distributed is not initialized. "

@@ -83,6 +83,11 @@ def noise_scale(
         >>> pergrad.noise_scale(model.parameters()).critical_batch
     """
     params = list(params)
+    if isinstance(preconditioner, Tensor):
+        raise ValueError(
+            "preconditioner is one tensor: give a list of tensors, one per parameter, shaped "
+            "like it (e.g. [1 / (s.sqrt() + eps) for s in second_moments])"
+        )
     weights = [None] * len(params) if preconditioner is None else list(preconditioner)
     if len(weights) != len(params):
         raise ValueError(
