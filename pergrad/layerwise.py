@@ -33,6 +33,7 @@ checkpointing) are not uses.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -295,8 +296,9 @@ class Layerwise:
 
         handles = [h.module.register_forward_pre_hook(hook, with_kwargs=True) for h in hooked]
         devices = [x.device for x in inputs if x.device.type == "cuda"]
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        try:  # the model's warnings come from the batched pass; not twice from this one
+            with torch.no_grad(), torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 self.model(*(x[:1] for x in inputs))
         except Exception:  # the model cannot run one example: no input is known to be batched
             self._probe_failed = True

@@ -97,13 +97,6 @@ def test_a_wrong_rule_fails_the_check():
         del RULES[Scale]
 
 
-def test_registering_twice_or_a_non_module_raises(scale_rule):
-    with pytest.raises(ValueError, match="Scale already has a rule"):
-        pergrad.register_rule(Scale)(scale_rule)
-    with pytest.raises(TypeError, match="nn.Module subclass"):
-        pergrad.register_rule(int)
-
-
 @pytest.mark.parametrize(("count", "expected"), [(1, True), (4, True), (8, False), (16, False)])
 def test_the_pair_expansion_is_chosen_only_for_few_positions(count, expected):
     assert base.pairs_cheaper(32, count, 512, 4608) is expected
