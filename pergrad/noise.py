@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pergrad.stats import grad_stats
+from pergrad.stats import grad_stats, parameters
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ def noise_scale(
             the noise and signal in the metric the optimizer steps in.
 
     Raises:
+        TypeError: ``params`` is a module or holds something other than tensors.
         ValueError: no parameter has statistics, they cover fewer than two examples or
             different counts, or ``preconditioner`` does not match ``params``.
 
@@ -82,7 +83,7 @@ def noise_scale(
         >>> engine.backward(x, y)
         >>> pergrad.noise_scale(model.parameters()).critical_batch
     """
-    params = list(params)
+    params = parameters(params, "noise_scale")
     if isinstance(preconditioner, Tensor):
         raise ValueError(
             "preconditioner is one tensor: give a list of tensors, one per parameter, shaped "

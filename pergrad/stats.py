@@ -145,9 +145,35 @@ def _malformed(p: Tensor) -> str | None:
     return None
 
 
-def zero_grad(params: Iterable[Tensor]) -> None:
-    """Clear ``p.grad`` and the per-example statistics of every parameter in ``params``."""
-    for p in params:
+def parameters(params: Tensor | Iterable[Tensor], where: str) -> list[Tensor]:
+    """``params`` as a list of tensors (one tensor is a list of one, as in ``torch.nn.utils``).
+
+    Raises:
+        TypeError: ``params`` is a module, or holds something other than tensors.
+    """
+    if isinstance(params, Tensor):
+        return [params]
+    if isinstance(params, torch.nn.Module):
+        raise TypeError(
+            f"{where} takes parameters, not a {type(params).__name__}: pass model.parameters()"
+        )
+    found = list(params)
+    for p in found:
+        if not isinstance(p, Tensor):
+            raise TypeError(
+                f"{where} takes tensors, got a {type(p).__name__} among them: pass "
+                f"model.parameters()"
+            )
+    return found
+
+
+def zero_grad(params: Tensor | Iterable[Tensor]) -> None:
+    """Clear ``p.grad`` and the per-example statistics of every parameter in ``params``.
+
+    Raises:
+        TypeError: ``params`` is a module or holds something other than tensors.
+    """
+    for p in parameters(params, "zero_grad"):
         p.grad = None
         if hasattr(p, ATTRIBUTE):
             delattr(p, ATTRIBUTE)
@@ -184,7 +210,7 @@ def clip_factors(sq_norms: Tensor, max_norm: float) -> Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Tensor:
+def clip_grad_norm_(params: Tensor | Iterable[Tensor], max_norm: float) -> Tensor:
     """Scale the mean gradients to a total 2-norm of at most ``max_norm``, and their statistics
     with them: as if every per-example gradient were scaled by the same factor ``c``,
     ``p.grad ← c·p.grad`` and ``sq_mean ← c²·sq_mean`` (``c = min(1, max_norm / ‖ĝ‖)``).
@@ -197,10 +223,12 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Tensor:
 
     Raises:
         ValueError: ``max_norm`` is negative or not a number.
+        TypeError: ``params`` is a module or holds something other than tensors.
         InputError: a ``.grad`` has no statistics or changed after pergrad computed it.
     """
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm >= 0:
         raise ValueError(f"Invalid max_norm: {max_norm!r}; pass a number >= 0 (inf: no clipping)")
+    params = parameters(params, "clip_grad_norm_")
     owned = {f"#{i} (shape {tuple(p.shape)})": p for i, p in enumerate(params)}
     owned = {name: p for name, p in owned.items() if p.grad is not None}
     check_unchanged(owned)

@@ -470,6 +470,18 @@ BAD: dict[str, Bad] = {
         ValueError,
         "preconditioner is one tensor: give a list",
     ),
+    **{
+        f"{fn.__name__} of the model": Bad(
+            lambda w, f=fn: f(w.model), TypeError, "not a Sequential: pass model.parameters()"
+        )
+        for fn in (pergrad.zero_grad, pergrad.noise_scale)
+    },
+    "clip_grad_norm_ of the model": Bad(
+        lambda w: pergrad.clip_grad_norm_(w.model, 1.0), TypeError, "pass model.parameters()"
+    ),
+    "zero_grad of a list of modules": Bad(
+        lambda w: pergrad.zero_grad(list(w.model)), TypeError, "got a Linear among them"
+    ),
     # pergrad.clip_grad_norm_
     **{
         f"clip_grad_norm_ max_norm={value!r}": Bad(

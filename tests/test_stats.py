@@ -95,6 +95,13 @@ def test_clip_grad_norm_scales_the_mean_and_the_mean_of_squares_together():
     optim.Adam(params, lr=1e-3).step()  # still their own statistics: accepted
 
 
+def test_clip_grad_norm_takes_one_tensor_as_torchs_does():
+    param = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    feed(param, torch.full((4, 3), 2.0, dtype=torch.float64))
+    assert pergrad.clip_grad_norm_(param, 1.0) == pytest.approx(12**0.5)
+    assert float(param.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+
+
 CLIPPED = [(case, "auto") for case in CASES] + [("mlp", "func"), ("tied", "hooks"), ("mlp", "loop")]
 
 
