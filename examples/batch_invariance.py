@@ -436,7 +436,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="B = 8, 32, 128 and 12,000 examples (digits: 14 s on 2 idle CPU cores)",
+        help="B = 8, 32, 128 and 12,000 examples (digits: about 15 s with 2 threads on an idle "
+        "2-core machine)",
     )
     parser.add_argument(
         "--jobs",

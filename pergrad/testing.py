@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from pergrad.engine import PerExample
+from pergrad.rules import rule_for
 from pergrad.stats import zero_grad
 
 Inputs = Tensor | tuple[Tensor, ...]
@@ -126,10 +127,19 @@ def check_rule(
     Raises:
         AssertionError: with the failing batch size and seed (``hypothesis`` shrinks them).
         TypeError: ``layer`` is not a module or ``make_inputs`` not a function.
+        ValueError: no rule applies to ``layer``.
         ImportError: ``hypothesis`` is not installed.
     """
     if not isinstance(layer, nn.Module):
         raise TypeError(f"layer must be an nn.Module instance, got {type(layer).__name__}")
+    rule, why = rule_for(layer)
+    if rule is None:
+        kind = type(layer).__name__
+        raise ValueError(
+            f"{kind} has no rule to check: {why}"
+            if why
+            else f"{kind} has no rule to check: register one with @pergrad.register_rule({kind})"
+        )
     if not callable(make_inputs):
         raise TypeError(
             f"make_inputs must be a function of the batch size that returns the layer's inputs, "

@@ -509,6 +509,18 @@ BAD: dict[str, Bad] = {
         TypeError,
         "layer must be an nn.Module instance",
     ),
+    "check_rule of a layer without a rule": Bad(
+        lambda w: pergrad.testing.check_rule(nn.Bilinear(2, 2, 2), lambda b: torch.randn(b, 2)),
+        ValueError,
+        r"Bilinear has no rule to check: register one with @pergrad.register_rule\(Bilinear\)",
+    ),
+    "check_rule of a layer outside its rule": Bad(
+        lambda w: pergrad.testing.check_rule(
+            nn.Embedding(3, 2, sparse=True), lambda b: torch.zeros(b, 1).long()
+        ),
+        ValueError,
+        "Embedding has no rule to check: sparse=True",
+    ),
     "check_rule with inputs that are not a function": Bad(
         lambda w: pergrad.testing.check_rule(nn.Linear(3, 2), torch.randn(4, 3)),
         TypeError,
