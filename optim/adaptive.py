@@ -9,24 +9,23 @@ from torch import Tensor
 
 import pergrad
 from optim import functional as F
-from optim.base import PerExampleOptimizer, refuse_torch_names
+from optim.base import PerExampleOptimizer, Weights, refuse_torch_names
 
 
 class _Adaptive(PerExampleOptimizer):
-    """``Φ ← Φ − B·lr·m / (s^power + ε)``, the update RMSprop and Adam share (MATH.md)."""
+    """What RMSprop and Adam share: ``s``, the running average of ``q = mean_b g_b²`` (or of
+    ``ĝ²``), and the metric ``1 / (s'^power + ε)`` their gain ratio is measured in."""
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("centered", False)
-            group.setdefault("power", 0.5)
+    centered = False
+    """Whether ``s' = s − a²`` (RMSprop's ``centered``); Adam is never centered."""
+
+    def _power(self, group: dict[str, Any]) -> float:
+        return 0.5
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["seen"] = 0  # n: examples seen, this step included
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # m
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # s
-        if group["centered"]:
-            state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # a
 
     def _second(self, p: Tensor, stats: pergrad.GradStats, group: dict[str, Any]) -> Tensor:
         """``q = mean_b g_b²``, or ``ĝ²`` for the standard second moment."""
@@ -38,36 +37,26 @@ class _Adaptive(PerExampleOptimizer):
         """``1 / (s'^power + ε)`` with the averages as this step will leave them."""
         weight = F.average_weight(stats.count, state["seen"], group["sq_horizon"])
         spread = state["exp_avg_sq"].lerp(self._second(p, stats, group), weight)
-        if group["centered"]:
+        if self._centered(group):
             spread = (spread - state["grad_avg"].lerp(p.grad, weight).square()).clamp_(min=0)
-        return 1 / spread.pow(group["power"]).add_(group["eps"])
+        return 1 / spread.pow(self._power(group)).add_(group["eps"])
+
+    def _centered(self, group: dict[str, Any]) -> bool:
+        return False
 
     def _state_keys(self) -> set[str]:
         return {"seen", "exp_avg", "exp_avg_sq"}
 
-    def _update(
-        self,
-        p: Tensor,
-        stats: pergrad.GradStats,
-        state: dict[str, Any],
-        group: dict[str, Any],
-        examples: float,
-    ) -> None:
-        F.adaptive(
-            p,
-            p.grad,
-            self._second(p, stats, group),
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            state.get("grad_avg"),
-            lr=group["lr"],
-            examples=examples,
-            grad_weight=F.average_weight(stats.count, state["seen"], group["grad_horizon"]),
-            sq_weight=F.average_weight(stats.count, state["seen"], group["sq_horizon"]),
-            eps=group["eps"],
-            power=group["power"],
-            weight_decay=group["weight_decay"],
-        )
+    def _buffers(self, params: list[Tensor], group: dict[str, Any]) -> dict[str, list[Tensor]]:
+        """The lists the functional update takes, for parameters that share its scalars."""
+        states = [self.state[p] for p in params]
+        return {
+            "params": params,
+            "grads": [p.grad for p in params],
+            "seconds": [self._second(p, pergrad.grad_stats(p), group) for p in params],
+            "exp_avgs": [state["exp_avg"] for state in states],
+            "exp_avg_sqs": [state["exp_avg_sq"] for state in states],
+        }
 
     @classmethod
     def in_sgd_units(cls, params, sgd_lr: float, *, eps: float, **options: Any):
@@ -112,6 +101,10 @@ class RMSprop(_Adaptive):
             to follow the noise scale as it grows during training: averaged over a long
             horizon, the large gradients of the first steps dominate and ``r`` lags far
             behind.
+        foreach: one multi-tensor kernel per operation for all parameters of a group
+            (``torch._foreach_*``) instead of a loop over them, with the same numbers bit for
+            bit; ``None`` (the default) uses it where every parameter is on CUDA, as
+            ``torch.optim`` does.
         **unsupported: refused, with a ``TypeError`` that says what replaces
             ``torch.optim``'s ``betas``, ``momentum`` or ``alpha`` here.
 
@@ -134,6 +127,7 @@ class RMSprop(_Adaptive):
         power: float = 0.5,
         batch_scaling: str = "linear",
         gain_horizon: float = 1000,
+        foreach: bool | None = None,
         **unsupported: Any,
     ):
         refuse_torch_names("RMSprop", unsupported)
@@ -148,8 +142,43 @@ class RMSprop(_Adaptive):
             "power": power,
             "batch_scaling": batch_scaling,
             "gain_horizon": gain_horizon,
+            "foreach": foreach,
         }
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("centered", False)
+            group.setdefault("power", 0.5)
+
+    def _power(self, group: dict[str, Any]) -> float:
+        return group["power"]
+
+    def _centered(self, group: dict[str, Any]) -> bool:
+        return group["centered"]
+
+    def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        super()._init_state(p, state, group)
+        if group["centered"]:
+            state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # a
+
+    def _update_group(
+        self, params: list[Tensor], group: dict[str, Any], examples: float, weights: Weights
+    ) -> None:
+        grad_avgs = [self.state[p]["grad_avg"] for p in params] if group["centered"] else None
+        F.rmsprop(
+            **self._buffers(params, group),
+            grad_avgs=grad_avgs,
+            lr=group["lr"],
+            examples=examples,
+            grad_weight=weights.grad,
+            sq_weight=weights.sq,
+            eps=group["eps"],
+            power=group["power"],
+            weight_decay=group["weight_decay"],
+            foreach=self._foreach(params, group),
+        )
 
 
 class Adam(_Adaptive):
@@ -183,6 +212,10 @@ class Adam(_Adaptive):
             to follow the noise scale as it grows during training: averaged over a long
             horizon, the large gradients of the first steps dominate and ``r`` lags far
             behind.
+        foreach: one multi-tensor kernel per operation for all parameters of a group
+            (``torch._foreach_*``) instead of a loop over them, with the same numbers bit for
+            bit; ``None`` (the default) uses it where every parameter is on CUDA, as
+            ``torch.optim`` does.
         **unsupported: refused, with a ``TypeError`` that says what replaces
             ``torch.optim``'s ``betas``, ``momentum`` or ``alpha`` here.
 
@@ -206,6 +239,7 @@ class Adam(_Adaptive):
         weight_decay: float = 0.0,
         batch_scaling: str = "linear",
         gain_horizon: float = 1000,
+        foreach: bool | None = None,
         **unsupported: Any,
     ):
         refuse_torch_names("Adam", unsupported)
@@ -218,7 +252,29 @@ class Adam(_Adaptive):
             "weight_decay": weight_decay,
             "batch_scaling": batch_scaling,
             "gain_horizon": gain_horizon,
-            "centered": False,
-            "power": 0.5,
+            "foreach": foreach,
         }
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # what Adam kept before it had a functional of its own
+            group.pop("centered", None)
+            group.pop("power", None)
+
+    def _legacy_keys(self) -> set[str]:
+        return {"centered", "power"}
+
+    def _update_group(
+        self, params: list[Tensor], group: dict[str, Any], examples: float, weights: Weights
+    ) -> None:
+        F.adam(
+            **self._buffers(params, group),
+            lr=group["lr"],
+            examples=examples,
+            grad_weight=weights.grad,
+            sq_weight=weights.sq,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            foreach=self._foreach(params, group),
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("batch_scaling", "linear")
             group.setdefault("gain_horizon", 1000)
+            group.setdefault("foreach", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         _validate(param_group)
@@ -49,10 +51,10 @@ class PerExampleOptimizer(torch.optim.Optimizer):
             ValueError: naming the hyperparameters or state buffers that are missing.
         """
         kind = type(self).__name__
-        required = set(self.defaults) - {"batch_scaling", "gain_horizon"}  # newer: defaulted
+        required = set(self.defaults) - {"batch_scaling", "gain_horizon", "foreach"}  # newer
         for i, group in enumerate(state_dict.get("param_groups", [])):
             missing = sorted(required - set(group))
-            foreign = sorted(set(group) - set(self.defaults) - {"params"})
+            foreign = sorted(set(group) - set(self.defaults) - {"params"} - self._legacy_keys())
             if missing or foreign:
                 what = f"lacks {', '.join(missing)}" if missing else f"has {', '.join(foreign)}"
                 raise ValueError(
@@ -114,10 +116,17 @@ class PerExampleOptimizer(torch.optim.Optimizer):
                 if not state:
                     self._init_state(p, state, group)
                 state["seen"] += pergrad.grad_stats(p).count
-            examples = self._gain(active, group) if group["batch_scaling"] == "gain" else None
-            for p in active:
-                stats = pergrad.grad_stats(p)
-                self._update(p, stats, self.state[p], group, examples or stats.count)
+            gain = self._gain(active, group) if group["batch_scaling"] == "gain" else None
+            buckets: dict[tuple[int, int], list[Tensor]] = {}
+            for p in active:  # parameters whose scalars agree step together (one, as a rule)
+                key = (pergrad.grad_stats(p).count, self.state[p]["seen"])
+                buckets.setdefault(key, []).append(p)
+            for (count, seen), params in buckets.items():
+                weights = Weights(
+                    F.average_weight(count, seen, group["grad_horizon"]),
+                    F.average_weight(count, seen, group.get("sq_horizon", math.inf)),
+                )
+                self._update_group(params, group, count if gain is None else gain, weights)
         return loss
 
     def _check_statistics(self) -> None:
@@ -178,16 +187,31 @@ class PerExampleOptimizer(torch.optim.Optimizer):
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _update(
-        self,
-        p: Tensor,
-        stats: pergrad.GradStats,
-        state: dict[str, Any],
-        group: dict[str, Any],
-        examples: float,
+    def _update_group(
+        self, params: list[Tensor], group: dict[str, Any], examples: float, weights: Weights
     ) -> None:
-        """One parameter's step; ``examples`` is ``B`` (or the gain ratio in its place)."""
+        """One step of ``params``, which share the step's scalars: ``examples`` is ``B`` (or
+        the gain ratio in its place)."""
         raise NotImplementedError
+
+    def _foreach(self, params: list[Tensor], group: dict[str, Any]) -> bool:
+        """``foreach`` as the group says; by default on CUDA, as ``torch.optim`` does."""
+        if group["foreach"] is not None:
+            return group["foreach"]
+        return all(p.is_cuda for p in params)
+
+    def _legacy_keys(self) -> set[str]:
+        """Hyperparameters an older version kept, accepted at load and dropped."""
+        return set()
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The weights ``w = min(1, B / min(n, N⁰))`` of this step in the running averages: of
+    the first moment (``grad_horizon``) and of the second (``sq_horizon``; SGD has none)."""
+
+    grad: float
+    sq: float
 
 
 _NUMBERS: dict[str, tuple[Callable[[float], bool], str, str]] = {
@@ -204,6 +228,7 @@ _CHOICES: dict[str, tuple] = {
     "second_moment": SECOND_MOMENTS,
     "batch_scaling": BATCH_SCALINGS,
     "centered": (False, True),
+    "foreach": (None, False, True),
 }
 TORCH_NAMES = {
     "betas": "grad_horizon and sq_horizon, in examples: optim.convert.from_torch_adam(lr, betas, "

@@ -1,4 +1,7 @@
-"""The update rules of MATH.md as plain functions, one per optimizer, on one tensor each.
+"""The update rules of MATH.md as plain functions, one per optimizer, as ``torch.optim``
+writes them: each takes lists of tensors that share the step's scalars and runs a
+single-tensor loop or, with ``foreach=True``, one multi-tensor kernel per operation
+(``torch._foreach_*``), with the same arithmetic in the same order: bit for bit the same.
 
 Notation: ``B`` examples in this step (or, with ``batch_scaling="gain"``, the gain ratio in
 its place where the step is scaled), ``n`` examples seen so far (this step included),
@@ -8,7 +11,10 @@ moment), per-example horizons ``N⁰`` counted in examples.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+Tensors = list[Tensor]
 
 
 def average_weight(batch_size: int, seen: int, horizon: float) -> float:
@@ -32,14 +38,15 @@ def gain_ratio(batch_size: int, noise: float, signal: float) -> float:
 
 
 def sgd(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
+    params: Tensors,
+    grads: Tensors,
+    exp_avgs: Tensors,
     *,
     lr: float,
     examples: float,
     grad_weight: float,
     weight_decay: float,
+    foreach: bool = False,
 ) -> None:
     """SGD with momentum as a running average, in place, ``B`` = ``examples``::
 
@@ -49,19 +56,69 @@ def sgd(
 
     With ``N_g⁰ = 1``, ``m = ĝ`` and this is vanilla SGD, ``Φ −= lr · Σ_b g_b``.
     """
-    if weight_decay:
-        param.mul_(1 - examples * lr * weight_decay)
-    exp_avg.lerp_(grad, grad_weight)
-    param.add_(exp_avg, alpha=-examples * lr)
+    if foreach:
+        if weight_decay:
+            torch._foreach_mul_(params, 1 - examples * lr * weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, grad_weight)
+        torch._foreach_add_(params, exp_avgs, alpha=-examples * lr)
+        return
+    for param, grad, exp_avg in zip(params, grads, exp_avgs):
+        if weight_decay:
+            param.mul_(1 - examples * lr * weight_decay)
+        exp_avg.lerp_(grad, grad_weight)
+        param.add_(exp_avg, alpha=-examples * lr)
 
 
-def adaptive(
-    param: Tensor,
-    grad: Tensor,
-    second: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    grad_avg: Tensor | None,
+def adam(
+    params: Tensors,
+    grads: Tensors,
+    seconds: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    *,
+    lr: float,
+    examples: float,
+    grad_weight: float,
+    sq_weight: float,
+    eps: float,
+    weight_decay: float,
+    foreach: bool = False,
+) -> None:
+    """Adam, in place, ``B`` = ``examples``; ``seconds`` are ``q`` (or ``ĝ²``)::
+
+        Φ ← Φ − B·lr·λ·Φ                       (decoupled, as AdamW)
+        m ← (1 − w_g)·m + w_g·ĝ
+        s ← (1 − w_s)·s + w_s·q
+        Φ ← Φ − B·lr·m / (√s + ε)
+
+    ``w = min(1, B / min(n, N⁰))`` is also the bias correction (Kingma and Ba 2015).
+    """
+    if foreach:
+        if weight_decay:
+            torch._foreach_mul_(params, 1 - examples * lr * weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, grad_weight)
+        torch._foreach_lerp_(exp_avg_sqs, seconds, sq_weight)
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denominators, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denominators, value=-examples * lr)
+        return
+    for param, grad, second, exp_avg, exp_avg_sq in zip(
+        params, grads, seconds, exp_avgs, exp_avg_sqs
+    ):
+        if weight_decay:
+            param.mul_(1 - examples * lr * weight_decay)
+        exp_avg.lerp_(grad, grad_weight)
+        exp_avg_sq.lerp_(second, sq_weight)
+        param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-examples * lr)
+
+
+def rmsprop(
+    params: Tensors,
+    grads: Tensors,
+    seconds: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    grad_avgs: Tensors | None,
     *,
     lr: float,
     examples: float,
@@ -70,24 +127,43 @@ def adaptive(
     eps: float,
     power: float,
     weight_decay: float,
+    foreach: bool = False,
 ) -> None:
-    """RMSProp and Adam, in place, ``B`` = ``examples``::
+    """RMSProp, in place, ``B`` = ``examples``; ``seconds`` are ``q`` (or ``ĝ²``)::
 
-        Φ ← Φ − B·lr·λ·Φ
-        m ← (1 − w_g)·m + w_g·ĝ
-        s ← (1 − w_s)·s + w_s·q                 (q = mean_b g_b², or ĝ² for the standard form)
-        a ← (1 − w_s)·a + w_s·ĝ;  s' = s − a²   (centered only; else s' = s)
-        Φ ← Φ − B·lr·m / (s'^power + ε)         (power = ½ is RMSProp and Adam)
-
-    ``second`` is ``q``. ``grad_avg`` is ``a``, or ``None`` when not centered.
+    Φ ← Φ − B·lr·λ·Φ
+    m ← (1 − w_g)·m + w_g·ĝ                 (m = ĝ with grad_horizon = 1)
+    s ← (1 − w_s)·s + w_s·q
+    a ← (1 − w_s)·a + w_s·ĝ;  s' = s − a²   (centered: ``grad_avgs`` are a; else s' = s)
+    Φ ← Φ − B·lr·m / (s'^power + ε)         (power = ½ is RMSProp)
     """
-    if weight_decay:
-        param.mul_(1 - examples * lr * weight_decay)
-    exp_avg.lerp_(grad, grad_weight)
-    exp_avg_sq.lerp_(second, sq_weight)
-    spread = exp_avg_sq
-    if grad_avg is not None:
-        grad_avg.lerp_(grad, sq_weight)
-        spread = (exp_avg_sq - grad_avg.square()).clamp_(min=0)
-    denominator = (spread.sqrt() if power == 0.5 else spread.pow(power)).add_(eps)
-    param.addcdiv_(exp_avg, denominator, value=-examples * lr)
+    if foreach:
+        if weight_decay:
+            torch._foreach_mul_(params, 1 - examples * lr * weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, grad_weight)
+        torch._foreach_lerp_(exp_avg_sqs, seconds, sq_weight)
+        spreads = exp_avg_sqs
+        if grad_avgs is not None:
+            torch._foreach_lerp_(grad_avgs, grads, sq_weight)
+            spreads = torch._foreach_sub(exp_avg_sqs, torch._foreach_mul(grad_avgs, grad_avgs))
+            torch._foreach_clamp_min_(spreads, 0)
+        if power == 0.5:
+            denominators = torch._foreach_sqrt(spreads)
+        else:
+            denominators = torch._foreach_pow(spreads, power)
+        torch._foreach_add_(denominators, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denominators, value=-examples * lr)
+        return
+    for i, (param, grad, second, exp_avg, exp_avg_sq) in enumerate(
+        zip(params, grads, seconds, exp_avgs, exp_avg_sqs)
+    ):
+        if weight_decay:
+            param.mul_(1 - examples * lr * weight_decay)
+        exp_avg.lerp_(grad, grad_weight)
+        exp_avg_sq.lerp_(second, sq_weight)
+        spread = exp_avg_sq
+        if grad_avgs is not None:
+            grad_avgs[i].lerp_(grad, sq_weight)
+            spread = (exp_avg_sq - grad_avgs[i].mul(grad_avgs[i])).clamp_min_(0)
+        denominator = spread.sqrt() if power == 0.5 else spread.pow(power)
+        param.addcdiv_(exp_avg, denominator.add_(eps), value=-examples * lr)

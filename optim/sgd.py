@@ -7,9 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import pergrad
 from optim import functional as F
-from optim.base import PerExampleOptimizer, refuse_torch_names
+from optim.base import PerExampleOptimizer, Weights, refuse_torch_names
 
 
 class SGD(PerExampleOptimizer):
@@ -28,6 +27,10 @@ class SGD(PerExampleOptimizer):
             ``r = B(σ² + |G|²)/(σ² + B|G|²)`` the gain ratio estimated from the per-example
             statistics and averaged over ``gain_horizon`` examples (MATH.md).
         gain_horizon: the examples the gain's noise and signal estimates span.
+        foreach: one multi-tensor kernel per operation for all parameters of a group
+            (``torch._foreach_*``) instead of a loop over them, with the same numbers bit for
+            bit; ``None`` (the default) uses it where every parameter is on CUDA, as
+            ``torch.optim`` does.
         **unsupported: refused, with a ``TypeError`` that says what replaces
             ``torch.optim``'s ``betas``, ``momentum`` or ``alpha`` here.
 
@@ -50,6 +53,7 @@ class SGD(PerExampleOptimizer):
         weight_decay: float = 0.0,
         batch_scaling: str = "linear",
         gain_horizon: float = 1000,
+        foreach: bool | None = None,
         **unsupported: Any,
     ):
         refuse_torch_names("SGD", unsupported)
@@ -59,6 +63,7 @@ class SGD(PerExampleOptimizer):
             "weight_decay": weight_decay,
             "batch_scaling": batch_scaling,
             "gain_horizon": gain_horizon,
+            "foreach": foreach,
         }
         super().__init__(params, defaults)
 
@@ -66,20 +71,16 @@ class SGD(PerExampleOptimizer):
         state["seen"] = 0  # n: examples seen, this step included
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # m
 
-    def _update(
-        self,
-        p: Tensor,
-        stats: pergrad.GradStats,
-        state: dict[str, Any],
-        group: dict[str, Any],
-        examples: float,
+    def _update_group(
+        self, params: list[Tensor], group: dict[str, Any], examples: float, weights: Weights
     ) -> None:
         F.sgd(
-            p,
-            p.grad,
-            state["exp_avg"],
+            params,
+            [p.grad for p in params],
+            [self.state[p]["exp_avg"] for p in params],
             lr=group["lr"],
             examples=examples,
-            grad_weight=F.average_weight(stats.count, state["seen"], group["grad_horizon"]),
+            grad_weight=weights.grad,
             weight_decay=group["weight_decay"],
+            foreach=self._foreach(params, group),
         )

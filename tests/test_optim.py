@@ -200,7 +200,7 @@ def test_conversions_round_trip(batch):
 
 
 @pytest.mark.parametrize("kind", ["sgd", "rmsprop", "adam"])
-def test_a_state_saved_before_gain_horizon_existed_loads_with_its_default(kind):
+def test_a_state_saved_by_an_earlier_version_loads_with_the_new_defaults(kind):
     stream = _stream(5)
     first = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
     second = torch.nn.Parameter(first.detach().clone())
@@ -209,14 +209,43 @@ def test_a_state_saved_before_gain_horizon_existed_loads_with_its_default(kind):
         feed(first, per_example)
         opt.step()
     state = copy.deepcopy(opt.state_dict())  # not sharing the buffers opt keeps stepping
-    for group in state["param_groups"]:
-        del group["gain_horizon"]  # what an optimizer saved before the option existed holds
+    for group in state["param_groups"]:  # what an optimizer saved before these options held
+        del group["gain_horizon"], group["foreach"]
+        if kind == "adam":
+            group.update(centered=False, power=0.5)  # Adam's hidden keys of then
     second.data.copy_(first.detach())
     resumed = KINDS[kind]([second], lr=0.01, gain_horizon=7)
     resumed.load_state_dict(state)
     assert resumed.param_groups[0]["gain_horizon"] == 1000
+    assert resumed.param_groups[0]["foreach"] is None
+    assert kind != "adam" or "centered" not in resumed.param_groups[0]
     for per_example in stream[4:]:
         for param, optimizer in ((first, opt), (second, resumed)):
             feed(param, per_example)
             optimizer.step()
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize(("kind", "options"), CASES_, ids=[f"{k}-{o}" for k, o in CASES_])
+def test_foreach_steps_bit_for_bit_as_the_loop(kind, options):
+    """The multi-tensor path against the per-tensor loop, on several parameters of different
+    shapes that take their steps together, over a stream of varying batch sizes."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(5,), (3, 4), (2, 1, 3)]
+    start = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in shapes]
+    loop = [torch.nn.Parameter(t.clone()) for t in start]
+    multi = [torch.nn.Parameter(t.clone()) for t in start]
+    optimizers = [
+        KINDS[kind](loop, **options, foreach=False),
+        KINDS[kind](multi, **options, foreach=True),
+    ]
+    for b in (4, 1, 7, 16, 3):
+        per_example = [
+            torch.randn(b, *shape, generator=gen, dtype=torch.float64) for shape in shapes
+        ]
+        for params, optimizer in zip((loop, multi), optimizers):
+            for p, g in zip(params, per_example):
+                feed(p, g)
+            optimizer.step()
+        for a, b_ in zip(loop, multi):
+            assert torch.equal(a, b_)
