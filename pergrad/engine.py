@@ -158,34 +158,17 @@ class PerExample:
         if grouped and not self._ranks_checked:
             distributed.check_same_parameters(params, self.process_group)
             self._ranks_checked = True
-        grad_sums: dict[str, Tensor] = {}
-        sq_sums: dict[str, Tensor] = {}
-        first = next(iter(params.values()))
-        losses = [torch.zeros(0, dtype=first.dtype, device=first.device)]  # for an empty share
+        sums = stats.Sums(params)
         for x, y in chunks:
-            chunk_moments, chunk_losses = self._chunk(params, x, y, per_example=False)
-            for name, (grad_sum, sq_sum) in chunk_moments.items():
-                if name in grad_sums:  # later chunks add into the first chunk's fresh tensors
-                    grad_sums[name] += grad_sum
-                    sq_sums[name] += sq_sum
-                else:
-                    grad_sums[name], sq_sums[name] = grad_sum, sq_sum
-            losses.append(chunk_losses)
-        for name, p in params.items():  # an empty share of a data-parallel batch: zeros
-            if name not in grad_sums:
-                grad_sums[name], sq_sums[name] = torch.zeros_like(p), torch.zeros_like(p)
-        self.last_losses = torch.cat(losses)
-        count, mean_loss = len(self.last_losses), self.last_losses.mean()
+            sums.add(*self._chunk(params, x, y, per_example=False))
+        self.last_losses = sums.last_losses
         if grouped:
-            count, loss_sum = distributed.all_reduce_sums(
-                self.process_group, count, self.last_losses.sum(), grad_sums, sq_sums
-            )
-            if count == 0:
+            sums.all_reduce(self.process_group)
+            if sums.count == 0:
                 raise checks.InputError("the batch is empty on every rank: pass examples")
-            mean_loss = loss_sum / count
-        checks.finite(sq_sums, "sum of squared per-example gradients")
-        stats.accumulate(params, count, grad_sums, sq_sums)
-        return mean_loss
+        sums.check_finite()
+        sums.merge_into()
+        return sums.mean_loss
 
     def zero_grad(self) -> None:
         """Clear ``.grad`` and the per-example statistics of every parameter of the model."""

@@ -14,13 +14,16 @@ clears both.
 
 from __future__ import annotations
 
+import functools
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from pergrad.checks import InputError
+from pergrad.checks import InputError, finite
 
 ATTRIBUTE = "grad_stats"
 """The name of the attribute that holds a parameter's :class:`GradStats`."""
@@ -59,32 +62,113 @@ def grad_stats(param: Tensor) -> GradStats | None:
     return getattr(param, ATTRIBUTE, None)
 
 
-def accumulate(
-    params: dict[str, Tensor], count: int, grad_sums: dict[str, Tensor], sq_sums: dict[str, Tensor]
-) -> None:
-    """Merge ``count`` more examples, with ``Σ_b g_b = grad_sums[name]`` and
-    ``Σ_b g_b² = sq_sums[name]`` (fresh tensors, which it may take over), into each parameter's
-    ``.grad`` and ``.grad_stats``:
-    ``mean ← (n·mean + Σ) / (n + count)``. Nothing changes if any parameter is refused.
+Moments = tuple[Tensor, Tensor]
+"""``(Σ_b g_b, Σ_b g_b²)`` of one parameter."""
 
-    Raises:
-        InputError: a parameter has a ``.grad`` that ``pergrad`` did not compute, or that
-            changed since it did.
+
+@dataclass
+class Sums:
+    """The sufficient statistics of a set of examples, as sums: the count ``n``, the
+    per-example losses, and per parameter ``Σ_b g_b`` and ``Σ_b g_b²``.
+
+    Sums of two sets of examples add (:meth:`add`, a chunk at a time); summed over
+    data-parallel workers they are the global batch's (:meth:`all_reduce`); merged into the
+    parameters they become the means ``p.grad`` and ``p.grad_stats`` (:meth:`merge_into`).
     """
-    check_unchanged(params)
-    for name, p in params.items():
-        stats = grad_stats(p)
-        if stats is None or p.grad is None:  # fresh (statistics without a .grad: cleared)
-            # the sums are fresh tensors of the caller's: divided in place
-            p.grad = grad_sums[name].div_(count).to(p.dtype)
-            stats = GradStats(count, sq_sums[name].div_(count).to(p.dtype))
-            setattr(p, ATTRIBUTE, stats)
-        else:
-            total = stats.count + count
-            p.grad.mul_(stats.count / total).add_(grad_sums[name], alpha=1 / total)
-            stats.sq_mean.mul_(stats.count / total).add_(sq_sums[name], alpha=1 / total)
-            stats.count = total
-        stats._seal(p.grad)
+
+    params: dict[str, Tensor]
+    count: int = 0
+    loss_sum: Tensor | None = None
+    grad: dict[str, Tensor] = field(default_factory=dict)
+    sq: dict[str, Tensor] = field(default_factory=dict)
+    losses: list[Tensor] = field(default_factory=list)
+
+    def add(self, moments: dict[str, Moments], losses: Tensor) -> None:
+        """Add a chunk of examples: its moments (fresh tensors, which the first chunk's
+        become and later chunks add into) and its per-example losses."""
+        for name, (grad_sum, sq_sum) in moments.items():
+            if name in self.grad:
+                self.grad[name] += grad_sum
+                self.sq[name] += sq_sum
+            else:
+                self.grad[name], self.sq[name] = grad_sum, sq_sum
+        self.losses.append(losses)
+        self.count += len(losses)
+
+    @property
+    def last_losses(self) -> Tensor:
+        """The per-example losses added here (on this worker), in order."""
+        if not self.losses:
+            first = next(iter(self.params.values()))
+            return torch.zeros(0, dtype=first.dtype, device=first.device)
+        return torch.cat(self.losses)
+
+    @property
+    def mean_loss(self) -> Tensor:
+        """``(1/n) Σ_b ℓ_b``: over every worker's examples once :meth:`all_reduce` has run."""
+        if self.loss_sum is None:
+            return functools.reduce(torch.add, (part.sum() for part in self.losses)) / self.count
+        return self.loss_sum / self.count
+
+    def all_reduce(self, group: object) -> None:
+        """Sum over the ``torch.distributed`` group, in place, so that every worker holds the
+        global batch's sums, whatever its share of it (none included): one flattened
+        all-reduce per dtype. The count and the loss travel in float64, exact for any count
+        below 2⁵³ whatever the gradients' dtype."""
+        for name, p in self.params.items():  # an empty share: zeros
+            if name not in self.grad:
+                self.grad[name], self.sq[name] = torch.zeros_like(p), torch.zeros_like(p)
+        losses = self.last_losses
+        tally = torch.tensor([self.count, float(losses.double().sum())], dtype=torch.float64)
+        buckets: dict[tuple, list[tuple[dict, str]]] = defaultdict(list)
+        for sums in (self.grad, self.sq):
+            for name, tensor in sums.items():
+                buckets[(tensor.dtype, tensor.device)].append((sums, name))
+        carrier = (torch.float64, next(iter(buckets))[1])  # the count and the loss ride here
+        buckets.setdefault(carrier, [])
+        for key, entries in buckets.items():
+            parts = [sums[name].reshape(-1) for sums, name in entries]
+            if key == carrier:
+                parts.append(tally.to(carrier[1]))
+            flat = torch.cat(parts)
+            dist.all_reduce(flat, group=group)
+            offset = 0
+            for sums, name in entries:  # back into their own tensors: no two share storage
+                size = sums[name].numel()
+                sums[name].copy_(flat[offset : offset + size].view_as(sums[name]))
+                offset += size
+            if key == carrier:
+                tally = flat[offset:]
+        self.count = int(tally[0].round().item())
+        self.loss_sum = tally[1].to(losses.dtype)
+
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` naming the parameters whose sum of squares is not
+        finite (a NaN or an infinity in any ``g_b`` makes it so)."""
+        finite(self.sq, "sum of squared per-example gradients")
+
+    def merge_into(self) -> None:
+        """Merge into each parameter's ``.grad`` and ``.grad_stats``:
+        ``mean ← (n·mean + Σ) / (n + count)``; the sums are fresh tensors, which it may take
+        over. Nothing changes if any parameter is refused.
+
+        Raises:
+            InputError: a parameter has a ``.grad`` that ``pergrad`` did not compute, or that
+                changed since it did.
+        """
+        check_unchanged(self.params)
+        for name, p in self.params.items():
+            stats = grad_stats(p)
+            if stats is None or p.grad is None:  # fresh (statistics without a .grad: cleared)
+                p.grad = self.grad[name].div_(self.count).to(p.dtype)
+                stats = GradStats(self.count, self.sq[name].div_(self.count).to(p.dtype))
+                setattr(p, ATTRIBUTE, stats)
+            else:
+                total = stats.count + self.count
+                p.grad.mul_(stats.count / total).add_(self.grad[name], alpha=1 / total)
+                stats.sq_mean.mul_(stats.count / total).add_(self.sq[name], alpha=1 / total)
+                stats.count = total
+            stats._seal(p.grad)
 
 
 def check_unchanged(params: dict[str, Tensor]) -> None:
@@ -179,21 +263,21 @@ def zero_grad(params: Tensor | Iterable[Tensor]) -> None:
             delattr(p, ATTRIBUTE)
 
 
-@torch.no_grad()
-def moments(
-    grads: dict[str, Tensor], scale: Tensor | None = None
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients ``g`` of shape ``(B, *param.shape)``;
-    with ``scale`` (``(B,)``), those of ``c_b·g_b``: ``(Σ_b c_b g_b, Σ_b c_b² g_b²)``."""
+def moments_of(grads: Tensor, scale: Tensor | None = None) -> Moments:
+    """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients ``(B, *shape)``; with ``scale``
+    (``(B,)``), those of ``c_b·g_b``: ``(Σ_b c_b g_b, Σ_b c_b² g_b²)``."""
     if scale is None:
-        return {name: (g.sum(0), g.square().sum(0)) for name, g in grads.items()}
-    return {
-        name: (
-            torch.tensordot(scale.to(g.dtype), g, dims=1),
-            torch.tensordot(scale.square().to(g.dtype), g.square(), dims=1),
-        )
-        for name, g in grads.items()
-    }
+        return grads.sum(0), grads.square().sum(0)
+    return (
+        torch.tensordot(scale.to(grads.dtype), grads, dims=1),
+        torch.tensordot(scale.square().to(grads.dtype), grads.square(), dims=1),
+    )
+
+
+@torch.no_grad()
+def moments(grads: dict[str, Tensor], scale: Tensor | None = None) -> dict[str, Moments]:
+    """:func:`moments_of` of every parameter's per-example gradients."""
+    return {name: moments_of(g, scale) for name, g in grads.items()}
 
 
 @torch.no_grad()

@@ -128,18 +128,19 @@ def test_the_count_travels_exactly_whatever_the_gradients_dtype():
     """301 is not a bfloat16 number (it rounds to 300): the count rides in float64."""
     import torch.distributed as dist
 
-    from pergrad import distributed
+    from pergrad.stats import Sums
 
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
     )
     try:
-        sums = {"w": torch.ones(3, dtype=torch.bfloat16)}
-        squares = {"w": torch.ones(3, dtype=torch.bfloat16)}
-        count, loss = distributed.all_reduce_sums(
-            dist.group.WORLD, 301, torch.tensor(2.5, dtype=torch.bfloat16), sums, squares
-        )
+        w = torch.zeros(3, dtype=torch.bfloat16)
+        sums = Sums({"w": w})
+        ones = torch.ones(3, dtype=torch.bfloat16)
+        sums.add({"w": (ones.clone(), ones.clone())}, torch.full((301,), 2.5 / 301).bfloat16())
+        sums.all_reduce(dist.group.WORLD)
     finally:
         dist.destroy_process_group()
-    assert count == 301 and float(loss) == 2.5 and loss.dtype == torch.bfloat16
-    assert torch.equal(sums["w"], torch.ones(3, dtype=torch.bfloat16))
+    assert sums.count == 301 and sums.loss_sum.dtype == torch.bfloat16
+    assert sums.loss_sum == sums.last_losses.double().sum().to(torch.bfloat16)
+    assert torch.equal(sums.grad["w"], ones)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
+from pergrad.stats import Moments, moments_of
+
 CHUNK_ELEMENTS = 1 << 24
 """Per-example gradients are formed at most about this many numbers at a time."""
 
@@ -24,9 +26,6 @@ REDUCE_ELEMENTS = 1 << 20
 """Where a rule reduces per-example gradients to moments as it forms them, it forms about this
 many numbers at a time: few enough to stay in the processor's cache and reuse memory, which on
 one CPU made the reduction of a sequence ``Linear`` 4 times faster than forming 16 M at once."""
-
-Moments = tuple[Tensor, Tensor]
-"""``(Σ_b g_b, Σ_b g_b²)`` of one parameter."""
 
 
 @dataclass
@@ -180,11 +179,6 @@ def reduce_fresh(grads: Iterator[Tensor]) -> Moments:
         part = fresh_moments(g)
         total = part if total is None else (total[0].add_(part[0]), total[1].add_(part[1]))
     return total
-
-
-def moments_of(grads: Tensor) -> Moments:
-    """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients ``(B, *shape)``."""
-    return grads.sum(0), grads.square().sum(0)
 
 
 def add_moments(total: Moments | None, more: Moments) -> Moments:
