@@ -5,8 +5,9 @@
 """
 
 from pergrad import testing
+from pergrad.auto import FallbackWarning
 from pergrad.checks import InputError
-from pergrad.engine import FallbackWarning, PerExample
+from pergrad.engine import PerExample
 from pergrad.modes import ModeError
 from pergrad.noise import NoiseScale, noise_scale
 from pergrad.rules import Call, register_rule

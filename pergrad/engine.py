@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from pergrad import checks, distributed, stats
-from pergrad.layerwise import Layerwise
-from pergrad.modes import MODES, Mode, ModeError, PerExampleResult
+from pergrad.auto import Auto, OneMode
+from pergrad.modes import MODES
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Inputs = Tensor | Sequence[Tensor]
-
-
-class FallbackWarning(UserWarning):
-    """``mode="auto"`` could not use its fastest mode and says which layer forced the fallback."""
 
 
 class PerExample:
@@ -97,11 +90,9 @@ class PerExample:
         self.loss_fn = loss_fn
         self.chunk_size = chunk_size
         self.max_example_norm = max_example_norm
-        self._requested = mode
-        self._mode: Mode | None = None if mode == "auto" else MODES[mode](model, loss_fn)
-        self._layerwise = Layerwise(model, loss_fn) if mode == "auto" else None
-        self._warned: set[str] = set()
-        self._layerwise_ran = False
+        self._compute = (
+            Auto(model, loss_fn) if mode == "auto" else OneMode(MODES[mode](model, loss_fn))
+        )
         self.last_losses: Tensor | None = None
         """Per-example losses ``(B,)`` of the last call, detached."""
         self.sources: dict[str, str] = {}
@@ -115,9 +106,7 @@ class PerExample:
         """The mode in use: the one requested; with ``"auto"``, ``"auto"`` until the first
         call, then ``"layerwise"`` (rules and layer-local ``torch.func``), or the whole-model
         mode chosen for what those do not cover."""
-        if self._mode is not None:
-            return self._mode.name
-        return "layerwise" if self._layerwise_ran else self._requested
+        return self._compute.mode
 
     def grads(self, inputs: Inputs, target: Tensor) -> dict[str, Tensor]:
         """Per-example gradients, ``{name: Tensor of shape (B, *param.shape)}``.
@@ -196,107 +185,7 @@ class PerExample:
     ) -> tuple[dict[str, Tensor | tuple[Tensor, Tensor]], Tensor]:
         """For one chunk, each parameter's per-example gradients if ``per_example``, else their
         moments ``(Σ_b g_b, Σ_b g_b²)`` (of the clipped gradients with ``max_example_norm``),
-        and the losses: per-layer rules and layer-local ``torch.func`` where they cover a
-        parameter (in ``"auto"``), a whole-model mode for the rest."""
-        clipping = self.max_example_norm is not None and not per_example
-        if self._layerwise is None:
-            grads, losses = self._per_example(params, inputs, target)
-            self.sources = dict.fromkeys(params, self.mode)
-            if per_example:
-                return grads, losses
-            scale = self._clip_factors(stats.sq_norms(grads)) if clipping else None
-            return stats.moments(grads, scale), losses
-        rest: dict[str, Tensor] = {}
-        factors: list[Tensor] = []
-
-        def clip(covered: Tensor, uncovered: dict[str, str]) -> Tensor:
-            rest.update(self._uncovered_grads(params, uncovered, inputs, target))
-            factors.append(self._clip_factors(covered + stats.sq_norms(rest)))
-            return factors[0]
-
-        with torch.enable_grad():
-            clip_fn = clip if clipping else None
-            result = self._layerwise(params, inputs, target, per_example, clip_fn)
-        self._layerwise_ran = True
-        if not clipping:
-            rest = self._uncovered_grads(params, result.uncovered, inputs, target)
-        if rest:
-            moments = stats.moments(rest, factors[0] if clipping else None)
-            result.values.update(rest if per_example else moments)
-        self.sources = {**result.sources, **dict.fromkeys(rest, self.mode)}
-        return result.values, result.losses
-
-    def _uncovered_grads(
-        self, params: dict[str, nn.Parameter], uncovered: dict[str, str], inputs, target
-    ) -> dict[str, Tensor]:
-        """Per-example gradients, from a whole-model mode, of what the layers leave."""
-        if not uncovered:
-            return {}
-        grads, _ = self._per_example({name: params[name] for name in uncovered}, inputs, target)
-        self._warn_uncovered(uncovered)
-        return grads
-
-    def _clip_factors(self, sq_norms: Tensor) -> Tensor:
-        """``c_b = min(1, C / ‖g_b‖)`` from ``‖g_b‖²`` over every trainable parameter."""
-        return stats.clip_factors(sq_norms, self.max_example_norm)
-
-    def _warn_uncovered(self, uncovered: dict[str, str]) -> None:
-        if set(uncovered) <= self._warned:
-            return
-        self._warned |= set(uncovered)
-        listed = "; ".join(f"'{name}': {reason}" for name, reason in uncovered.items())
-        _warn(
-            f"pergrad: neither a per-layer rule nor the layer-local path covers {listed}. "
-            f"Their per-example gradients come from mode={self.mode!r}, which runs the whole "
-            f"model."
-        )
-
-    def _per_example(
-        self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
-    ) -> PerExampleResult:
-        with torch.enable_grad():
-            if self._mode is None:
-                return self._choose_mode(params, inputs, target, [], 0)
-            try:
-                return self._mode(params, inputs, target)
-            except ModeError as error:
-                if self._requested != "auto":
-                    raise
-                order = list(MODES)
-                reasons = [f"mode={error.mode!r} failed: {error.reason}"]
-                return self._choose_mode(
-                    params, inputs, target, reasons, order.index(self._mode.name) + 1
-                )
-
-    def _choose_mode(
-        self,
-        params: dict[str, nn.Parameter],
-        inputs: tuple[Tensor, ...],
-        target: Tensor,
-        reasons: list[str],
-        start: int,
-    ) -> PerExampleResult:
-        """Run the first mode from ``MODES[start:]`` that can (``"loop"`` always can), keep it,
-        and warn if it is not the first one tried."""
-        for mode_type in list(MODES.values())[start:]:
-            mode = mode_type(self.model, self.loss_fn)
-            try:
-                result = mode(params, inputs, target)
-            except ModeError as error:
-                reasons.append(f"mode={error.mode!r} failed: {error.reason}")
-                continue
-            self._mode = mode
-            if reasons:
-                slow = " (one backward per example: correct, slow)" if mode.name == "loop" else ""
-                _warn(f"pergrad: {'; '.join(reasons)}. Using mode={mode.name!r}{slow}.")
-            return result
-        raise AssertionError("mode='loop' raised ModeError")  # pragma: no cover
-
-
-def _warn(message: str) -> None:
-    """Warn with :class:`FallbackWarning`, attributed to the first caller outside pergrad."""
-    package = str(Path(__file__).resolve().parent)
-    frame, level = sys._getframe(1), 2  # stacklevel 2: the caller of _warn
-    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, FallbackWarning, stacklevel=level)
+        and the losses (:mod:`pergrad.auto`)."""
+        chunk = self._compute(params, inputs, target, per_example, self.max_example_norm)
+        self.sources = chunk.sources
+        return chunk.values, chunk.losses

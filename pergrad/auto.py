@@ -1,0 +1,164 @@
+"""How ``mode="auto"`` decides, in one place, and the one-mode computation it replaces.
+
+``"auto"`` works layer by layer (:mod:`pergrad.layerwise`) wherever that is provably each
+example's gradient. For the parameters the layers leave, it runs the whole-model modes of
+:data:`pergrad.modes.MODES` in their order (``func``, ``hooks``, ``loop``) and keeps the first
+that runs the model; should the kept mode fail on a later call, it goes on to the next. Each
+decision is announced once, by a :class:`FallbackWarning` naming the parameters or layers
+and why.
+
+Both computations take one chunk and give a :class:`Chunk`: each parameter's per-example
+gradients, or their moments (of the clipped gradients, with ``max_norm``), the losses, and
+where each parameter's numbers came from.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pergrad import stats
+from pergrad.layerwise import Layerwise
+from pergrad.modes import MODES, Mode, ModeError, PerExampleResult
+
+Params = dict[str, nn.Parameter]
+
+
+class FallbackWarning(UserWarning):
+    """``mode="auto"`` could not use its fastest mode and says which layer forced the fallback."""
+
+
+@dataclass
+class Chunk:
+    """One chunk's per-example gradients ``(b, *shape)`` or moments ``(Σ_b g_b, Σ_b g_b²)``
+    per parameter, its per-example losses, and each parameter's source."""
+
+    values: dict[str, Tensor | stats.Moments]
+    losses: Tensor
+    sources: dict[str, str]
+
+
+class OneMode:
+    """A whole-model mode asked for by name: every parameter from it, its errors raised."""
+
+    def __init__(self, mode: Mode):
+        self.whole = mode
+
+    @property
+    def mode(self) -> str:
+        return self.whole.name
+
+    def __call__(
+        self, params: Params, inputs: tuple, target: Tensor, per_example: bool, max_norm
+    ) -> Chunk:
+        with torch.enable_grad():
+            grads, losses = self.whole(params, inputs, target)
+        sources = dict.fromkeys(params, self.mode)
+        if per_example:
+            return Chunk(grads, losses, sources)
+        scale = None if max_norm is None else stats.clip_factors(stats.sq_norms(grads), max_norm)
+        return Chunk(stats.moments(grads, scale), losses, sources)
+
+
+class Auto:
+    """``mode="auto"``: the per-layer path, and the first whole-model mode that runs what it
+    leaves, chosen when first needed and kept."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.layerwise = Layerwise(model, loss_fn)
+        self.whole: Mode | None = None
+        self._ran = False
+        self._warned: set[str] = set()
+
+    @property
+    def mode(self) -> str:
+        """``"auto"`` until the first call, then ``"layerwise"``, or the whole-model mode
+        chosen for what the layers leave."""
+        if self.whole is not None:
+            return self.whole.name
+        return "layerwise" if self._ran else "auto"
+
+    def __call__(
+        self, params: Params, inputs: tuple, target: Tensor, per_example: bool, max_norm
+    ) -> Chunk:
+        rest: dict[str, Tensor] = {}
+        factors: list[Tensor] = []
+
+        def clip(covered: Tensor, uncovered: dict[str, str]) -> Tensor:
+            """The clip factors, once the whole-model mode has given what the layers leave."""
+            rest.update(self._uncovered(params, uncovered, inputs, target))
+            factors.append(stats.clip_factors(covered + stats.sq_norms(rest), max_norm))
+            return factors[0]
+
+        clipping = max_norm is not None and not per_example
+        with torch.enable_grad():
+            result = self.layerwise(params, inputs, target, per_example, clip if clipping else None)
+        self._ran = True
+        if not clipping:
+            rest = self._uncovered(params, result.uncovered, inputs, target)
+        if rest:
+            moments = stats.moments(rest, factors[0] if clipping else None)
+            result.values.update(rest if per_example else moments)
+        sources = {**result.sources, **dict.fromkeys(rest, self.mode)}
+        return Chunk(result.values, result.losses, sources)
+
+    def _uncovered(
+        self, params: Params, uncovered: dict[str, str], inputs: tuple, target: Tensor
+    ) -> dict[str, Tensor]:
+        """Per-example gradients, from a whole-model mode, of what the layers leave."""
+        if not uncovered:
+            return {}
+        with torch.enable_grad():
+            grads, _ = self._whole_model({name: params[name] for name in uncovered}, inputs, target)
+        if not set(uncovered) <= self._warned:
+            self._warned |= set(uncovered)
+            listed = "; ".join(f"'{name}': {reason}" for name, reason in uncovered.items())
+            warn(
+                f"pergrad: neither a per-layer rule nor the layer-local path covers {listed}. "
+                f"Their per-example gradients come from mode={self.mode!r}, which runs the "
+                f"whole model."
+            )
+        return grads
+
+    def _whole_model(self, params: Params, inputs: tuple, target: Tensor) -> PerExampleResult:
+        """The kept whole-model mode's result, or the first of ``MODES`` (after the kept one,
+        if it fails) that runs the model (``"loop"`` always can); warn unless it is the
+        first tried."""
+        order = list(MODES)
+        start, reasons = 0, []
+        if self.whole is not None:
+            try:
+                return self.whole(params, inputs, target)
+            except ModeError as error:
+                start = order.index(self.whole.name) + 1
+                reasons.append(f"mode={error.mode!r} failed: {error.reason}")
+        for name in order[start:]:
+            mode = MODES[name](self.model, self.loss_fn)
+            try:
+                result = mode(params, inputs, target)
+            except ModeError as error:
+                reasons.append(f"mode={error.mode!r} failed: {error.reason}")
+                continue
+            self.whole = mode
+            if reasons:
+                slow = " (one backward per example: correct, slow)" if name == "loop" else ""
+                warn(f"pergrad: {'; '.join(reasons)}. Using mode={name!r}{slow}.")
+            return result
+        raise AssertionError("mode='loop' raised ModeError")  # pragma: no cover
+
+
+def warn(message: str) -> None:
+    """Warn with :class:`FallbackWarning`, attributed to the first caller outside pergrad."""
+    package = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 2  # stacklevel 2: the caller of warn
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, FallbackWarning, stacklevel=level)
