@@ -68,6 +68,12 @@ def _classifier(model: nn.Module, inputs: Callable[[int], Tensor]) -> Callable[[
     return lambda b: (model, inputs(b), torch.randint(0, 10, (b,)), CROSS_ENTROPY)
 
 
+def tiny(batch: int) -> tuple:
+    """A 2-layer MLP small enough that pergrad's per-call work is all there is to measure."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 10))
+    return _classifier(model, lambda b: torch.randn(b, 16))(batch)
+
+
 def mlp(batch: int) -> tuple:
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
     model.append(nn.Linear(256, 10))
@@ -94,7 +100,13 @@ def _real(name: str) -> Callable[[int], tuple]:
 
 CROSS_ENTROPY = nn.CrossEntropyLoss(reduction="none")
 
+OVERHEAD = "overhead: MLP 16-16-10"
+"""The row whose difference to ``plain`` is pergrad's per-call work (hooks, checks, merging),
+measured at :data:`OVERHEAD_BATCH` only."""
+OVERHEAD_BATCH = 8
+
 TOY_MODELS = {
+    OVERHEAD: tiny,
     "MLP 64-256-256-10": mlp,
     "CNN (2 conv + linear, 28×28)": cnn,
     "Transformer (Embedding + TransformerEncoderLayer + Linear, seq 32)": transformer,
@@ -224,6 +236,82 @@ def peak_memory(model_name: str, batch: int, method: str) -> dict:
     return {"extra_bytes": max(_memory_bytes("VmHWM") - before, 0)}
 
 
+OPTIMIZER_TENSORS = (24, 144, 1000)
+"""Parameter tensors of the optimizer-step rows: a small model's, a GPT-2-small-sized
+count, and a large one's."""
+OPTIMIZER_SHAPES = ((64, 64), (64,), (256, 64), (256,))
+"""The shapes the tensors cycle through: a transformer layer's matrices and vectors."""
+
+
+def optimizer_steps(count: int, repeats: int) -> dict:
+    """Median time of one ``step()`` of ``optim.Adam`` (loop and ``foreach``) and of
+    ``torch.optim.Adam`` (loop, ``foreach``, ``fused``) on ``count`` parameter tensors with
+    gradients (and, for ours, per-example statistics), taking turns step by step."""
+    import optim
+    import pergrad
+
+    def parameters() -> list[nn.Parameter]:
+        torch.manual_seed(0)
+        found = []
+        for i in range(count):
+            p = nn.Parameter(torch.randn(OPTIMIZER_SHAPES[i % len(OPTIMIZER_SHAPES)]))
+            p.grad = torch.randn_like(p)
+            p.grad_stats = pergrad.GradStats(32, p.grad.square() + 1)
+            found.append(p)
+        return found
+
+    makers = {
+        "optim.Adam": lambda p: optim.Adam(p, lr=1e-4),
+        "optim.Adam foreach": lambda p: optim.Adam(p, lr=1e-4, foreach=True),
+        "torch.optim.Adam": lambda p: torch.optim.Adam(p, lr=1e-3, foreach=False),
+        "torch foreach": lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True),
+        "torch fused": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
+    }
+    steps, results = {}, {}
+    for name, make in makers.items():
+        try:
+            steps[name] = make(parameters()).step
+            steps[name]()  # warm-up: the state is created
+        except Exception as error:  # noqa: BLE001 - fused needs a build that has it
+            steps.pop(name, None)
+            results[name] = {"error": f"{type(error).__name__}: {error}"[:120]}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    results.update({name: {"seconds": statistics.median(t)} for name, t in times.items()})
+    results["threads"] = torch.get_num_threads()
+    return results
+
+
+def optimizer_table(results: dict) -> str:
+    """Median ``step()`` time of each optimizer, ``torch.optim.Adam``'s in ms, the others as
+    a ratio to it."""
+    names = [n for n in next(iter(results.values())) if n not in ("threads", "_machine")]
+    reference = "torch.optim.Adam"
+    out = [
+        "### Optimizer step: torch.optim.Adam's time, the others' as a ratio to it",
+        "",
+        "| tensors | " + " | ".join(names) + " | threads, load before → after |",
+        "|---" * (len(names) + 2) + "|",
+    ]
+    for count, row in results.items():
+        cells = []
+        for name in names:
+            r = row[name]
+            if "error" in r:
+                cells.append("fails")
+            elif name == reference:
+                cells.append(f"{1e3 * r['seconds']:.3g} ms")
+            else:
+                cells.append(f"{r['seconds'] / row[reference]['seconds']:.2g}×")
+        load = " → ".join(f"{x:.1f}" for x in row["_machine"]["load"])
+        out.append(f"| {count} | " + " | ".join(cells) + f" | {row['threads']}, {load} |")
+    return "\n".join(out + [""])
+
+
 MEMORY_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 """For the memory runs: glibc maps every block of 64 KiB or more on its own and gives it back
 when freed, so resident memory follows the live tensors instead of a pool kept from earlier
@@ -248,9 +336,14 @@ def measure(model_name: str, batch: int, methods: list[str], repeats: int) -> di
     untimed = {"loop"} if batch > LOOP_LIMIT or model_name not in TOY_MODELS else set()
     timed = [m for m in methods if m not in untimed]
     row = {m: {"error": "not timed"} for m in methods if m not in timed}
-    load = os.getloadavg()[0]
-    times = _run("--times", model_name, str(batch), str(repeats), *timed)
-    row["_machine"] = {"threads": times.get("threads"), "load": (load, os.getloadavg()[0])}
+    tries, moved = 0, True
+    while moved and tries <= RETRIES:  # again while the machine's load moved under the row
+        tries += 1
+        before = os.getloadavg()[0]
+        times = _run("--times", model_name, str(batch), str(repeats), *timed)
+        after = os.getloadavg()[0]
+        moved = abs(after - before) > LOAD_CHANGE
+    row["_machine"] = {"threads": times.get("threads"), "load": (before, after), "tries": tries}
     for method in timed:
         result = times.get(method, times)  # the whole run failed: its error for everyone
         if "error" not in result:
@@ -258,6 +351,13 @@ def measure(model_name: str, batch: int, methods: list[str], repeats: int) -> di
             result = {**result, **memory}
         row[method] = result
     return row
+
+
+LOAD_CHANGE = 0.5
+"""A row is timed again, up to :data:`RETRIES` times, when the 1-minute load average moved by
+more than this while it ran: another process started or stopped, and the ratios of the row's
+methods, which take turns, may still be fair, but its absolute times are not."""
+RETRIES = 2
 
 
 def available(method: str) -> bool:
@@ -296,15 +396,32 @@ def tables(results: dict, methods: list[str]) -> str:
         ("Median time per step: plain backward's, the others' as a ratio to it", _time),
         ("Peak extra memory, MiB", _memory),
     ):
-        header = "| model | B | " + " | ".join(methods) + " | threads, load before → after |"
+        header = (
+            "| model | B | " + " | ".join(methods) + " | threads, load before → after (tries) |"
+        )
         out += [f"### {title}", "", header, "|---" * (len(methods) + 3) + "|"]
         for (model_name, batch), row in results.items():
             cells = [text(row[method], row["plain"]) for method in methods]
             machine = row.get("_machine", {})
             load = " → ".join(f"{x:.1f}" for x in machine.get("load", ()))
-            cells.append(f"{machine.get('threads')}, {load}")
+            cells.append(f"{machine.get('threads')}, {load} ({machine.get('tries', 1)})")
             out.append(f"| {model_name} | {batch} | " + " | ".join(cells) + " |")
         out.append("")
+    overhead = [(b, row) for (name, b), row in results.items() if name == OVERHEAD]
+    for batch, row in overhead:
+        plain = row["plain"]
+        cells = [
+            f"{1e6 * (row[m]['seconds'] - plain['seconds']):.0f} µs" if "error" not in row[m]
+            else _missing(row[m]) for m in methods[1:]
+        ]  # fmt: skip
+        out += [
+            f"### Per-call overhead: time per step less plain backward's ({OVERHEAD}, B = {batch})",
+            "",
+            "| plain | " + " | ".join(methods[1:]) + " |",
+            "|---" * len(methods) + "|",
+            f"| {1e6 * plain['seconds']:.0f} µs | " + " | ".join(cells) + " |",
+            "",
+        ]
     out.append("`fails`: the method cannot run the model. `—`: not measured (see the script).")
     if "backpack" not in methods:
         out.append(
@@ -376,6 +493,11 @@ def parse(argv=None) -> argparse.Namespace:
     # internal: one process's measurements
     parser.add_argument("--times", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--memory", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--optimizer", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--optimizer-tensors", type=int, nargs="*", default=list(OPTIMIZER_TENSORS),
+        help="parameter tensors of the optimizer-step rows (none: skip them)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.batch_sizes = args.batch_sizes or ([32, 256] if args.quick else [32, 256, 1024])
     args.repeats = args.repeats or (3 if args.quick else 20)
@@ -392,19 +514,35 @@ def main(argv=None) -> dict:
         model_name, batch, method = args.memory
         print(json.dumps(peak_memory(model_name, int(batch), method)))
         return {}
+    if args.optimizer:
+        count, repeats = map(int, args.optimizer)
+        print(json.dumps(optimizer_steps(count, repeats)))
+        return {}
     from tqdm.auto import tqdm
 
     methods = [m for m in METHODS if available(m)]
-    cells = [
-        (m, b, args.repeats if m in TOY_MODELS else max(3, args.repeats // 2))
-        for m in args.models
-        for b in (args.batch_sizes if m in TOY_MODELS else args.real_batch_sizes)
-    ]
+
+    def batch_sizes(model_name: str) -> list[int]:
+        if model_name == OVERHEAD:
+            return [OVERHEAD_BATCH]
+        return args.batch_sizes if model_name in TOY_MODELS else args.real_batch_sizes
+
+    def repeats(model_name: str) -> int:
+        if model_name == OVERHEAD:  # microseconds: many more steps for a steady median
+            return 10 * args.repeats
+        return args.repeats if model_name in TOY_MODELS else max(3, args.repeats // 2)
+
+    cells = [(m, b, repeats(m)) for m in args.models for b in batch_sizes(m)]
     results: dict = {}
     for model_name, batch, repeats in tqdm(cells, unit="cell", desc="model × batch size"):
         results[(model_name, batch)] = measure(model_name, batch, methods, repeats)
+    optimizers = {}
+    for count in args.optimizer_tensors:
+        before = os.getloadavg()[0]
+        optimizers[count] = _run("--optimizer", str(count), str(args.repeats))
+        optimizers[count]["_machine"] = {"load": (before, os.getloadavg()[0])}
     args.out.mkdir(parents=True, exist_ok=True)
-    text = tables(results, methods)
+    text = tables(results, methods) + ("\n\n" + optimizer_table(optimizers) if optimizers else "")
     (args.out / "results.md").write_text(text + "\n")
     plot(results, methods, args.out / "results.png")
     print(text)

@@ -341,27 +341,40 @@ def plot_noise(results: dict, batch_sizes: Sequence[int], path: Path, title: str
 
 
 def plot_lr(summary: dict, path: Path, title: str) -> None:
-    """Final held-out loss against lr, one line per batch size, one panel per optimizer."""
+    """Final held-out loss against lr, one line per batch size, one panel per optimizer. The
+    y axis spans the losses that matter: a run worse than twice the worst of the best losses
+    (diverged, or stuck) is drawn on the top edge as a cross."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(summary)
+    best = [r["loss"] for e in summary.values() for r in e["best"].values() if r["loss"]]
+    top = 2 * max(best, default=1.0)
     fig, axes = plt.subplots(
         1, len(names), figsize=(3.6 * len(names), 3.4), sharey=True, squeeze=False
     )
     for ax, name in zip(axes[0], names):
-        for batch, losses in summary[name]["grid"].items():
-            points = [(float(lr), v) for lr, v in losses.items() if v is not None]
-            if points:
-                ax.plot(*zip(*sorted(points)), marker="o", markersize=3, label=f"B={batch}")
+        for i, (batch, losses) in enumerate(summary[name]["grid"].items()):
+            points = sorted(
+                (float(lr), top if v is None else min(v, top)) for lr, v in losses.items()
+            )
+            lrs, values = zip(*points)
+            ax.plot(lrs, values, marker="o", markersize=3, color=f"C{i}", label=f"B={batch}")
+            off = [(lr, v) for lr, v in points if v >= top]
+            if off:
+                ax.plot(*zip(*off), "x", color=f"C{i}", markersize=7)
         ax.set_title(name, fontsize=10)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_ylim(0.95 * min(best, default=top / 4), top * 1.05)
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_xlabel("lr (per example; torch_*: at B=32)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("final held-out loss")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("final held-out loss (×: worse than the top)")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from pergrad import stats
 from pergrad.layerwise import Layerwise
 from pergrad.modes import MODES, Mode, ModeError, PerExampleResult
+from pergrad.structure import Structure
 
 Params = dict[str, nn.Parameter]
 
@@ -55,8 +56,9 @@ class OneMode:
         return self.whole.name
 
     def __call__(
-        self, params: Params, inputs: tuple, target: Tensor, per_example: bool, max_norm
+        self, structure: Structure, inputs: tuple, target: Tensor, per_example: bool, max_norm
     ) -> Chunk:
+        params = structure.params
         with torch.enable_grad():
             grads, losses = self.whole(params, inputs, target)
         sources = dict.fromkeys(params, self.mode)
@@ -87,8 +89,9 @@ class Auto:
         return "layerwise" if self._ran else "auto"
 
     def __call__(
-        self, params: Params, inputs: tuple, target: Tensor, per_example: bool, max_norm
+        self, structure: Structure, inputs: tuple, target: Tensor, per_example: bool, max_norm
     ) -> Chunk:
+        params = structure.params
         rest: dict[str, Tensor] = {}
         factors: list[Tensor] = []
 
@@ -100,7 +103,8 @@ class Auto:
 
         clipping = max_norm is not None and not per_example
         with torch.enable_grad():
-            result = self.layerwise(params, inputs, target, per_example, clip if clipping else None)
+            clip_fn = clip if clipping else None
+            result = self.layerwise(structure, inputs, target, per_example, clip_fn)
         self._ran = True
         if not clipping:
             rest = self._uncovered(params, result.uncovered, inputs, target)

@@ -76,15 +76,22 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
-def no_batch_mixing(model: nn.Module) -> None:
-    """Refuse layers whose gradient for one example depends on the other examples.
+def may_mix(module: nn.Module) -> bool:
+    """Whether ``module`` is of a type that can make one example's gradient depend on the
+    others (:func:`no_batch_mixing` decides, as it is configured)."""
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.Embedding, nn.EmbeddingBag))
+
+
+def no_batch_mixing(named: list[tuple[str, nn.Module]]) -> None:
+    """Refuse layers whose gradient for one example depends on the other examples, among the
+    ``(name, module)`` pairs given (the model's, or those :func:`may_mix` picks).
 
     Raises:
         InputError: a BatchNorm layer is in training mode, or an embedding scales its
             gradient by the batch's token counts.
     """
-    for name, module in model.named_modules():
-        where = f"layer '{name or type(model).__name__}' ({type(module).__name__})"
+    for name, module in named:
+        where = f"layer '{name or type(module).__name__}' ({type(module).__name__})"
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise InputError(
                 f"{where} is in training mode, where it normalizes with the statistics of the "
@@ -148,13 +155,21 @@ def per_example_loss(loss: object, batch_size: int, whole_batch: int | None = No
 def finite(grads: dict[str, Tensor], what: str) -> None:
     """Raise if any gradient statistic is NaN or infinite.
 
-    One sum per tensor finds it (a NaN or an infinity makes the sum non-finite); only then is
-    every element checked, to name the parameters.
+    One 1-norm per tensor, in one multi-tensor kernel (a sum each for sparse tensors), finds it
+    (a NaN or an infinity makes it non-finite); only then is every element checked, to name
+    the parameters.
 
     Raises:
         FloatingPointError: naming the parameters whose ``what`` is not finite.
     """
-    if not grads or bool(torch.isfinite(torch.stack([g.sum() for g in grads.values()])).all()):
+    if not grads:
+        return
+    tensors = list(grads.values())
+    if any(g.is_sparse for g in tensors):  # no multi-tensor norm for them: a sum each
+        norms = [g.sum() for g in tensors]
+    else:
+        norms = torch._foreach_norm(tensors, 1)
+    if bool(torch.isfinite(torch.stack(norms)).all()):
         return
     bad = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
     if bad:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from pergrad import checks, distributed, stats
 from pergrad.auto import Auto, OneMode
 from pergrad.modes import MODES
+from pergrad.structure import Structure
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Inputs = Tensor | Sequence[Tensor]
@@ -90,6 +91,7 @@ class PerExample:
         self.loss_fn = loss_fn
         self.chunk_size = chunk_size
         self.max_example_norm = max_example_norm
+        self._structure: Structure | None = None
         self._compute = (
             Auto(model, loss_fn) if mode == "auto" else OneMode(MODES[mode](model, loss_fn))
         )
@@ -117,8 +119,9 @@ class PerExample:
             TypeError, ValueError: bad inputs, loss or model; the message says what to do.
             FloatingPointError: some per-example gradient is NaN or infinite.
         """
-        params, chunks = self._prepare(inputs, target)
-        results = [self._chunk(params, x, y, per_example=True) for x, y in chunks]
+        structure, chunks = self._prepare(inputs, target)
+        params = structure.params
+        results = [self._chunk(structure, x, y, per_example=True) for x, y in chunks]
         if len(results) == 1:
             values, self.last_losses = results[0]
             grads = {name: values[name] for name in params}  # in the model's order
@@ -143,13 +146,14 @@ class PerExample:
             FloatingPointError: a gradient statistic is NaN or infinite; nothing is accumulated.
         """
         grouped = self.process_group is not None
-        params, chunks = self._prepare(inputs, target, allow_empty=grouped)
+        structure, chunks = self._prepare(inputs, target, allow_empty=grouped)
+        params = structure.params
         if grouped and not self._ranks_checked:
             distributed.check_same_parameters(params, self.process_group)
             self._ranks_checked = True
         sums = stats.Sums(params)
         for x, y in chunks:
-            sums.add(*self._chunk(params, x, y, per_example=False))
+            sums.add(*self._chunk(structure, x, y, per_example=False))
         self.last_losses = sums.last_losses
         if grouped:
             sums.all_reduce(self.process_group)
@@ -165,27 +169,24 @@ class PerExample:
 
     def _prepare(
         self, inputs: Inputs, target: Tensor, allow_empty: bool = False
-    ) -> tuple[dict[str, nn.Parameter], Iterator[tuple[tuple[Tensor, ...], Tensor]]]:
+    ) -> tuple[Structure, Iterator[tuple[tuple[Tensor, ...], Tensor]]]:
         inputs, size = checks.batch(inputs, target, allow_empty)
-        checks.no_batch_mixing(self.model)
-        params = checks.trainable(self.model)
+        known = self._structure
+        structure = self._structure = Structure(self.model) if known is None else known.current()
+        structure.check()
         step = self.chunk_size or max(size, 1)
         chunks = (
             (tuple(x[start : start + step] for x in inputs), target[start : start + step])
             for start in range(0, size, step)
         )
-        return params, chunks
+        return structure, chunks
 
     def _chunk(
-        self,
-        params: dict[str, nn.Parameter],
-        inputs: tuple[Tensor, ...],
-        target: Tensor,
-        per_example: bool,
+        self, structure: Structure, inputs: tuple[Tensor, ...], target: Tensor, per_example: bool
     ) -> tuple[dict[str, Tensor | tuple[Tensor, Tensor]], Tensor]:
         """For one chunk, each parameter's per-example gradients if ``per_example``, else their
         moments ``(Σ_b g_b, Σ_b g_b²)`` (of the clipped gradients with ``max_example_norm``),
         and the losses (:mod:`pergrad.auto`)."""
-        chunk = self._compute(params, inputs, target, per_example, self.max_example_norm)
+        chunk = self._compute(structure, inputs, target, per_example, self.max_example_norm)
         self.sources = chunk.sources
         return chunk.values, chunk.losses

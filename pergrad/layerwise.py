@@ -16,7 +16,8 @@ A parameter is covered only where that is provably its whole gradient:
 - every use of it is a call of a module that owns it; autograd, asked for the parameter's
   own gradient, finds no other (``h @ self.embed.weight.T`` in a parent fails this);
 - each call's inputs carry the batch on dim 0 or are shared by the whole batch. On the first
-  call a forward pass of one example shows which inputs follow the batch size, so a length
+  call (and the first after the model's structure changed, :mod:`pergrad.structure`) a
+  forward pass of one example shows which inputs follow the batch size, so a length
   that happens to equal ``B`` is not mistaken for it (that pass runs without gradients and
   restores the random state; a model whose forward pass changes its own state sees one call
   more). A module whose inputs are all shared gives an output shared by the batch, which must
@@ -52,11 +53,11 @@ from pergrad.rules.base import (
     chunks,
     fresh_moments,
     moments_in_chunks,
-    rule_for,
     sq_norms_in_chunks,
     sq_norms_of,
 )
 from pergrad.shared import Broadcasts, SharedOutput
+from pergrad.structure import Hooked, Structure
 
 Values = dict[str, "Tensor | Moments"]
 
@@ -82,35 +83,11 @@ class LayerwiseResult:
 
 
 @dataclass
-class _Hooked:
-    """A module whose parameters the per-layer path computes, and how."""
-
-    module: nn.Module
-    rule: Rule | None
-    params: dict[str, str]  # name relative to the module -> name in the model
-    outside_rule: str | None  # why its type's rule does not apply to its configuration
-
-    @property
-    def kind(self) -> str:
-        return type(self.module).__name__
-
-    @property
-    def numel(self) -> int:
-        """The numbers in one example's gradients of the parameters it covers."""
-        return sum(self.module.get_parameter(name).numel() for name in self.params)
-
-    @property
-    def label(self) -> str:
-        """The layer type, and why its rule does not apply, for messages."""
-        return self.kind + (f" ({self.outside_rule})" if self.outside_rule else "")
-
-
-@dataclass
 class _Record:
     """One call of a hooked module in the batched forward pass, and the gradients its outputs
     received in the backward pass."""
 
-    hooked: _Hooked
+    hooked: Hooked
     args: tuple
     kwargs: dict
     batched: frozenset  # keys (positions, keyword names) of the inputs that carry the batch
@@ -236,10 +213,11 @@ class Layerwise:
         self.loss_fn = loss_fn
         self._probe: dict[int, list[frozenset]] | None = None  # id(module) -> per call
         self._probe_failed = False
+        self._probed: Structure | None = None  # the structure the probe ran on
 
     def __call__(
         self,
-        params: dict[str, nn.Parameter],
+        structure: Structure,
         inputs: tuple[Tensor, ...],
         target: Tensor,
         per_example: bool = False,
@@ -247,8 +225,10 @@ class Layerwise:
     ) -> LayerwiseResult:
         """Per-example gradients of the covered parameters if ``per_example``, else their
         moments; with ``clip``, the moments of ``c_b·g_b`` for the factors ``c`` it returns."""
-        hooked = self._hooked(params)
+        params, hooked = structure.params, structure.hooked
         size = len(target)
+        if structure is not self._probed:  # a changed model: its calls are seen afresh
+            self._probe, self._probe_failed, self._probed = None, False, structure
         if self._probe is None and size > 1 and not self._probe_failed:
             self._run_probe(hooked, inputs)
         forward = _Forward(self, params, hooked, size, per_example, clip)
@@ -258,34 +238,7 @@ class Layerwise:
         finally:
             forward.release()
 
-    def _hooked(self, params: dict[str, nn.Parameter]) -> list[_Hooked]:
-        trainable = {id(p): name for name, p in params.items()}
-        found: list[_Hooked] = []
-        seen: set[int] = set()
-        for module in self.model.modules():
-            if id(module) in seen:
-                continue
-            rule, why = rule_for(module)
-            if rule is not None:
-                owned = {
-                    name: trainable[id(p)]
-                    for name, p in module.named_parameters(remove_duplicate=False)
-                    if id(p) in trainable
-                }
-                seen.update(id(m) for m in module.modules())  # its rule covers them
-                if owned:
-                    found.append(_Hooked(module, rule, owned, None))
-                continue
-            direct = {
-                name: trainable[id(p)]
-                for name, p in module._parameters.items()
-                if p is not None and id(p) in trainable
-            }
-            if direct:
-                found.append(_Hooked(module, None, direct, why))
-        return found
-
-    def _run_probe(self, hooked: list[_Hooked], inputs: tuple[Tensor, ...]) -> None:
+    def _run_probe(self, hooked: list[Hooked], inputs: tuple[Tensor, ...]) -> None:
         """Run one example; record, per call of each hooked module, which tensor inputs had
         1 on dim 0 (those that follow the batch size)."""
         probe: dict[int, list[frozenset]] = defaultdict(list)
@@ -333,17 +286,15 @@ class _Forward:
         self.clip: Clip | None = clip
         self.records: list[_Record] = []
         self.calls: dict[int, int] = defaultdict(int)
-        self.anchors: list[Tensor] = []
+        self.anchors: dict[tuple, Tensor] = {}  # by dtype and device
         self.broadcasts = Broadcasts(size)  # entered at the first output shared by the batch
         self.single_use: set[int] = set()  # records whose parameters have no other use
 
     def run(self, inputs: tuple[Tensor, ...], target: Tensor) -> tuple[Tensor, dict]:
         handles = []
         for hooked in self.hooked:
-            detached = {n: self.params[m].detach() for n, m in hooked.params.items()}
-            handles.append(
-                hooked.module.register_forward_pre_hook(_detach_hook(hooked.module, detached))
-            )
+            detached = {name: self.params[name].detach() for name in hooked.params.values()}
+            handles.append(hooked.module.register_forward_pre_hook(_detach_hook(hooked, detached)))
             handles.append(
                 hooked.module.register_forward_hook(
                     self._record_hook(hooked), with_kwargs=True, prepend=True
@@ -358,7 +309,7 @@ class _Forward:
             self._count_uses()
             try:
                 grads = torch.autograd.grad(
-                    losses.sum(), [*self.params.values(), *self.anchors], allow_unused=True
+                    losses.sum(), [*self.params.values(), *self.anchors.values()], allow_unused=True
                 )
             except RuntimeError as error:
                 if "use_reentrant=True" not in str(error):
@@ -374,32 +325,31 @@ class _Forward:
             for handle in handles:
                 handle.remove()
             for hooked in self.hooked:
-                local.swap(hooked.module, {n: self.params[m] for n, m in hooked.params.items()})
+                hooked.swap(self.params)
         return losses.detach(), dict(zip(self.params, grads))
 
-    def _record_hook(self, hooked: _Hooked):
+    def _record_hook(self, hooked: Hooked):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output):
             if not torch.is_grad_enabled():
                 return None
-            local.swap(module, {n: self.params[m] for n, m in hooked.params.items()})
-            leaves, spec = pytree.tree_flatten(output)
+            hooked.swap(self.params)
+            if isinstance(output, Tensor):  # the common case, without pytree's walk
+                leaves, spec = [output], None
+            else:
+                leaves, spec = pytree.tree_flatten(output)
             floating = [
                 i for i, x in enumerate(leaves) if isinstance(x, Tensor) and x.is_floating_point()
             ]
-            if floating:
-                # a zero anchor makes δ reach the outputs even where nothing before needs it; a
-                # recomputation (activation checkpointing) adds it too, to save what this did
-                first = leaves[floating[0]]
-                anchor = torch.zeros((), dtype=first.dtype, device=first.device, requires_grad=True)
-                for i in floating:
-                    leaves[i] = leaves[i] + anchor.to(leaves[i].dtype)
+            # a zero anchor makes δ reach the outputs even where nothing before needs it; a
+            # recomputation (activation checkpointing) adds it too, to save what this did
+            for i in floating:
+                leaves[i] = leaves[i] + self._anchor(leaves[i])
             if not _recording():
-                return pytree.tree_unflatten(leaves, spec)
+                return _rebuild(leaves, spec)
             record = self._record(hooked, module, args, kwargs)
             if not floating:
                 record.problem = record.problem or "it returns no floating-point tensor"
                 return None
-            self.anchors.append(anchor)
             record.outputs = [leaves[i].detach() for i in floating]
             record.deltas = [None] * len(floating)
             if not record.batched and record.problem is None:  # every input shared by the batch
@@ -416,9 +366,16 @@ class _Forward:
                 first = record.outputs[0]
                 if record.problem is None and (not first.dim() or first.shape[0] != self.size):
                     record.problem = "its output does not carry the batch on dim 0"
-            return pytree.tree_unflatten(leaves, spec)
+            return _rebuild(leaves, spec)
 
         return hook
+
+    def _anchor(self, output: Tensor) -> Tensor:
+        """The pass's zero anchor in ``output``'s dtype and device (one for all outputs)."""
+        key = (output.dtype, output.device)
+        if key not in self.anchors:
+            self.anchors[key] = output.new_zeros((), requires_grad=True)
+        return self.anchors[key]
 
     def release(self) -> None:
         """Drop every tensor the pass kept. The hooks left on its tensors hold the records, and
@@ -429,9 +386,9 @@ class _Forward:
             record.values = None
             if record.shared is not None:
                 record.shared.release()
-        self.records, self.anchors = [], []
+        self.records, self.anchors = [], {}
 
-    def _record(self, hooked: _Hooked, module: nn.Module, args: tuple, kwargs: dict) -> _Record:
+    def _record(self, hooked: Hooked, module: nn.Module, args: tuple, kwargs: dict) -> _Record:
         index = self.calls[id(module)]
         self.calls[id(module)] += 1
         batched = self.owner.batched_keys(module, index, args, kwargs, self.size)
@@ -507,7 +464,7 @@ class _Forward:
         self._combine(several, result)
         return result
 
-    def _problem(self, name, found, other: Tensor | None, owner: _Hooked | None) -> str | None:
+    def _problem(self, name, found, other: Tensor | None, owner: Hooked | None) -> str | None:
         if other is not None:
             if owner is None:
                 return "no layer owns it and takes it as a parameter"
@@ -581,14 +538,19 @@ class _Forward:
             result.sources[name] = "+".join(sorted({r.source for r, _ in found}))
 
 
-def _detach_hook(module: nn.Module, detached: dict[str, Tensor]):
+def _detach_hook(hooked: Hooked, detached: dict[str, Tensor]):
     """A forward pre-hook that makes the module's parameters the detached views."""
 
     def hook(*_) -> None:
         if torch.is_grad_enabled():  # a recomputation too: it must save what the forward did
-            local.swap(module, detached)
+            hooked.swap(detached)
 
     return hook
+
+
+def _rebuild(leaves: list, spec) -> object:
+    """The output from its leaves: itself where it was one tensor (``spec`` ``None``)."""
+    return leaves[0] if spec is None else pytree.tree_unflatten(leaves, spec)
 
 
 def _recording() -> bool:

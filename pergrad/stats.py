@@ -157,11 +157,16 @@ class Sums:
                 changed since it did.
         """
         check_unchanged(self.params)
+        fresh = [n for n, p in self.params.items() if p.grad is None or grad_stats(p) is None]
+        if fresh:  # the sums become the means, divided in place in one multi-tensor kernel
+            torch._foreach_div_(
+                [*(self.grad[n] for n in fresh), *(self.sq[n] for n in fresh)], self.count
+            )
         for name, p in self.params.items():
             stats = grad_stats(p)
             if stats is None or p.grad is None:  # fresh (statistics without a .grad: cleared)
-                p.grad = self.grad[name].div_(self.count).to(p.dtype)
-                stats = GradStats(self.count, self.sq[name].div_(self.count).to(p.dtype))
+                p.grad = self.grad[name].to(p.dtype)
+                stats = GradStats(self.count, self.sq[name].to(p.dtype))
                 setattr(p, ATTRIBUTE, stats)
             else:
                 total = stats.count + self.count
@@ -179,12 +184,17 @@ def check_unchanged(params: dict[str, Tensor]) -> None:
         InputError: naming the parameters whose ``.grad`` has no statistics or was changed, or
             whose statistics are not a count and a tensor shaped like the parameter.
     """
-    foreign = [n for n, p in params.items() if p.grad is not None and grad_stats(p) is None]
-    malformed = {
-        n: why
-        for n, p in params.items()
-        if p.grad is not None and grad_stats(p) is not None and (why := _malformed(p))
-    }
+    foreign, changed, malformed = [], [], {}
+    for n, p in params.items():
+        if p.grad is None:
+            continue
+        stats = grad_stats(p)
+        if stats is None:
+            foreign.append(n)
+        elif why := _malformed(p):
+            malformed[n] = why
+        elif not stats.belongs_to(p.grad):
+            changed.append(n)
     if malformed:
         listed = "; ".join(f"{n}: {why}" for n, why in malformed.items())
         raise InputError(
@@ -199,9 +209,6 @@ def check_unchanged(params: dict[str, Tensor]) -> None:
             f"per-example statistics are unknown. Clear them first: optimizer.zero_grad() or "
             f"pergrad.zero_grad(model.parameters())."
         )
-    changed = [
-        n for n, p in params.items() if p.grad is not None and not grad_stats(p).belongs_to(p.grad)
-    ]
     if changed:
         raise InputError(
             f"the .grad of parameter(s) {', '.join(changed)} changed after pergrad computed it "

@@ -283,3 +283,70 @@ def test_per_example_gradients_returned_in_the_wrong_order_are_refused():
     for name, g in grads.items():
         torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-6, msg=name)
     assert engine.sources["lstm.weight_ih_l0"] == engine.mode == "loop"
+
+
+def _changes():
+    """Ways a model changes between two calls of one engine, each with what must follow."""
+
+    def replace_layer(model):
+        model[2] = nn.Linear(6, 3).double()
+
+    def replace_weight(model):
+        model[0].weight = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+
+    def freeze(model):
+        model[0].weight.requires_grad_(False)
+
+    def add_layer(model):
+        model.append(nn.Linear(3, 3).double())
+
+    return {"replace_layer": replace_layer, "replace_weight": replace_weight,
+            "freeze": freeze, "add_layer": add_layer}  # fmt: skip
+
+
+@pytest.mark.parametrize("change", list(_changes()))
+def test_the_structure_an_engine_keeps_follows_the_model_between_calls(change):
+    """The engine keeps what the model's structure determines from one call to the next; a
+    model changed in between gets its statistics as a fresh engine would give them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    engine = pergrad.PerExample(model, CROSS_ENTROPY)
+    engine.backward(x, y)
+    pergrad.zero_grad(model.parameters())
+    _changes()[change](model)
+    grads = engine.grads(x, y)
+    expected = reference_grads(model, CROSS_ENTROPY, x, y)
+    assert grads.keys() == expected.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected[name])
+    engine.backward(x, y)
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == (name not in expected)
+
+
+def test_a_layer_reconfigured_between_calls_is_checked_again():
+    model = nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(6, 2)).double()
+    tokens, y = torch.tensor([[1, 1], [2, 3], [4, 4]]), torch.tensor([0, 1, 1])
+    engine = pergrad.PerExample(model, CROSS_ENTROPY)
+    engine.backward(tokens, y)
+    assert engine.sources["0.weight"] == "Embedding"
+    pergrad.zero_grad(model.parameters())
+    model[0].sparse = True  # outside the Embedding rule now
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pergrad.FallbackWarning)
+        grads = engine.grads(tokens, y)
+    assert engine.sources["0.weight"] != "Embedding"
+    torch.testing.assert_close(
+        grads["0.weight"], reference_grads(model, CROSS_ENTROPY, tokens, y)["0.weight"]
+    )
+    model[0].sparse, model[0].scale_grad_by_freq = False, True
+    with pytest.raises(pergrad.InputError, match="scale_grad_by_freq"):
+        engine.backward(tokens, y)
+    model[0].scale_grad_by_freq = False
+    bn = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).double().eval()
+    engine = pergrad.PerExample(bn, CROSS_ENTROPY)
+    engine.backward(torch.randn(4, 4, dtype=torch.float64), torch.zeros(4).long())
+    bn.train()
+    with pytest.raises(pergrad.InputError, match="training mode"):
+        engine.backward(torch.randn(4, 4, dtype=torch.float64), torch.zeros(4).long())

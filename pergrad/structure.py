@@ -1,0 +1,130 @@
+"""What a model's structure determines, computed once per engine: its trainable parameters
+and their names, the layers that would mix examples, and the modules the per-layer path hooks
+(with the rule that applies to each as configured).
+
+Every call revalidates it: a fingerprint of the module tree — each module, its parameters,
+their ``requires_grad``, its ``training`` flag — must be the one it was built from, else it is
+built again; the rules are looked up again (a layer's configuration can change between calls)
+and the layers that would mix examples checked again. The model carries nothing of pergrad
+between calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from pergrad import checks
+from pergrad.rules.base import Rule, rule_for
+
+
+@dataclass
+class Hooked:
+    """A module whose parameters the per-layer path computes, and how."""
+
+    module: nn.Module
+    rule: Rule | None
+    params: dict[str, str]  # name relative to the module -> name in the model
+    outside_rule: str | None  # why its type's rule does not apply to its configuration
+
+    def __post_init__(self) -> None:
+        self.slots = [self._slot(name) for name in self.params]
+
+    def _slot(self, name: str) -> tuple[dict, str]:
+        owner, _, leaf = name.rpartition(".")
+        return self.module.get_submodule(owner)._parameters, leaf
+
+    def swap(self, tensors: dict[str, Tensor]) -> None:
+        """Make the module's parameters ``tensors`` (by their names in the model)."""
+        for (parameters, leaf), name in zip(self.slots, self.params.values()):
+            parameters[leaf] = tensors[name]
+
+    @property
+    def kind(self) -> str:
+        return type(self.module).__name__
+
+    @property
+    def numel(self) -> int:
+        """The numbers in one example's gradients of the parameters it covers."""
+        return sum(parameters[leaf].numel() for parameters, leaf in self.slots)
+
+    @property
+    def label(self) -> str:
+        """The layer type, and why its rule does not apply, for messages."""
+        return self.kind + (f" ({self.outside_rule})" if self.outside_rule else "")
+
+
+class Structure:
+    """The structure of ``model`` as it is now; :meth:`current` revalidates it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = list(model.modules())
+        self.key = _fingerprint(self.modules)
+        self.params = checks.trainable(model)
+        self.named = [(name, m) for name, m in model.named_modules() if checks.may_mix(m)]
+        self._rules: list | None = None
+        self._hooked: list[Hooked] = []
+
+    def current(self) -> Structure:
+        """This structure if the model still has it, else the model's new one."""
+        same = _fingerprint(list(self.model.modules())) == self.key
+        return self if same else Structure(self.model)
+
+    def check(self) -> None:
+        """Refuse layers that mix examples, as they are configured now.
+
+        Raises:
+            InputError: see :func:`pergrad.checks.no_batch_mixing`.
+        """
+        checks.no_batch_mixing(self.named)
+
+    @property
+    def hooked(self) -> list[Hooked]:
+        """Every module that owns trainable parameters: one with a rule for all its
+        parameters (and its submodules'), any other for those it owns directly."""
+        rules = [rule_for(module) for module in self.modules]
+        if rules != self._rules:
+            self._rules, self._hooked = rules, self._find_hooked(rules)
+        return self._hooked
+
+    def _find_hooked(self, rules: list) -> list[Hooked]:
+        trainable = {id(p): name for name, p in self.params.items()}
+        found: list[Hooked] = []
+        seen: set[int] = set()
+        for module, (rule, why) in zip(self.modules, rules):
+            if id(module) in seen:
+                continue
+            if rule is not None:
+                owned = {
+                    name: trainable[id(p)]
+                    for name, p in module.named_parameters(remove_duplicate=False)
+                    if id(p) in trainable
+                }
+                seen.update(id(m) for m in module.modules())  # its rule covers them
+                if owned:
+                    found.append(Hooked(module, rule, owned, None))
+                continue
+            direct = {
+                name: trainable[id(p)]
+                for name, p in module._parameters.items()
+                if p is not None and id(p) in trainable
+            }
+            if direct:
+                found.append(Hooked(module, None, direct, why))
+        return found
+
+
+def _fingerprint(modules: list[nn.Module]) -> tuple:
+    """Each module, its training flag and its parameters with their ``requires_grad``, by
+    identity (the structure holds every one of them, so no identity is reused meanwhile)."""
+    return tuple(
+        (
+            id(module),
+            module.training,
+            tuple(id(p) for p in module._parameters.values()),
+            tuple(p is not None and p.requires_grad for p in module._parameters.values()),
+        )
+        for module in modules
+    )
