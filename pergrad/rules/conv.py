@@ -5,6 +5,16 @@ in the weight's order) and ``δ_bt`` the output gradient there, ``g_b = Σ_t δ_
 group. The moments come from per-example gradients formed a few examples at a time, or, for
 few output positions (a 3×3 convolution on a 1×1 map), from the position-pair expansion,
 whichever costs less; the bias is ``g_b = Σ_t δ_bt``.
+
+The per-example gradients themselves come one of two ways, the same multiply-adds apart:
+the unfolded patches times ``δ`` (a batched matrix product), or the weight gradient of a
+convolution whose groups are the examples (the input seen as one example of ``B·in``
+channels, ``groups = B·groups``), which never writes the patches. The patches hold
+``positions · in/groups · kernel`` numbers per example and group, the gradients
+``out/groups · in/groups · kernel``: the grouped convolution is used where the patches are
+the more, ``positions > out/groups``. Measured on one CPU thread at B = 32 (ResNet-18's and
+the benchmark CNN's layers), it is 1.2–2.9 times faster there, and 1.7–2.1 times slower where
+the positions are a quarter of the channels or fewer (256 channels on 8×8, 512 on 4×4).
 """
 
 from __future__ import annotations
@@ -50,10 +60,44 @@ def _grouped_delta(layer: Conv, delta: Tensor) -> Tensor:
 
 
 def _weight_grads(layer: Conv, x: Tensor, delta: Tensor) -> Tensor:
+    """``g_b`` of the weight, ``(B, *weight.shape)``: by the grouped convolution or from the
+    patches, whichever writes fewer numbers (see the module's docstring)."""
+    if _grouped_cheaper(layer, delta):
+        return _grouped_weight_grads(layer, x, delta)
     a, d = patches(x, layer), _grouped_delta(layer, delta)
     groups, batch = a.shape[:2]
     g = torch.bmm(d.flatten(0, 1).mT, a.flatten(0, 1))  # (groups·B, out/groups, patch)
     return g.view(groups, batch, *g.shape[1:]).transpose(0, 1).reshape(batch, *layer.weight.shape)
+
+
+def _grouped_cheaper(layer: Conv, delta: Tensor) -> bool:
+    """Whether the patches would outnumber the per-example gradients: ``positions >
+    out/groups``."""
+    return delta[0, 0].numel() > layer.out_channels // layer.groups
+
+
+WEIGHT_GRADIENTS = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
+WEIGHT_GRADIENTS[3] = torch.nn.grad.conv3d_weight
+
+
+def _grouped_weight_grads(layer: Conv, x: Tensor, delta: Tensor) -> Tensor:
+    """``g_b`` as the weight gradient of one convolution with ``B·groups`` groups, on the
+    padded input seen as a single example of ``B·in`` channels."""
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
+    batch, spatial = len(x), len(layer.kernel_size)
+    out, per_group = layer.weight.shape[:2]
+    weight_gradient = WEIGHT_GRADIENTS[spatial]
+    g = weight_gradient(
+        x.reshape(1, -1, *x.shape[2:]),
+        (batch * out, per_group, *layer.kernel_size),
+        delta.reshape(1, -1, *delta.shape[2:]),
+        stride=layer.stride,
+        padding=0,
+        dilation=layer.dilation,
+        groups=batch * layer.groups,
+    )
+    return g.view(batch, *layer.weight.shape)
 
 
 def _moments(layer: Conv, call: Call) -> dict[str, Moments]:
@@ -66,8 +110,8 @@ def _moments(layer: Conv, call: Call) -> dict[str, Moments]:
         total = torch.bmm(d.flatten(1, 2).mT, a.flatten(1, 2))
         found["weight"] = (total.reshape(shape), pair_moments(d, a).reshape(shape))
     else:
-        per_example = max(shape.numel(), layer.groups * shape[1:].numel() * count)
-        parts = chunks(batch, per_example, REDUCE_ELEMENTS)
+        patch = 0 if _grouped_cheaper(layer, delta) else layer.groups * shape[1:].numel() * count
+        parts = chunks(batch, max(shape.numel(), patch), REDUCE_ELEMENTS)
         found["weight"] = reduce_fresh(_weight_grads(layer, x[i:j], delta[i:j]) for i, j in parts)
     if layer.bias is not None:
         g = delta.flatten(2).sum(-1)
