@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -155,9 +156,9 @@ def per_example_loss(loss: object, batch_size: int, whole_batch: int | None = No
 def finite(grads: dict[str, Tensor], what: str) -> None:
     """Raise if any gradient statistic is NaN or infinite.
 
-    One 1-norm per tensor, in one multi-tensor kernel (a sum each for sparse tensors), finds it
-    (a NaN or an infinity makes it non-finite); only then is every element checked, to name
-    the parameters.
+    The sum of every tensor's 1-norm (one multi-tensor kernel; a sum each for sparse tensors),
+    in float64, finds it: a NaN or an infinity makes it non-finite. Only then is every element
+    checked, to name the parameters.
 
     Raises:
         FloatingPointError: naming the parameters whose ``what`` is not finite.
@@ -166,10 +167,10 @@ def finite(grads: dict[str, Tensor], what: str) -> None:
         return
     tensors = list(grads.values())
     if any(g.is_sparse for g in tensors):  # no multi-tensor norm for them: a sum each
-        norms = [g.sum() for g in tensors]
+        norms = [g.abs().sum() for g in tensors]
     else:
         norms = torch._foreach_norm(tensors, 1)
-    if bool(torch.isfinite(torch.stack(norms)).all()):
+    if math.isfinite(float(torch.stack(norms).sum(dtype=torch.float64))):
         return
     bad = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
     if bad:

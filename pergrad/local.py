@@ -115,9 +115,12 @@ def shared_grads(
 
 @contextmanager
 def _replaying() -> Iterator[None]:
-    """Gradients on, and any error of ``torch.func`` turned into a :class:`LocalError`."""
+    """No gradients outside ``torch.func``'s own, and any of its errors turned into a
+    :class:`LocalError`. ``vjp`` differentiates with respect to the parameters it is given
+    whatever the global mode; under ``torch.no_grad`` the layer's other parameters (those of
+    its submodules) add no graph to what it returns."""
     try:
-        with torch.enable_grad():
+        with torch.no_grad():
             yield
     except LocalError:
         raise

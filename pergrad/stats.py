@@ -165,8 +165,11 @@ class Sums:
         for name, p in self.params.items():
             stats = grad_stats(p)
             if stats is None or p.grad is None:  # fresh (statistics without a .grad: cleared)
-                p.grad = self.grad[name].to(p.dtype)
-                stats = GradStats(self.count, self.sq[name].to(p.dtype))
+                grad, sq = self.grad[name], self.sq[name]
+                if grad.dtype != p.dtype:  # autocast computes some in lower precision
+                    grad, sq = grad.to(p.dtype), sq.to(p.dtype)
+                p.grad = grad
+                stats = GradStats(self.count, sq)
                 setattr(p, ATTRIBUTE, stats)
             else:
                 total = stats.count + self.count

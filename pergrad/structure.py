@@ -69,8 +69,7 @@ class Structure:
 
     def current(self) -> Structure:
         """This structure if the model still has it, else the model's new one."""
-        same = _fingerprint(list(self.model.modules())) == self.key
-        return self if same else Structure(self.model)
+        return self if _fingerprint(self.modules) == self.key else Structure(self.model)
 
     def check(self) -> None:
         """Refuse layers that mix examples, as they are configured now.
@@ -117,13 +116,15 @@ class Structure:
 
 
 def _fingerprint(modules: list[nn.Module]) -> tuple:
-    """Each module, its training flag and its parameters with their ``requires_grad``, by
-    identity (the structure holds every one of them, so no identity is reused meanwhile)."""
+    """Each module's children, training flag and parameters with their ``requires_grad``, by
+    identity (the structure holds every one of them, so no identity is reused meanwhile).
+    A module added, removed or replaced anywhere changes its parent's children, so the
+    modules the structure was built from are enough to see any change of the tree."""
     return tuple(
         (
-            id(module),
+            tuple(map(id, module._modules.values())),
             module.training,
-            tuple(id(p) for p in module._parameters.values()),
+            tuple(map(id, module._parameters.values())),
             tuple(p is not None and p.requires_grad for p in module._parameters.values()),
         )
         for module in modules

@@ -56,6 +56,9 @@ def statistics(model, loss_fn, inputs, target, **options) -> dict[str, str]:
     for name, g in grads.items():
         scale = max(float(reference[name].abs().max()), 1.0)
         torch.testing.assert_close(g, reference[name], rtol=RTOL, atol=1e-9 * scale, msg=name)
+        assert not g.requires_grad, f"{name}: per-example gradients that keep a graph"
+    for p in model.parameters():  # and the statistics are plain numbers too
+        assert p.grad is None or not p.grad.requires_grad
     return sources
 
 

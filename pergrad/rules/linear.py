@@ -74,9 +74,16 @@ def bias_moments(delta: Tensor) -> Moments:
 
 
 def _moments(layer: nn.Linear, call: Call) -> dict[str, Moments]:
-    found = {"weight": weight_moments(call.input, call.output_grad)}
+    a, delta = call.input, call.output_grad
+    if a.dim() == 2:  # δ² serves the weight's squares and the bias's
+        squares = delta.square()
+        found = {"weight": (delta.T @ a, squares.T @ a.square())}
+        if layer.bias is not None:
+            found["bias"] = (delta.sum(0), squares.sum(0))
+        return found
+    found = {"weight": weight_moments(a, delta)}
     if layer.bias is not None:
-        found["bias"] = bias_moments(call.output_grad)
+        found["bias"] = bias_moments(delta)
     return found
 
 
