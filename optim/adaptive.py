@@ -16,9 +16,6 @@ class _Adaptive(PerExampleOptimizer):
     """What RMSprop and Adam share: ``s``, the running average of ``q = mean_b g_b²`` (or of
     ``ĝ²``), and the metric ``1 / (s'^power + ε)`` their gain ratio is measured in."""
 
-    centered = False
-    """Whether ``s' = s − a²`` (RMSprop's ``centered``); Adam is never centered."""
-
     def _power(self, group: dict[str, Any]) -> float:
         return 0.5
 

@@ -54,9 +54,9 @@ from pergrad.rules.base import (
     fresh_moments,
     moments_in_chunks,
     sq_norms_in_chunks,
-    sq_norms_of,
 )
 from pergrad.shared import Broadcasts, SharedOutput
+from pergrad.stats import sq_norms
 from pergrad.structure import Hooked, Structure
 
 Values = dict[str, "Tensor | Moments"]
@@ -145,7 +145,14 @@ class _Record:
         """All per-example gradients of the module's covered parameters, or their moments."""
         if per_example:
             return self.grads(0, self.size)
-        found = self._by_rule(lambda rule, layer, call: rule.moments and rule.moments(layer, call))
+
+        def by_rule(rule: Rule, layer: nn.Module, call: Call) -> Values:
+            if rule.moments is not None and (found := rule.moments(layer, call)) is not None:
+                return found
+            grads = lambda i, j: rule.grads(layer, call.narrow(i, j))  # noqa: E731
+            return moments_in_chunks(grads, self.size, self.hooked.numel)
+
+        found = self._by_rule(by_rule)
         if found is not None:
             return found
         return moments_in_chunks(self.grads, self.size, self.hooked.numel)
@@ -153,7 +160,14 @@ class _Record:
     def sq_norms(self) -> dict[str, Tensor]:
         """``|g_b|²`` of each covered parameter, ``(B,)``: the rule's closed form where it has
         one, else from per-example gradients formed a few examples at a time."""
-        found = self._by_rule(lambda rule, layer, call: rule.norms and rule.norms(layer, call))
+
+        def by_rule(rule: Rule, layer: nn.Module, call: Call) -> dict[str, Tensor]:
+            if rule.norms is not None and (found := rule.norms(layer, call)) is not None:
+                return found
+            grads = lambda i, j: rule.grads(layer, call.narrow(i, j))  # noqa: E731
+            return sq_norms_in_chunks(grads, self.size, self.hooked.numel)
+
+        found = self._by_rule(by_rule)
         if found is not None:
             return found
         return sq_norms_in_chunks(self.grads, self.size, self.hooked.numel)
@@ -492,7 +506,7 @@ class _Forward:
             total += norms[id(record)][local_name].double()
         try:
             for start, stop, sums in self._summed_uses(several) if several else ():
-                total[start:stop] += sum(sq_norms_of(g).double() for g in sums.values())
+                total[start:stop] += sq_norms(sums)
         except local.LocalError as error:
             for name in list(several):
                 result.uncovered[name] = f"one of its uses: {error}"

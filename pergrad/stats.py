@@ -157,14 +157,14 @@ class Sums:
                 changed since it did.
         """
         check_unchanged(self.params)
-        fresh = [n for n, p in self.params.items() if p.grad is None or grad_stats(p) is None]
+        # fresh: no statistics yet, or statistics without a .grad (cleared)
+        fresh = {n for n, p in self.params.items() if p.grad is None or grad_stats(p) is None}
         if fresh:  # the sums become the means, divided in place in one multi-tensor kernel
             torch._foreach_div_(
                 [*(self.grad[n] for n in fresh), *(self.sq[n] for n in fresh)], self.count
             )
         for name, p in self.params.items():
-            stats = grad_stats(p)
-            if stats is None or p.grad is None:  # fresh (statistics without a .grad: cleared)
+            if name in fresh:
                 grad, sq = self.grad[name], self.sq[name]
                 if grad.dtype != p.dtype:  # autocast computes some in lower precision
                     grad, sq = grad.to(p.dtype), sq.to(p.dtype)
@@ -172,6 +172,7 @@ class Sums:
                 stats = GradStats(self.count, sq)
                 setattr(p, ATTRIBUTE, stats)
             else:
+                stats = grad_stats(p)
                 total = stats.count + self.count
                 p.grad.mul_(stats.count / total).add_(self.grad[name], alpha=1 / total)
                 stats.sq_mean.mul_(stats.count / total).add_(self.sq[name], alpha=1 / total)
@@ -290,10 +291,15 @@ def moments(grads: dict[str, Tensor], scale: Tensor | None = None) -> dict[str, 
     return {name: moments_of(g, scale) for name, g in grads.items()}
 
 
+def sq_norms_of(grads: Tensor) -> Tensor:
+    """``|g_b|²`` of per-example gradients ``(B, *shape)``: ``(B,)``."""
+    return grads.flatten(1).square().sum(1)
+
+
 @torch.no_grad()
 def sq_norms(grads: dict[str, Tensor]) -> Tensor | float:
     """``‖g_b‖²`` over all parameters in ``grads``, in float64: ``(B,)`` (0 for none)."""
-    return sum(g.flatten(1).square().sum(1).double() for g in grads.values())
+    return sum(sq_norms_of(g).double() for g in grads.values())
 
 
 def clip_factors(sq_norms: Tensor, max_norm: float) -> Tensor:

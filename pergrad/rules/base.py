@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from pergrad.stats import Moments, moments_of
+from pergrad.stats import Moments, moments_of, sq_norms_of
 
 CHUNK_ELEMENTS = 1 << 24
 """Per-example gradients are formed at most about this many numbers at a time."""
@@ -198,11 +198,6 @@ def moments_in_chunks(
         for name, g in grads(start, stop).items():
             total[name] = add_moments(total.get(name), moments_of(g))
     return total
-
-
-def sq_norms_of(grads: Tensor) -> Tensor:
-    """``|g_b|²`` of per-example gradients ``(B, *shape)``: ``(B,)``."""
-    return grads.flatten(1).square().sum(1)
 
 
 def sq_norms_in_chunks(
