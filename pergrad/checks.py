@@ -156,9 +156,9 @@ def per_example_loss(loss: object, batch_size: int, whole_batch: int | None = No
 def finite(grads: dict[str, Tensor], what: str) -> None:
     """Raise if any gradient statistic is NaN or infinite.
 
-    The sum of every tensor's 1-norm (one multi-tensor kernel; a sum each for sparse tensors),
-    in float64, finds it: a NaN or an infinity makes it non-finite. Only then is every element
-    checked, to name the parameters.
+    The sum of every tensor's 1-norm (one multi-tensor kernel; a sum each for sparse tensors)
+    finds it: a NaN or an infinity makes it non-finite. Only then is every element checked, to
+    name the parameters (a sum that overflowed names none, and passes).
 
     Raises:
         FloatingPointError: naming the parameters whose ``what`` is not finite.
@@ -170,7 +170,7 @@ def finite(grads: dict[str, Tensor], what: str) -> None:
         norms = [g.abs().sum() for g in tensors]
     else:
         norms = torch._foreach_norm(tensors, 1)
-    if math.isfinite(float(torch.stack(norms).sum(dtype=torch.float64))):
+    if math.isfinite(torch.stack(norms).sum().item()):  # an overflow alone: cleared below
         return
     bad = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
     if bad:

@@ -174,7 +174,9 @@ class PerExample:
         known = self._structure
         structure = self._structure = Structure(self.model) if known is None else known.current()
         structure.check()
-        step = self.chunk_size or max(size, 1)
+        step = self.chunk_size or size
+        if step >= size:  # one chunk: the batch as it is
+            return structure, iter([(inputs, target)] if size else [])
         chunks = (
             (tuple(x[start : start + step] for x in inputs), target[start : start + step])
             for start in range(0, size, step)

@@ -375,8 +375,8 @@ class _Forward:
                         "its inputs are shared by the batch; it returns several tensors"
                     )
             if record.shared is None:
-                for slot, i in enumerate(floating):
-                    leaves[i].register_hook(self._grad_hook(record, slot))
+                for slot, i in enumerate(floating):  # the anchor's sum: a node of its own
+                    leaves[i].grad_fn.register_prehook(self._grad_hook(record, slot))
                 first = record.outputs[0]
                 if record.problem is None and (not first.dim() or first.shape[0] != self.size):
                     record.problem = "its output does not carry the batch on dim 0"
@@ -415,8 +415,10 @@ class _Forward:
         return record
 
     def _grad_hook(self, record: _Record, slot: int):
-        def hook(delta: Tensor) -> None:
-            record.deltas[slot] = delta
+        def hook(grads: tuple[Tensor | None]) -> None:
+            if grads[0] is None:  # no gradient reached the output after all
+                return
+            record.deltas[slot] = grads[0]
             eager = self.clip is None and len(record.deltas) == 1 and record.problem is None
             if eager and id(record) in self.single_use:
                 try:

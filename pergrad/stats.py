@@ -14,7 +14,6 @@ clears both.
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -101,13 +100,13 @@ class Sums:
         if not self.losses:
             first = next(iter(self.params.values()))
             return torch.zeros(0, dtype=first.dtype, device=first.device)
-        return torch.cat(self.losses)
+        return self.losses[0] if len(self.losses) == 1 else torch.cat(self.losses)
 
     @property
     def mean_loss(self) -> Tensor:
         """``(1/n) Σ_b ℓ_b``: over every worker's examples once :meth:`all_reduce` has run."""
         if self.loss_sum is None:
-            return functools.reduce(torch.add, (part.sum() for part in self.losses)) / self.count
+            return torch.mean(self.last_losses)
         return self.loss_sum / self.count
 
     def all_reduce(self, group: object) -> None:

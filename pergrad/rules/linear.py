@@ -77,9 +77,9 @@ def _moments(layer: nn.Linear, call: Call) -> dict[str, Moments]:
     a, delta = call.input, call.output_grad
     if a.dim() == 2:  # δ² serves the weight's squares and the bias's
         squares = delta.square()
-        found = {"weight": (delta.T @ a, squares.T @ a.square())}
+        found = {"weight": (torch.mm(delta.t(), a), torch.mm(squares.t(), a.square()))}
         if layer.bias is not None:
-            found["bias"] = (delta.sum(0), squares.sum(0))
+            found["bias"] = (torch.sum(delta, 0), torch.sum(squares, 0))
         return found
     found = {"weight": weight_moments(a, delta)}
     if layer.bias is not None:
