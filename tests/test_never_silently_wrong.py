@@ -228,6 +228,28 @@ def test_activation_checkpointing_recomputation_is_not_a_second_use():
     assert set(sources.values()) == {"Linear"}
 
 
+class GradientHooked(nn.Module):
+    """A model that scales the gradient reaching its first layer's output with a hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.first(x)
+        if h.requires_grad:  # what autograd sends on into the layer: 3·δ
+            h.register_hook(lambda g: 3 * g)
+        return self.out(torch.tanh(h))
+
+
+def test_a_gradient_hook_of_the_model_on_a_layer_output_is_honoured():
+    torch.manual_seed(0)
+    model = GradientHooked().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    sources = statistics(model, CROSS_ENTROPY, x, torch.randint(0, 3, (5,)))
+    assert sources["first.weight"] == "Linear"
+
+
 def test_embedding_bag_with_repeated_tokens_is_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.EmbeddingBag(9, 4, mode="sum"), nn.Linear(4, 3)).double()
