@@ -105,9 +105,10 @@ class Sums:
     @property
     def mean_loss(self) -> Tensor:
         """``(1/n) Σ_b ℓ_b``: over every worker's examples once :meth:`all_reduce` has run."""
+        losses = self.last_losses
         if self.loss_sum is None:
-            return torch.mean(self.last_losses)
-        return self.loss_sum / self.count
+            return torch.mean(losses)
+        return (self.loss_sum / self.count).to(losses.dtype)
 
     def all_reduce(self, group: object) -> None:
         """Sum over the ``torch.distributed`` group, in place, so that every worker holds the
@@ -139,7 +140,7 @@ class Sums:
             if key == carrier:
                 tally = flat[offset:]
         self.count = int(tally[0].round().item())
-        self.loss_sum = tally[1].to(losses.dtype)
+        self.loss_sum = tally[1]  # float64 until divided: a float16 sum would overflow
 
     def check_finite(self) -> None:
         """Raise ``FloatingPointError`` naming the parameters whose sum of squares is not

@@ -141,6 +141,25 @@ def test_the_count_travels_exactly_whatever_the_gradients_dtype():
         sums.all_reduce(dist.group.WORLD)
     finally:
         dist.destroy_process_group()
-    assert sums.count == 301 and sums.loss_sum.dtype == torch.bfloat16
-    assert sums.loss_sum == sums.last_losses.double().sum().to(torch.bfloat16)
+    assert sums.count == 301 and sums.loss_sum.dtype == torch.float64
+    assert sums.loss_sum == sums.last_losses.double().sum()
     assert torch.equal(sums.grad["w"], ones)
+
+
+def test_the_mean_loss_of_half_precision_losses_is_formed_in_float64():
+    """1,024 losses of 100 sum to 102,400, beyond float16's 65,504: the mean must not be inf."""
+    import torch.distributed as dist
+
+    from pergrad.stats import Sums
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    try:
+        w = torch.zeros(3, dtype=torch.float16)
+        sums = Sums({"w": w})
+        sums.add({"w": (torch.ones_like(w), torch.ones_like(w))}, torch.full((1024,), 100.0).half())
+        sums.all_reduce(dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+    assert sums.mean_loss.dtype == torch.float16 and sums.mean_loss == 100
