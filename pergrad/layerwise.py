@@ -375,7 +375,9 @@ class _Forward:
                         "its inputs are shared by the batch; it returns several tensors"
                     )
             if record.shared is None:
-                for slot, i in enumerate(floating):  # the anchor's sum: a node of its own
+                # the pre-hook of the anchor's own node sees δ as autograd sends it into the
+                # layer: after any hook the model puts on the output
+                for slot, i in enumerate(floating):
                     leaves[i].grad_fn.register_prehook(self._grad_hook(record, slot))
                 first = record.outputs[0]
                 if record.problem is None and (not first.dim() or first.shape[0] != self.size):

@@ -94,9 +94,11 @@ class Broadcasts(TorchFunctionMode):
         self._tracked.clear()
 
     def track(self, output: Tensor) -> SharedOutput:
-        """Follow ``output`` (it must require grad) through the rest of the forward pass."""
+        """Follow ``output`` through the rest of the forward pass. It must have an autograd node
+        of its own, whose pre-hook sees its gradient as autograd sends it on: after any hook
+        the model puts on ``output``, which the per-example gradients must then add up to."""
         shared = SharedOutput(output)
-        output.register_hook(lambda g: setattr(shared, "total_grad", g))
+        output.grad_fn.register_prehook(lambda grads: setattr(shared, "total_grad", grads[0]))
         self._tracked[id(output)] = (output, shared)
         return shared
 

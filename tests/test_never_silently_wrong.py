@@ -180,6 +180,8 @@ class PositionModel(nn.Module):
             h = h + position.reshape(-1, length, 4)[0]
         elif self.misuse == "scale":  # scaled, then broadcast: its gradient is scaled too
             h = h + 2 * position
+        elif self.misuse == "hook" and position.requires_grad:  # a hook scales its gradient
+            position.register_hook(lambda g: 3 * g)
         return self.out(torch.tanh(h)).mean(1)
 
 
@@ -193,7 +195,7 @@ def test_position_indices_shared_by_the_batch(shape, length):
     assert sources["positions.weight"] == "Embedding"
 
 
-@pytest.mark.parametrize("misuse", ["index", "scale"])
+@pytest.mark.parametrize("misuse", ["index", "scale", "hook"])
 def test_a_shared_output_used_otherwise_is_refused(misuse):
     torch.manual_seed(0)
     model = PositionModel("1T", misuse).double()
