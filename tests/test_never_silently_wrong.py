@@ -231,24 +231,31 @@ def test_activation_checkpointing_recomputation_is_not_a_second_use():
 
 
 class GradientHooked(nn.Module):
-    """A model that scales the gradient reaching its first layer's output with a hook."""
+    """A model that triples the gradient reaching its first layer's output: by a tensor hook in
+    its forward, or by a backward pre-hook of the layer. Autograd sends 3·δ into the layer."""
 
-    def __init__(self):
+    def __init__(self, where: str):
         super().__init__()
         self.first, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.where = where
+        if where == "module backward pre-hook":
+            self.first.register_full_backward_pre_hook(lambda layer, grads: (3 * grads[0],))
 
     def forward(self, x):
         h = self.first(x)
-        if h.requires_grad:  # what autograd sends on into the layer: 3·δ
+        if self.where == "tensor hook in forward" and h.requires_grad:
             h.register_hook(lambda g: 3 * g)
         return self.out(torch.tanh(h))
 
 
-def test_a_gradient_hook_of_the_model_on_a_layer_output_is_honoured():
+@pytest.mark.parametrize("where", ["tensor hook in forward", "module backward pre-hook"])
+def test_a_gradient_hook_of_the_model_on_a_layer_output_is_honoured(where):
     torch.manual_seed(0)
-    model = GradientHooked().double()
+    model = GradientHooked(where).double()
     x = torch.randn(5, 4, dtype=torch.float64)
-    sources = statistics(model, CROSS_ENTROPY, x, torch.randint(0, 3, (5,)))
+    with warnings.catch_warnings():  # torch: no input of the hooked layer requires grad
+        warnings.filterwarnings("ignore", "Full backward hook is firing")
+        sources = statistics(model, CROSS_ENTROPY, x, torch.randint(0, 3, (5,)))
     assert sources["first.weight"] == "Linear"
 
 
