@@ -27,3 +27,16 @@ def test_benchmark_writes_its_tables_and_the_plot(tmp_path, capsys):
     assert "Optimizer step" in text and "| 4 |" in text
     assert (tmp_path / "results.png").stat().st_size > 10_000
     assert "results.md" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parent.parent / ".git").exists(), reason="needs the git history"
+)
+def test_against_commit_runs_both_versions_in_one_process(capsys):
+    import against_commit
+
+    found = against_commit.main(["--ref", "HEAD", "--steps", "3"])
+    assert set(found) == {"plain", "ref", "this", "this / ref"}
+    assert all(value > 0 for value in found.values())
+    assert against_commit.RENAMED in sys.modules  # HEAD's code ran beside the working tree's
+    assert "this / HEAD" in capsys.readouterr().out
