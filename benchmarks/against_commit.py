@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from io import BytesIO
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from per_example_cost import MODELS, OVERHEAD, OVERHEAD_BATCH  # noqa: E402
+from per_example_cost import MODELS, OVERHEAD, OVERHEAD_BATCH, take_turns  # noqa: E402
 
 RENAMED = "pergrad_at_ref"
 
@@ -71,15 +70,8 @@ def compare(ref: str, model_name: str, batch: int, steps: int) -> dict[str, floa
             return lambda: (engine.zero_grad(), engine.backward(inputs, y))
 
         runs = {"plain": plain, **{name: step(engine) for name, engine in engines.items()}}
-        for run in runs.values():  # warm-up: the probe, lazily loaded kernels
-            run()
-            run()
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(steps):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
+        take_turns(runs, 2)  # warm-up: the probe, lazily loaded kernels
+        times = take_turns(runs, steps)
     found = {name: statistics.median(t) for name, t in times.items()}
     found["this / ref"] = statistics.median(a / b for a, b in zip(times["this"], times["ref"]))
     return found

@@ -200,6 +200,17 @@ def _batch(model_name: str, batch: int, method: str):
     return make_step(method, model, x, y, loss_fn)
 
 
+def take_turns(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """The seconds of each of ``repeats`` calls of every step, the steps taking turns."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def time_steps(model_name: str, batch: int, methods: list[str], repeats: int) -> dict:
     """Median time per step of every method, in this process, the methods taking turns step
     by step so that a change in the machine's load reaches all of them alike."""
@@ -212,12 +223,7 @@ def time_steps(model_name: str, batch: int, methods: list[str], repeats: int) ->
         except Exception as error:  # noqa: BLE001 - a method that cannot run this model
             steps.pop(method, None)
             results[method] = {"error": f"{type(error).__name__}: {error}"[:120]}
-    times: dict[str, list[float]] = {method: [] for method in steps}
-    for _ in range(repeats):
-        for method, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[method].append(time.perf_counter() - start)
+    times = take_turns(steps, repeats)
     results.update({m: {"seconds": statistics.median(t)} for m, t in times.items()})
     results["threads"] = torch.get_num_threads()
     return results

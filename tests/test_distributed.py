@@ -4,6 +4,7 @@ batch, against one process on the whole batch."""
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +28,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def _group_of_one():
+    """A ``gloo`` process group of this process alone, destroyed on leaving."""
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -126,21 +138,14 @@ def test_the_data_parallel_example_runs_with_torchrun():
 
 def test_the_count_travels_exactly_whatever_the_gradients_dtype():
     """301 is not a bfloat16 number (it rounds to 300): the count rides in float64."""
-    import torch.distributed as dist
-
     from pergrad.stats import Sums
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-    )
-    try:
-        w = torch.zeros(3, dtype=torch.bfloat16)
-        sums = Sums({"w": w})
-        ones = torch.ones(3, dtype=torch.bfloat16)
-        sums.add({"w": (ones.clone(), ones.clone())}, torch.full((301,), 2.5 / 301).bfloat16())
-        sums.all_reduce(dist.group.WORLD)
-    finally:
-        dist.destroy_process_group()
+    w = torch.zeros(3, dtype=torch.bfloat16)
+    sums = Sums({"w": w})
+    ones = torch.ones(3, dtype=torch.bfloat16)
+    sums.add({"w": (ones.clone(), ones.clone())}, torch.full((301,), 2.5 / 301).bfloat16())
+    with _group_of_one() as group:
+        sums.all_reduce(group)
     assert sums.count == 301 and sums.loss_sum.dtype == torch.float64
     assert sums.loss_sum == sums.last_losses.double().sum()
     assert torch.equal(sums.grad["w"], ones)
@@ -148,18 +153,11 @@ def test_the_count_travels_exactly_whatever_the_gradients_dtype():
 
 def test_the_mean_loss_of_half_precision_losses_is_formed_in_float64():
     """1,024 losses of 100 sum to 102,400, beyond float16's 65,504: the mean must not be inf."""
-    import torch.distributed as dist
-
     from pergrad.stats import Sums
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-    )
-    try:
-        w = torch.zeros(3, dtype=torch.float16)
-        sums = Sums({"w": w})
-        sums.add({"w": (torch.ones_like(w), torch.ones_like(w))}, torch.full((1024,), 100.0).half())
-        sums.all_reduce(dist.group.WORLD)
-    finally:
-        dist.destroy_process_group()
+    w = torch.zeros(3, dtype=torch.float16)
+    sums = Sums({"w": w})
+    sums.add({"w": (torch.ones_like(w), torch.ones_like(w))}, torch.full((1024,), 100.0).half())
+    with _group_of_one() as group:
+        sums.all_reduce(group)
     assert sums.mean_loss.dtype == torch.float16 and sums.mean_loss == 100
