@@ -281,12 +281,7 @@ def optimizer_steps(count: int, repeats: int) -> dict:
         except Exception as error:  # noqa: BLE001 - fused needs a build that has it
             steps.pop(name, None)
             results[name] = {"error": f"{type(error).__name__}: {error}"[:120]}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+    times = take_turns(steps, repeats)
     results.update({name: {"seconds": statistics.median(t)} for name, t in times.items()})
     results["threads"] = torch.get_num_threads()
     return results
