@@ -27,6 +27,7 @@ Writes ``results.md`` (two tables) and ``results.png`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -215,16 +216,23 @@ def time_steps(model_name: str, batch: int, methods: list[str], repeats: int) ->
     """Median time per step of every method, in this process, the methods taking turns step
     by step so that a change in the machine's load reaches all of them alike."""
     warnings.filterwarnings("ignore")
+    makers = {method: functools.partial(_batch, model_name, batch, method) for method in methods}
+    return median_times(makers, repeats)
+
+
+def median_times(makers: dict[str, Callable[[], Callable[[], object]]], repeats: int) -> dict:
+    """``{name: {"seconds"} or {"error"}}`` and the thread count: each step built by its
+    maker and run once (the warm-up), then all of them taking turns (:func:`take_turns`)."""
     steps, results = {}, {}
-    for method in methods:
+    for name, make in makers.items():
         try:
-            steps[method] = _batch(model_name, batch, method)
-            steps[method]()  # warm-up
-        except Exception as error:  # noqa: BLE001 - a method that cannot run this model
-            steps.pop(method, None)
-            results[method] = {"error": f"{type(error).__name__}: {error}"[:120]}
+            steps[name] = make()
+            steps[name]()
+        except Exception as error:  # noqa: BLE001 - a method that cannot run this model, or
+            steps.pop(name, None)  # an optimizer this build lacks (fused)
+            results[name] = {"error": f"{type(error).__name__}: {error}"[:120]}
     times = take_turns(steps, repeats)
-    results.update({m: {"seconds": statistics.median(t)} for m, t in times.items()})
+    results.update({name: {"seconds": statistics.median(t)} for name, t in times.items()})
     results["threads"] = torch.get_num_threads()
     return results
 
@@ -266,25 +274,15 @@ def optimizer_steps(count: int, repeats: int) -> dict:
             found.append(p)
         return found
 
-    makers = {
+    optimizers = {
         "optim.Adam": lambda p: optim.Adam(p, lr=1e-4),
         "optim.Adam foreach": lambda p: optim.Adam(p, lr=1e-4, foreach=True),
         "torch.optim.Adam": lambda p: torch.optim.Adam(p, lr=1e-3, foreach=False),
         "torch foreach": lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True),
         "torch fused": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
     }
-    steps, results = {}, {}
-    for name, make in makers.items():
-        try:
-            steps[name] = make(parameters()).step
-            steps[name]()  # warm-up: the state is created
-        except Exception as error:  # noqa: BLE001 - fused needs a build that has it
-            steps.pop(name, None)
-            results[name] = {"error": f"{type(error).__name__}: {error}"[:120]}
-    times = take_turns(steps, repeats)
-    results.update({name: {"seconds": statistics.median(t)} for name, t in times.items()})
-    results["threads"] = torch.get_num_threads()
-    return results
+    makers = {name: lambda make=make: make(parameters()).step for name, make in optimizers.items()}
+    return median_times(makers, repeats)  # the warm-up step creates the state
 
 
 def optimizer_table(results: dict) -> str:

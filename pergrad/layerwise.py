@@ -145,32 +145,29 @@ class _Record:
         """All per-example gradients of the module's covered parameters, or their moments."""
         if per_example:
             return self.grads(0, self.size)
-
-        def by_rule(rule: Rule, layer: nn.Module, call: Call) -> Values:
-            if rule.moments is not None and (found := rule.moments(layer, call)) is not None:
-                return found
-            grads = lambda i, j: rule.grads(layer, call.narrow(i, j))  # noqa: E731
-            return moments_in_chunks(grads, self.size, self.hooked.numel)
-
-        found = self._by_rule(by_rule)
-        if found is not None:
-            return found
-        return moments_in_chunks(self.grads, self.size, self.hooked.numel)
+        return self._reduced("moments", moments_in_chunks)
 
     def sq_norms(self) -> dict[str, Tensor]:
         """``|g_b|²`` of each covered parameter, ``(B,)``: the rule's closed form where it has
         one, else from per-example gradients formed a few examples at a time."""
+        return self._reduced("norms", sq_norms_in_chunks)
 
-        def by_rule(rule: Rule, layer: nn.Module, call: Call) -> dict[str, Tensor]:
-            if rule.norms is not None and (found := rule.norms(layer, call)) is not None:
+    def _reduced(self, closed_form: str, in_chunks: Callable) -> Values:
+        """The rule's ``closed_form`` (``"moments"`` or ``"norms"``) where it has one for this
+        call, else ``in_chunks`` of the per-example gradients, the rule's or the layer-local
+        path's, formed a few examples at a time."""
+
+        def by_rule(rule: Rule, layer: nn.Module, call: Call) -> Values:
+            form = getattr(rule, closed_form)
+            if form is not None and (found := form(layer, call)) is not None:
                 return found
             grads = lambda i, j: rule.grads(layer, call.narrow(i, j))  # noqa: E731
-            return sq_norms_in_chunks(grads, self.size, self.hooked.numel)
+            return in_chunks(grads, self.size, self.hooked.numel)
 
         found = self._by_rule(by_rule)
         if found is not None:
             return found
-        return sq_norms_in_chunks(self.grads, self.size, self.hooked.numel)
+        return in_chunks(self.grads, self.size, self.hooked.numel)
 
     def grads(self, start: int, stop: int) -> dict[str, Tensor]:
         """Per-example gradients of examples ``start:stop``."""
