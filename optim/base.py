@@ -43,18 +43,28 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         _validate(param_group)
         super().add_param_group(param_group)
 
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim.Optimizer.state_dict``, with the gain history (:attr:`gains`), so
+        that a run resumed from it continues bit for bit."""
+        return {**super().state_dict(), "gains": list(self.gains)}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, refusing a state that is not this
         optimizer's (``torch.optim.Adam``'s, or another of ours) before anything is loaded.
 
+        Keys that schedulers and trainers add to a group (``initial_lr``, ``differentiable``,
+        ...) are kept, as ``torch.optim`` keeps them; a hyperparameter of another optimizer is
+        not.
+
         Raises:
-            ValueError: naming the hyperparameters or state buffers that are missing.
+            ValueError: naming the hyperparameters or state buffers that are missing or foreign.
         """
         kind = type(self).__name__
         required = set(self.defaults) - {"batch_scaling", "gain_horizon", "foreach"}  # newer
+        own = set(self.defaults) | self._legacy_keys()
         for i, group in enumerate(state_dict.get("param_groups", [])):
             missing = sorted(required - set(group))
-            foreign = sorted(set(group) - set(self.defaults) - {"params"} - self._legacy_keys())
+            foreign = sorted((set(group) & HYPERPARAMETERS) - own)
             if missing or foreign:
                 what = f"lacks {', '.join(missing)}" if missing else f"has {', '.join(foreign)}"
                 raise ValueError(
@@ -79,7 +89,9 @@ class PerExampleOptimizer(torch.optim.Optimizer):
                         f"{key} has shape {tuple(value.shape)}, the parameter "
                         f"{tuple(p.shape)}. Load it into an optimizer over the same model."
                     )
-        super().load_state_dict(state_dict)
+        gains = state_dict.get("gains", [])
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "gains"})
+        self.gains = list(gains)
 
     def _state_keys(self) -> set[str]:
         """The buffers every parameter's state holds."""
@@ -239,6 +251,12 @@ TORCH_NAMES = {
     "gives it",
 }
 """``torch.optim`` arguments users reach for, and what takes their place here."""
+
+HYPERPARAMETERS = (
+    set(_NUMBERS) | set(_CHOICES) | set(TORCH_NAMES) | {"amsgrad", "nesterov", "dampening"}
+)
+"""The hyperparameters of ``optim``'s and ``torch.optim``'s optimizers: in a saved group, any
+that this optimizer does not have marks another optimizer's state."""
 
 
 def _validate(options: dict[str, Any]) -> None:

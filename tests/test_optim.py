@@ -127,6 +127,41 @@ def test_state_dict_round_trip_continues_bit_for_bit(kind, options):
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize(("kind", "options"), CASES_, ids=[f"{k}-{o}" for k, o in CASES_])
+def test_a_run_with_a_scheduler_resumes_bit_for_bit(kind, options):
+    """A checkpoint of an optimizer and its scheduler, as trainers write them (groups carry
+    the scheduler's initial_lr and keys torch adds), loads and continues the same run."""
+    stream = _stream(4)
+
+    def build(param):
+        opt = KINDS[kind]([param], **options)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.9**step)
+
+    first = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    second = torch.nn.Parameter(first.detach().clone())
+    opt, scheduler = build(first)
+    for per_example in stream[:5]:
+        feed(first, per_example)
+        opt.step()
+        scheduler.step()
+    saved = copy.deepcopy({"optimizer": opt.state_dict(), "scheduler": scheduler.state_dict()})
+    saved["optimizer"]["param_groups"][0]["differentiable"] = False  # what trainers may add
+    second.data.copy_(first.detach())
+    resumed, resumed_scheduler = build(second)
+    resumed.load_state_dict(saved["optimizer"])
+    resumed_scheduler.load_state_dict(saved["scheduler"])
+    assert resumed.param_groups[0]["initial_lr"] == options["lr"]
+    assert resumed.gains == opt.gains
+    for per_example in stream[5:]:
+        runs = ((first, opt, scheduler), (second, resumed, resumed_scheduler))
+        for param, optimizer, sched in runs:
+            feed(param, per_example)
+            optimizer.step()
+            sched.step()
+        assert torch.equal(first, second)
+    assert resumed.gains == opt.gains
+
+
 def test_zero_grad_clears_grad_and_statistics():
     model, inputs, target = CASES["mlp"].build(4)
     opt = optim.Adam(model.parameters(), lr=1e-3)
