@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
-from pergrad import checks, distributed, stats
-from pergrad.auto import Auto, OneMode
+from pergrad import checks, distributed, stats, wrappers
+from pergrad.auto import Auto, OneMode, warn
 from pergrad.modes import MODES
 from pergrad.structure import Structure
 
@@ -23,7 +24,11 @@ class PerExample:
 
     Args:
         model: any ``nn.Module``. Its trainable parameters (``requires_grad=True``) get
-            per-example gradients; a tied parameter appears once, under its first name.
+            per-example gradients; a tied parameter appears once, under its first name. A
+            ``DistributedDataParallel`` wrapper is seen through: pergrad runs the module it
+            wraps and sums over its process group (DDP's own reducer never runs). A
+            ``torch.compile``'d model runs uncompiled, with a warning. ``DataParallel``,
+            DeepSpeed and FSDP are refused (:mod:`pergrad.wrappers`).
         loss_fn: ``loss_fn(output, target) -> Tensor`` of shape ``(B,)``, one loss per example,
             e.g. ``nn.CrossEntropyLoss(reduction="none")``.
         mode: ``"func"`` (``torch.func`` ``vmap(grad)``), ``"hooks"`` (Opacus hooks), ``"loop"``
@@ -39,7 +44,8 @@ class PerExample:
             for all ranks). :meth:`backward` then sums the statistics over the group, so
             every rank holds those of the global batch, its share of which may be uneven or
             empty. Every rank must call :meth:`backward` alike; the first call checks that the
-            ranks start from the same parameters.
+            ranks start from the same parameters. ``None`` with a DDP-wrapped model: the
+            wrapper's group.
         max_example_norm: ``C``: :meth:`backward` clips every example's gradient to norm ``C``
             (over all trainable parameters) before forming the statistics,
             ``g_b ← g_b · min(1, C / ‖g_b‖)``, as DP-SGD and robust training need; ``grads()``
@@ -83,9 +89,16 @@ class PerExample:
             raise ValueError(
                 f"Invalid max_example_norm: {max_example_norm!r}; use None or a number > 0"
             )
+        unwrapped = wrappers.unwrap(model)
         if process_group is not None:
             distributed.check_initialized(process_group)
+        process_group = wrappers.check_group(process_group, unwrapped.process_group)
+        self._warned_compiled = False
+        if unwrapped.compiled:
+            self._warn_compiled()
         self.model = model
+        self._module = unwrapped.module
+        self._prefix = unwrapped.prefix
         self.process_group = process_group
         self._ranks_checked = False
         self.loss_fn = loss_fn
@@ -93,7 +106,9 @@ class PerExample:
         self.max_example_norm = max_example_norm
         self._structure: Structure | None = None
         self._compute = (
-            Auto(model, loss_fn) if mode == "auto" else OneMode(MODES[mode](model, loss_fn))
+            Auto(self._module, loss_fn)
+            if mode == "auto"
+            else OneMode(MODES[mode](self._module, loss_fn))
         )
         self.last_losses: Tensor | None = None
         """Per-example losses ``(B,)`` of the last call, detached."""
@@ -129,7 +144,7 @@ class PerExample:
             grads = {name: torch.cat([g[name] for g, _ in results]) for name in params}
             self.last_losses = torch.cat([losses for _, losses in results])
         # in each parameter's own dtype, as .grad is (autocast computes some in lower precision)
-        grads = {name: g.to(params[name].dtype) for name, g in grads.items()}
+        grads = {self._prefix + name: g.to(params[name].dtype) for name, g in grads.items()}
         checks.finite(grads, "per-example gradients")
         return grads
 
@@ -167,13 +182,24 @@ class PerExample:
         """Clear ``.grad`` and the per-example statistics of every parameter of the model."""
         stats.zero_grad(self.model.parameters())
 
+    def _warn_compiled(self) -> None:
+        if not self._warned_compiled:
+            self._warned_compiled = True
+            warn(
+                "pergrad: the model is compiled by torch.compile. pergrad runs it uncompiled "
+                "for per-example statistics (its per-layer hooks cannot run inside a compiled "
+                "graph); the compiled model is unchanged for your other calls."
+            )
+
     def _prepare(
         self, inputs: Inputs, target: Tensor, allow_empty: bool = False
     ) -> tuple[Structure, Iterator[tuple[tuple[Tensor, ...], Tensor]]]:
         inputs, size = checks.batch(inputs, target, allow_empty)
         known = self._structure
-        structure = self._structure = Structure(self.model) if known is None else known.current()
+        structure = self._structure = Structure(self._module) if known is None else known.current()
         structure.check()
+        if structure.compiled:
+            self._warn_compiled()
         step = self.chunk_size or size
         if step >= size:  # one chunk: the batch as it is
             return structure, iter([(inputs, target)] if size else [])
@@ -189,6 +215,8 @@ class PerExample:
         """For one chunk, each parameter's per-example gradients if ``per_example``, else their
         moments ``(Σ_b g_b, Σ_b g_b²)`` (of the clipped gradients with ``max_example_norm``),
         and the losses (:mod:`pergrad.auto`)."""
-        chunk = self._compute(structure, inputs, target, per_example, self.max_example_norm)
-        self.sources = chunk.sources
+        eager = torch.compiler.set_stance("force_eager") if structure.compiled else nullcontext()
+        with eager:
+            chunk = self._compute(structure, inputs, target, per_example, self.max_example_norm)
+        self.sources = {self._prefix + name: source for name, source in chunk.sources.items()}
         return chunk.values, chunk.losses

@@ -122,8 +122,9 @@ class Sums:
         tally = torch.tensor([self.count, float(losses.double().sum())], dtype=torch.float64)
         buckets: dict[tuple, list[tuple[dict, str]]] = defaultdict(list)
         for sums in (self.grad, self.sq):
-            for name, tensor in sums.items():
-                buckets[(tensor.dtype, tensor.device)].append((sums, name))
+            for name, p in self.params.items():  # one order and dtype on every worker
+                sums[name] = sums[name].to(p.dtype)  # autocast may have formed it in another
+                buckets[(p.dtype, p.device)].append((sums, name))
         carrier = (torch.float64, next(iter(buckets))[1])  # the count and the loss ride here
         buckets.setdefault(carrier, [])
         for key, entries in buckets.items():

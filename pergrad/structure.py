@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from pergrad import checks
 from pergrad.rules.base import Rule, rule_for
+from pergrad.wrappers import is_compiled
 
 
 @dataclass
@@ -64,6 +65,9 @@ class Structure:
         self.key = _fingerprint(self.modules)
         self.params = checks.trainable(model)
         self.named = [(name, m) for name, m in model.named_modules() if checks.may_mix(m)]
+        self.compiled = any(map(is_compiled, self.modules))
+        """Whether some submodule is compiled by ``torch.compile``: pergrad then runs the
+        model with compiled code run eagerly, so that its hooks are not traced."""
         self._rules: list | None = None
         self._hooked: list[Hooked] = []
 

@@ -20,6 +20,8 @@ import pergrad
 STEPS, BATCH = 4, 16
 SPLITS = {"halves": 8, "uneven": 3, "rank 0 empty": 0}
 """How many of each batch's examples rank 0 holds; rank 1 holds the rest."""
+DDP_OPTIONS = {"ddp": {}, "ddp find_unused": {"find_unused_parameters": True}}
+"""DistributedDataParallel wrappers, handed to pergrad with no process_group."""
 CROSS_ENTROPY = nn.CrossEntropyLoss(reduction="none")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,16 +54,39 @@ def _batches() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randint(0, 3, (STEPS, BATCH), generator=gen)
 
 
-def _train(process_group=None, share=slice(None)) -> list[torch.Tensor]:
-    """``STEPS`` steps of ``optim.Adam`` on this process's share of every batch."""
-    model = _model()
+class WithUnused(nn.Module):
+    """The test model beside a layer the forward pass never uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = _model(), nn.Linear(2, 2).double()
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def _train(process_group=None, share=slice(None), ddp: dict | None = None) -> list[torch.Tensor]:
+    """``STEPS`` steps of ``optim.Adam`` on this process's share of every batch; with ``ddp``,
+    the model wrapped in ``DistributedDataParallel(**ddp)`` and the share taken in two
+    micro-batches, the first under ``no_sync`` as gradient accumulation does. Returns the
+    parameters and their last ``sq_mean``."""
+    model = WithUnused() if ddp is not None and ddp.get("find_unused_parameters") else _model()
+    if ddp is not None:
+        model = nn.parallel.DistributedDataParallel(model, **ddp)
     engine = pergrad.PerExample(model, CROSS_ENTROPY, process_group=process_group)
     opt = optim.Adam(model.parameters(), lr=1e-2, grad_horizon=20, sq_horizon=200)
     for x, y in zip(*_batches()):
         opt.zero_grad()
-        engine.backward(x[share], y[share])
+        x, y = x[share], y[share]
+        if ddp is None:
+            engine.backward(x, y)
+        else:
+            with model.no_sync():
+                engine.backward(x[:2], y[:2])
+            engine.backward(x[2:], y[2:])
         opt.step()
-    return [p.detach().clone() for p in model.parameters()]
+    trained = [p for name, p in model.named_parameters() if "unused" not in name]
+    return [p.detach().clone() for p in trained] + [p.grad_stats.sq_mean for p in trained]
 
 
 def _worker(rank: int, port: int, out: Path) -> None:
@@ -77,6 +102,17 @@ def _worker(rank: int, port: int, out: Path) -> None:
         results[name] = _train(
             dist.group.WORLD, slice(0, first) if rank == 0 else slice(first, None)
         )
+        for name_, ddp in DDP_OPTIONS.items():
+            results[f"{name_} {name}"] = _train(
+                None, slice(0, first) if rank == 0 else slice(first, None), ddp
+            )
+    subgroup = dist.new_group([0])  # every rank takes part in making it and the wrapper
+    wrapped = nn.parallel.DistributedDataParallel(_model())
+    if rank == 0:
+        try:
+            pergrad.PerExample(wrapped, CROSS_ENTROPY, process_group=subgroup)
+        except pergrad.InputError as error:
+            results["other group"] = str(error)
     engine = pergrad.PerExample(_model(seed=rank), CROSS_ENTROPY, process_group=dist.group.WORLD)
     x, y = _batches()
     try:
@@ -111,6 +147,23 @@ def test_two_ranks_train_as_one_process_on_the_whole_batch(two_ranks, split):
     for rank in two_ranks:
         for p, q in zip(rank[split], alone):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("split", sorted(SPLITS))
+@pytest.mark.parametrize("wrapper", sorted(DDP_OPTIONS))
+def test_a_ddp_wrapped_model_trains_as_one_process_on_the_whole_batch(two_ranks, split, wrapper):
+    """No process_group is passed: pergrad takes the wrapper's. Parameters and sq_mean equal
+    the one-process run; an unused layer and no_sync change nothing."""
+    alone = _train()
+    for rank in two_ranks:
+        assert len(rank[f"{wrapper} {split}"]) == len(alone)
+        for p, q in zip(rank[f"{wrapper} {split}"], alone):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_a_process_group_that_disagrees_with_the_wrapper_is_refused(two_ranks):
+    assert "spans ranks [0]" in two_ranks[0]["other group"]
+    assert "wrapper's spans [0, 1]" in two_ranks[0]["other group"]
 
 
 def test_parameters_that_differ_between_ranks_are_reported_on_every_rank(two_ranks):
