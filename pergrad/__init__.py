@@ -4,7 +4,7 @@
 >>> loss = engine.backward(x, y)   # p.grad = mean_b g_b, p.grad_stats = (n, mean_b g_b²)
 """
 
-from pergrad import testing
+from pergrad import losses, testing
 from pergrad.auto import FallbackWarning
 from pergrad.checks import InputError
 from pergrad.engine import PerExample
@@ -23,6 +23,7 @@ __all__ = [
     "PerExample",
     "clip_grad_norm_",
     "grad_stats",
+    "losses",
     "noise_scale",
     "register_rule",
     "testing",

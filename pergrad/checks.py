@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 
 class InputError(ValueError):
@@ -14,9 +15,12 @@ class InputError(ValueError):
 
 
 def batch(
-    inputs: Tensor | Sequence[Tensor], target: Tensor, allow_empty: bool = False
-) -> tuple[tuple[Tensor, ...], int]:
-    """Normalize ``inputs`` to a tuple and return it with the batch size ``B``.
+    inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
+    target: Tensor,
+    allow_empty: bool = False,
+) -> tuple[tuple[Tensor, ...] | dict[str, Tensor], int]:
+    """Normalize ``inputs`` to a tuple (passed as ``model(*inputs)``) or a dict (passed as
+    ``model(**inputs)``) and return it with the batch size ``B``.
 
     Raises:
         TypeError: an input or the target is not a Tensor.
@@ -25,27 +29,37 @@ def batch(
     """
     if isinstance(inputs, Tensor):
         inputs = (inputs,)
+    elif isinstance(inputs, Mapping):
+        inputs = dict(inputs)
     elif isinstance(inputs, Sequence) and not isinstance(inputs, str):
         inputs = tuple(inputs)
     else:
         raise TypeError(
-            f"inputs must be a Tensor or a tuple of Tensors passed as model(*inputs), "
-            f"got {type(inputs).__name__}"
+            f"inputs must be a Tensor, a tuple of Tensors passed as model(*inputs), or a dict "
+            f"of Tensors passed as model(**inputs), got {type(inputs).__name__}"
         )
     if not inputs:
-        raise InputError("inputs is an empty tuple: pass at least one Tensor for the model")
-    for i, x in enumerate(inputs):
+        raise InputError(
+            f"inputs is an empty {type(inputs).__name__}: pass at least one Tensor for the model"
+        )
+    keyed = isinstance(inputs, dict)
+    named = [
+        (f"inputs[{key!r}]" if keyed else f"inputs[{key}]", x)
+        for key, x in (inputs.items() if keyed else enumerate(inputs))
+    ]
+    for name, x in named:
         if not isinstance(x, Tensor):
             raise TypeError(
-                f"inputs[{i}] is a {type(x).__name__}, not a Tensor: every input must be a "
-                f"Tensor with the batch on dim 0 (convert it with torch.as_tensor)"
+                f"{name} is a {type(x).__name__}, not a Tensor: every input must be a "
+                f"Tensor with the batch on dim 0 (convert it with torch.as_tensor; pass "
+                f"options that are not tensors through functools.partial or the model's config)"
             )
     if not isinstance(target, Tensor):
         raise TypeError(
             f"target is a {type(target).__name__}, not a Tensor: pass the targets as a Tensor "
             f"with the batch on dim 0"
         )
-    named = [(f"inputs[{i}]", x) for i, x in enumerate(inputs)] + [("target", target)]
+    named.append(("target", target))
     for name, x in named:
         if x.dim() == 0:
             raise InputError(
@@ -179,3 +193,64 @@ def finite(grads: dict[str, Tensor], what: str) -> None:
             f"gradient is NaN or infinite. Nothing was accumulated; inspect engine.last_losses, "
             f"lower the learning rate, or skip this batch."
         )
+
+
+def agree(actual: Tensor, expected: Tensor) -> bool:
+    """Whether two computations of the same gradients agree, to a tolerance set by the dtype
+    and relative to the largest finite entry; NaN and infinities must stand in the same places."""
+    tolerance = 1e-2 if expected.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    if actual.shape != expected.shape:
+        return False
+    scale = expected.abs().max() if expected.numel() else expected.new_zeros(())
+    if expected.numel() and bool(torch.isfinite(scale)):  # the common case, in two passes
+        if bool((actual - expected).abs().max() <= tolerance * scale):
+            return True
+    finite = expected[torch.isfinite(expected)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return torch.allclose(actual, expected, rtol=tolerance, atol=tolerance * scale, equal_nan=True)
+
+
+def separable(loss_fn, output: object, target: Tensor, losses: Tensor) -> None:
+    """Refuse a ``loss_fn`` whose loss of one example depends on the others (normalised by the
+    batch's token count, say): the first half of the batch's losses, computed from its rows
+    of the output and target alone, must be the first half of the losses.
+
+    The rows are the first ``B/2`` of every output tensor whose dim 0 has size ``B``; where no
+    such slice can be formed or ``loss_fn`` cannot take it, nothing is concluded.
+
+    Raises:
+        InputError: the losses differ, saying what to use instead.
+    """
+    size = len(target)
+    if size < 2:
+        return
+    half = size // 2
+    cut = [False]
+
+    def first_half(x):
+        if isinstance(x, Tensor) and x.dim() and x.shape[0] == size:
+            cut[0] = True
+            return x[:half]
+        return x
+
+    with torch.no_grad():
+        sliced = pytree.tree_map(first_half, output)
+        if not cut[0]:
+            return
+        try:
+            alone = loss_fn(sliced, target[:half])
+        except Exception:  # a loss_fn that cannot take the slice: nothing to conclude
+            return
+        if not isinstance(alone, Tensor) or alone.shape != (half,):
+            return
+        if agree(alone.to(losses.dtype), losses[:half].detach()):
+            return
+    raise InputError(
+        f"loss_fn's loss of an example depends on the other examples of the batch: the first "
+        f"{half} losses, computed from those examples alone, differ from the same losses "
+        f"computed in the whole batch. A loss normalised over the batch (a mean over all of "
+        f"its tokens, a softmax over its examples) changes with the batch size and chunk_size, "
+        f"and has no per-example gradient. Return one loss per example that depends on that "
+        f"example alone: for Hugging Face heads, pergrad.losses.causal_lm, "
+        f"pergrad.losses.classification or pergrad.losses.token_classification."
+    )

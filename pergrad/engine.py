@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from pergrad import checks, distributed, stats, wrappers
+from pergrad import inputs as batch
 from pergrad.auto import Auto, OneMode, warn
 from pergrad.modes import MODES
 from pergrad.structure import Structure
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
-Inputs = Tensor | Sequence[Tensor]
+LossFn = Callable[[Any, Tensor], Tensor]
+Inputs = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
 
 class PerExample:
@@ -193,7 +195,7 @@ class PerExample:
 
     def _prepare(
         self, inputs: Inputs, target: Tensor, allow_empty: bool = False
-    ) -> tuple[Structure, Iterator[tuple[tuple[Tensor, ...], Tensor]]]:
+    ) -> tuple[Structure, Iterator[tuple[batch.Inputs, Tensor]]]:
         inputs, size = checks.batch(inputs, target, allow_empty)
         known = self._structure
         structure = self._structure = Structure(self._module) if known is None else known.current()
@@ -204,13 +206,13 @@ class PerExample:
         if step >= size:  # one chunk: the batch as it is
             return structure, iter([(inputs, target)] if size else [])
         chunks = (
-            (tuple(x[start : start + step] for x in inputs), target[start : start + step])
+            (batch.rows(inputs, slice(start, start + step)), target[start : start + step])
             for start in range(0, size, step)
         )
         return structure, chunks
 
     def _chunk(
-        self, structure: Structure, inputs: tuple[Tensor, ...], target: Tensor, per_example: bool
+        self, structure: Structure, inputs: batch.Inputs, target: Tensor, per_example: bool
     ) -> tuple[dict[str, Tensor | tuple[Tensor, Tensor]], Tensor]:
         """For one chunk, each parameter's per-example gradients if ``per_example``, else their
         moments ``(Σ_b g_b, Σ_b g_b²)`` (of the clipped gradients with ``max_example_norm``),

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from pergrad import checks, local
+from pergrad import inputs as batch
 from pergrad.rules.base import (
     REDUCE_ELEMENTS,
     Call,
@@ -217,7 +218,8 @@ class _Record:
 
 
 class Layerwise:
-    """Computes a :class:`LayerwiseResult` for ``loss_fn(model(*inputs), target)``."""
+    """Computes a :class:`LayerwiseResult` for ``loss_fn(model(*inputs), target)`` (or
+    ``model(**inputs)``)."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]):
         self.model = model
@@ -225,11 +227,12 @@ class Layerwise:
         self._probe: dict[int, list[frozenset]] | None = None  # id(module) -> per call
         self._probe_failed = False
         self._probed: Structure | None = None  # the structure the probe ran on
+        self.loss_checked = False  # checks.separable, on the first batch of two or more
 
     def __call__(
         self,
         structure: Structure,
-        inputs: tuple[Tensor, ...],
+        inputs: batch.Inputs,
         target: Tensor,
         per_example: bool = False,
         clip: Clip | None = None,
@@ -249,7 +252,7 @@ class Layerwise:
         finally:
             forward.release()
 
-    def _run_probe(self, hooked: list[Hooked], inputs: tuple[Tensor, ...]) -> None:
+    def _run_probe(self, hooked: list[Hooked], inputs: batch.Inputs) -> None:
         """Run one example; record, per call of each hooked module, which tensor inputs had
         1 on dim 0 (those that follow the batch size)."""
         probe: dict[int, list[frozenset]] = defaultdict(list)
@@ -259,11 +262,11 @@ class Layerwise:
             probe[id(module)].append(ones)
 
         handles = [h.module.register_forward_pre_hook(hook, with_kwargs=True) for h in hooked]
-        devices = [x.device for x in inputs if x.device.type == "cuda"]
+        devices = [x.device for x in batch.tensors(inputs) if x.device.type == "cuda"]
         try:  # the model's warnings come from the batched pass; not twice from this one
             with torch.no_grad(), torch.random.fork_rng(devices=devices), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.model(*(x[:1] for x in inputs))
+                batch.run(self.model, batch.rows(inputs, slice(0, 1)))
         except Exception:  # the model cannot run one example: no input is known to be batched
             self._probe_failed = True
             return
@@ -301,7 +304,7 @@ class _Forward:
         self.broadcasts = Broadcasts(size)  # entered at the first output shared by the batch
         self.single_use: set[int] = set()  # records whose parameters have no other use
 
-    def run(self, inputs: tuple[Tensor, ...], target: Tensor) -> tuple[Tensor, dict]:
+    def run(self, inputs: batch.Inputs, target: Tensor) -> tuple[Tensor, dict]:
         handles = []
         for hooked in self.hooked:
             detached = {name: self.params[name].detach() for name in hooked.params.values()}
@@ -313,10 +316,13 @@ class _Forward:
             )
         try:
             try:
-                output = self.owner.model(*inputs)
+                output = batch.run(self.owner.model, inputs)
             finally:
                 self.broadcasts.leave()
             losses = checks.per_example_loss(self.owner.loss_fn(output, target), self.size)
+            if not self.owner.loss_checked:
+                checks.separable(self.owner.loss_fn, output, target, losses)
+                self.owner.loss_checked = self.size > 1
             self._count_uses()
             try:
                 grads = torch.autograd.grad(

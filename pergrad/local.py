@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.utils import _pytree as pytree
 
-from pergrad.modes.base import agree
+from pergrad.checks import agree
 
 
 class LocalError(RuntimeError):

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from pergrad.checks import agree
 from pergrad.local import LocalError
-from pergrad.modes.base import agree
 
 ELEMENTWISE = frozenset(
     f"{prefix}{name}{suffix}"

@@ -77,6 +77,12 @@ def no_grad_statistics(w: World) -> None:
     CROSS_ENTROPY(w.model(w.x), w.y).mean().backward()
 
 
+def over_the_batch(output: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy summed per example and divided by the whole batch's size, as a loss
+    normalised by the batch's token count is: not a loss of each example alone."""
+    return CROSS_ENTROPY(output, target) * 4 / len(target)
+
+
 def boom(*_):
     raise RuntimeError("boom")
 
@@ -95,14 +101,15 @@ class Flaky(nn.Module):
         return self.model(x)
 
 
-class FailsOnSecondCall:
-    """A loss that raises on its second call: the second chunk of a chunked backward."""
+class FailsOnSecondChunk:
+    """A loss that raises on its second call with gradients on: the second chunk of a
+    chunked backward (the first chunk's check that the loss is per example runs without)."""
 
     def __init__(self):
         self.calls = 0
 
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
-        self.calls += 1
+        self.calls += torch.is_grad_enabled()
         if self.calls == 2:
             raise RuntimeError("boom")
         return CROSS_ENTROPY(output, target)
@@ -169,6 +176,14 @@ BAD: dict[str, Bad] = {
         lambda w: pergrad.PerExample(w.model, "cross_entropy"), TypeError, "loss_fn must be"
     ),
     "mode unknown": Bad(lambda w: engine(w, mode="vmap"), ValueError, "Invalid mode: 'vmap'"),
+    **{
+        f"a loss normalised over the batch ({mode})": Bad(
+            lambda w, m=mode: engine(w, over_the_batch, m).backward(w.x, w.y),
+            pergrad.InputError,
+            "depends on the other examples.*pergrad.losses.causal_lm",
+        )
+        for mode in ("auto", "hooks")
+    },
     **{
         f"chunk_size={value!r}": Bad(
             lambda w, v=value: engine(w, chunk_size=v),
@@ -346,7 +361,7 @@ BAD: dict[str, Bad] = {
         "Nothing was accumulated",
     ),
     "a loss that raises on the second chunk": Bad(
-        lambda w: engine(w, FailsOnSecondCall(), chunk_size=4).backward(w.x, w.y),
+        lambda w: engine(w, FailsOnSecondChunk(), chunk_size=4).backward(w.x, w.y),
         RuntimeError,
         "boom",
     ),

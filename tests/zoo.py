@@ -18,14 +18,19 @@ ALL_MODES = frozenset({"func", "hooks", "loop"})
 
 def reference_grads(model: nn.Module, loss_fn, inputs, target) -> dict[str, Tensor]:
     """Per-example gradients by one ``loss.backward()`` per example: the independent reference."""
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    keyed = isinstance(inputs, dict)
+    inputs = inputs if keyed or isinstance(inputs, tuple) else (inputs,)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = {n: p.grad for n, p in params.items()}
     out: dict[str, list[Tensor]] = {n: [] for n in params}
     for b in range(len(target)):
         for p in params.values():
             p.grad = None
-        loss_fn(model(*(x[b : b + 1] for x in inputs)), target[b : b + 1]).sum().backward()
+        if keyed:
+            output = model(**{key: x[b : b + 1] for key, x in inputs.items()})
+        else:
+            output = model(*(x[b : b + 1] for x in inputs))
+        loss_fn(output, target[b : b + 1]).sum().backward()
         for n, p in params.items():
             out[n].append(torch.zeros_like(p) if p.grad is None else p.grad.clone())
     for n, p in params.items():

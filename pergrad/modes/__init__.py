@@ -1,6 +1,6 @@
 """The ways of computing per-example gradients, one module each, fastest first."""
 
-from pergrad.modes.base import Mode, ModeError, PerExampleResult, agree
+from pergrad.modes.base import Mode, ModeError, PerExampleResult
 from pergrad.modes.func import FuncMode
 from pergrad.modes.hooks import HooksMode
 from pergrad.modes.loop import LoopMode
@@ -16,5 +16,4 @@ __all__ = [
     "Mode",
     "ModeError",
     "PerExampleResult",
-    "agree",
 ]

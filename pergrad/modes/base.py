@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
+
+Inputs = tuple[Tensor, ...] | dict[str, Tensor]
+"""Positional (``model(*inputs)``) or keyword (``model(**inputs)``) inputs."""
 
 PerExampleResult = tuple[dict[str, Tensor], Tensor]
 """Per-example gradients (name -> ``(b, *param.shape)``) and per-example losses ``(b,)``."""
@@ -24,7 +26,7 @@ class Mode:
         self.loss_fn = loss_fn
 
     def __call__(
-        self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
+        self, params: dict[str, nn.Parameter], inputs: Inputs, target: Tensor
     ) -> PerExampleResult:
         raise NotImplementedError
 
@@ -64,18 +66,3 @@ def _innermost_layer(model: nn.Module, error: BaseException) -> str | None:
             found = f"'{name}' ({type(owner).__name__})"
         tb = tb.tb_next
     return found
-
-
-def agree(actual: Tensor, expected: Tensor) -> bool:
-    """Whether two computations of the same gradients agree, to a tolerance set by the dtype
-    and relative to the largest finite entry; NaN and infinities must stand in the same places."""
-    tolerance = 1e-2 if expected.dtype in (torch.float16, torch.bfloat16) else 1e-4
-    if actual.shape != expected.shape:
-        return False
-    scale = expected.abs().max() if expected.numel() else expected.new_zeros(())
-    if expected.numel() and bool(torch.isfinite(scale)):  # the common case, in two passes
-        if bool((actual - expected).abs().max() <= tolerance * scale):
-            return True
-    finite = expected[torch.isfinite(expected)]
-    scale = float(finite.abs().max()) if finite.numel() else 0.0
-    return torch.allclose(actual, expected, rtol=tolerance, atol=tolerance * scale, equal_nan=True)

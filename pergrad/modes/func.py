@@ -6,6 +6,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from pergrad import checks
+from pergrad import inputs as batch
 from pergrad.modes.base import Mode, ModeError, PerExampleResult
 
 
@@ -21,7 +22,7 @@ class FuncMode(Mode):
     name = "func"
 
     def __call__(
-        self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
+        self, params: dict[str, nn.Parameter], inputs: batch.Inputs, target: Tensor
     ) -> PerExampleResult:
         # the other parameters detached too: a trainable one left attached (where the
         # per-layer path covers it) would give these gradients a graph through it
@@ -30,9 +31,10 @@ class FuncMode(Mode):
 
         size = len(target)
 
-        def example_loss(free: dict[str, Tensor], xs: tuple[Tensor, ...], y: Tensor):
-            one = tuple(x.unsqueeze(0) for x in xs)
-            output = functional_call(self.model, (free, fixed), one)
+        def example_loss(free: dict[str, Tensor], xs: batch.Inputs, y: Tensor):
+            one = batch.map_tensors(lambda x: x.unsqueeze(0), xs)
+            args, kwargs = ((), one) if isinstance(one, dict) else (one, None)
+            output = functional_call(self.model, (free, fixed), args, kwargs)
             loss = checks.per_example_loss(self.loss_fn(output, y.unsqueeze(0)), 1, size)[0]
             return loss, loss.detach()
 

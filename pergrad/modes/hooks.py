@@ -15,7 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from pergrad import checks
-from pergrad.modes.base import Mode, ModeError, PerExampleResult, agree
+from pergrad import inputs as batch
+from pergrad.checks import agree
+from pergrad.modes.base import Mode, ModeError, PerExampleResult
 
 _MODULE_ATTRIBUTES = ("activations", "max_batch_len")
 
@@ -47,17 +49,21 @@ class HooksMode(Mode):
     """
 
     name = "hooks"
+    loss_checked = False  # checks.separable, on the first batch of two or more
 
     def __call__(
-        self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
+        self, params: dict[str, nn.Parameter], inputs: batch.Inputs, target: Tensor
     ) -> PerExampleResult:
         hooks = None
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
                 hooks = _opacus_hooks()(self.model, loss_reduction="sum", strict=False)
-                output = self.model(*inputs)
+                output = batch.run(self.model, inputs)
                 losses = checks.per_example_loss(self.loss_fn(output, target), len(target))
+                if not self.loss_checked:
+                    checks.separable(self.loss_fn, output, target, losses)
+                    self.loss_checked = len(target) > 1
                 # Opacus's hooks fire only where autograd goes: ask for every trainable
                 # parameter, so that a subset (what per-layer rules leave) gets its samples too
                 everything = checks.trainable(self.model)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from pergrad import checks
+from pergrad import inputs as batch
 from pergrad.modes.base import Mode, PerExampleResult
 
 
@@ -18,13 +19,13 @@ class LoopMode(Mode):
     name = "loop"
 
     def __call__(
-        self, params: dict[str, nn.Parameter], inputs: tuple[Tensor, ...], target: Tensor
+        self, params: dict[str, nn.Parameter], inputs: batch.Inputs, target: Tensor
     ) -> PerExampleResult:
         names, tensors = list(params), list(params.values())
         grads: dict[str, list[Tensor]] = {name: [] for name in names}
         losses = []
         for b in range(target.shape[0]):
-            output = self.model(*(x[b : b + 1] for x in inputs))
+            output = batch.run(self.model, batch.rows(inputs, slice(b, b + 1)))
             loss = checks.per_example_loss(self.loss_fn(output, target[b : b + 1]), 1, len(target))
             example = torch.autograd.grad(loss[0], tensors, allow_unused=True)
             for name, p, g in zip(names, tensors, example):
