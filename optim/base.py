@@ -83,7 +83,12 @@ class PerExampleOptimizer(torch.optim.Optimizer):
                 )
             p = params.get(key)
             for name, value in state.items():
-                if p is not None and isinstance(value, Tensor) and value.shape != p.shape:
+                if (
+                    p is not None
+                    and isinstance(value, Tensor)
+                    and value.dim()
+                    and value.shape != p.shape
+                ):
                     raise ValueError(
                         f"this state_dict belongs to other parameters: its {name} of parameter "
                         f"{key} has shape {tuple(value.shape)}, the parameter "
@@ -171,11 +176,13 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         if not params:
             return 1.0
         batch = pergrad.grad_stats(params[0]).count  # one per group, checked before any change
-        noise = signal = 0.0
-        for p in params:
+        device = params[0].device
+        noise = signal = torch.zeros((), dtype=torch.float64, device=device)
+        for p in params:  # on the device throughout: one value reaches the host, the gain
             state, stats = self.state[p], pergrad.grad_stats(p)
-            for key, start in (("gain_seen", 0), ("noise", 0.0), ("signal", 0.0)):
-                state.setdefault(key, start)  # examples in steps of B ≥ 2; smoothed σ², |G|²
+            state.setdefault("gain_seen", 0)  # examples in steps of B ≥ 2
+            for key in ("noise", "signal"):  # smoothed σ², |G|² (floats in older states)
+                state[key] = torch.as_tensor(state.get(key, 0.0), dtype=torch.float64).to(p.device)
             if batch > 1:  # one example has no spread: the estimates stay as they were
                 state["gain_seen"] += batch
                 s, m = pergrad.noise.sums(
@@ -183,10 +190,11 @@ class PerExampleOptimizer(torch.optim.Optimizer):
                 )
                 noise_now, signal_now = pergrad.noise.estimates(batch, s, m)
                 weight = F.average_weight(batch, state["gain_seen"], group["gain_horizon"])
-                state["noise"] += weight * (noise_now - state["noise"])
-                state["signal"] += weight * (signal_now - state["signal"])
-            noise, signal = noise + state["noise"], signal + state["signal"]
-        gain = F.gain_ratio(batch, noise, signal)
+                state["noise"] = state["noise"] + weight * (noise_now - state["noise"])
+                state["signal"] = state["signal"] + weight * (signal_now - state["signal"])
+            noise = noise + state["noise"].to(device)
+            signal = signal + state["signal"].to(device)
+        gain = float(F.gain_ratio(batch, noise, signal))
         self.gains.append(gain)
         return gain
 

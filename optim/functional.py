@@ -26,15 +26,16 @@ def average_weight(batch_size: int, seen: int, horizon: float) -> float:
     return min(1.0, batch_size / min(seen, horizon))
 
 
-def gain_ratio(batch_size: int, noise: float, signal: float) -> float:
+def gain_ratio(batch_size: int, noise: Tensor, signal: Tensor) -> Tensor:
     """``r = B(σ² + |G|²) / (σ² + B|G|²)``, the number of single-example steps a batch of ``B``
     is worth (McCandlish et al. 2018; AdaScale, Johnson et al. 2020): ``B`` for pure noise,
     1 for identical per-example gradients. Negative estimates count as 0; with neither, ``B``.
+    Formed on the estimates' device, with no value sent to the host.
     """
-    noise, signal = max(noise, 0.0), max(signal, 0.0)
-    if noise + signal == 0:
-        return float(batch_size)
-    return batch_size * (noise + signal) / (noise + batch_size * signal)
+    noise, signal = noise.clamp(min=0), signal.clamp(min=0)
+    total = noise + signal
+    ratio = batch_size * total / (noise + batch_size * signal)
+    return torch.where(total == 0, torch.full_like(ratio, batch_size), ratio)
 
 
 def sgd(

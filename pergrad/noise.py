@@ -50,15 +50,16 @@ class NoiseScale:
         return self.noise / self.signal if self.signal > 0 else float("inf")
 
 
-def sums(grad: Tensor, sq_mean: Tensor, weight: Tensor | None = None) -> tuple[float, float]:
-    """``(S, M) = (Σ w q, Σ w ĝ²)`` of one parameter (``w = 1`` where ``weight`` is None)."""
+def sums(grad: Tensor, sq_mean: Tensor, weight: Tensor | None = None) -> Tensor:
+    """``[S, M] = [Σ w q, Σ w ĝ²]`` of one parameter (``w = 1`` where ``weight`` is None): a
+    float64 tensor on its device, so that no value travels to the host per parameter."""
     squares = grad.square()
-    if weight is None:
-        return float(sq_mean.sum()), float(squares.sum())
-    return float((weight * sq_mean).sum()), float((weight * squares).sum())
+    if weight is not None:
+        sq_mean, squares = weight * sq_mean, weight * squares
+    return torch.stack([sq_mean.sum(), squares.sum()]).double()
 
 
-def estimates(count: int, s: float, m: float) -> tuple[float, float]:
+def estimates(count: int, s: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
     """``(noise, signal)`` from ``S``, ``M`` and the example count ``n ≥ 2``."""
     return (s - m) * count / (count - 1), (count * m - s) / (count - 1)
 
@@ -95,7 +96,7 @@ def noise_scale(
             f"preconditioner has {len(weights)} tensors for {len(params)} parameters: give one "
             f"per parameter, in the same order"
         )
-    total_s = total_m = 0.0
+    totals: list[Tensor] = []
     counts = set()
     for p, weight in zip(params, weights):
         stats = grad_stats(p)
@@ -109,8 +110,8 @@ def noise_scale(
             )
         counts.add(stats.count)
         with torch.no_grad():
-            s, m = sums(p.grad, stats.sq_mean, weight)
-        total_s, total_m = total_s + s, total_m + m
+            here = sums(p.grad, stats.sq_mean, weight)
+            totals.append(here.to(totals[0].device) if totals else here)
     if not counts:
         raise ValueError(
             "no parameter has per-example statistics: call PerExample.backward(inputs, target) "
@@ -121,4 +122,5 @@ def noise_scale(
     (count,) = counts
     if count < 2:
         raise ValueError("the noise scale needs statistics of at least two examples (B ≥ 2)")
+    total_s, total_m = torch.stack(totals).sum(0).tolist()  # the one value sent to the host
     return NoiseScale(*estimates(count, total_s, total_m), count)
