@@ -60,7 +60,8 @@ class PerExampleOptimizer(torch.optim.Optimizer):
             ValueError: naming the hyperparameters or state buffers that are missing or foreign.
         """
         kind = type(self).__name__
-        required = set(self.defaults) - {"batch_scaling", "gain_horizon", "foreach"}  # newer
+        newer = {"batch_scaling", "gain_horizon", "foreach"}
+        required = (set(self.defaults) & HYPERPARAMETERS) - newer  # not what others add
         own = set(self.defaults) | self._legacy_keys()
         for i, group in enumerate(state_dict.get("param_groups", [])):
             missing = sorted(required - set(group))

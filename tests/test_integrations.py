@@ -1,0 +1,48 @@
+"""The runnable examples of pergrad inside the stacks researchers train with, each on two CPU
+processes: Hugging Face's Trainer and a hand-written Accelerate loop under ``accelerate
+launch``, and a Lightning module under its DDP strategy. Every rank must end with the same
+parameters (the examples check it across ranks)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_distributed import _free_port
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SAME = "identical parameters on all 2 ranks: True"
+
+
+def _run(command: list[str]) -> str:
+    environment = {**os.environ, "PYTHONPATH": str(EXAMPLES)}
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=EXAMPLES, env=environment
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("example", ["hf_trainer.py", "accelerate_loop.py"])
+def test_an_example_under_accelerate_launch_keeps_the_ranks_identical(example):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    launcher = shutil.which("accelerate")
+    if launcher is None:
+        pytest.skip("the accelerate command is not on PATH")
+    stdout = _run([
+        launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(EXAMPLES / example), "--steps", "3",
+    ])  # fmt: skip
+    assert SAME in stdout
+
+
+def test_the_lightning_example_keeps_the_ranks_identical():
+    pytest.importorskip("lightning")
+    pytest.importorskip("transformers")
+    command = [sys.executable, str(EXAMPLES / "lightning_module.py"), "--steps", "3"]
+    stdout = _run([*command, "--devices", "2"])
+    assert SAME in stdout
