@@ -40,8 +40,19 @@ class PerExampleOptimizer(torch.optim.Optimizer):
             group.setdefault("foreach", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``torch.optim``'s, and the group's state is made at once (zeros), so that a
+        fresh optimizer has the state a checkpoint loads into (``torch.distributed.checkpoint``
+        loads in place)."""
         _validate(param_group)
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            state = self.state[p]
+            if not state:
+                self._init_state(p, state, group)
+                if group["batch_scaling"] == "gain":
+                    zero = torch.zeros((), dtype=torch.float64, device=p.device)
+                    state.update(gain_seen=0, noise=zero, signal=zero.clone())
 
     def state_dict(self) -> dict[str, Any]:
         """As ``torch.optim.Optimizer.state_dict``, with the gain history (:attr:`gains`), so

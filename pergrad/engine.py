@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pergrad import checks, distributed, stats, wrappers
+from pergrad import checks, distributed, fsdp, stats, wrappers
 from pergrad import inputs as batch
 from pergrad.auto import Auto, OneMode, warn
 from pergrad.modes import MODES
@@ -94,7 +94,11 @@ class PerExample:
         unwrapped = wrappers.unwrap(model)
         if process_group is not None:
             distributed.check_initialized(process_group)
-        process_group = wrappers.check_group(process_group, unwrapped.process_group)
+        self._sharding = fsdp.Sharding.find(unwrapped.module)
+        wrapper_group = unwrapped.process_group
+        if self._sharding is not None:
+            wrapper_group = self._sharding.group
+        process_group = wrappers.check_group(process_group, wrapper_group)
         self._warned_compiled = False
         if unwrapped.compiled:
             self._warn_compiled()
@@ -136,9 +140,10 @@ class PerExample:
             TypeError, ValueError: bad inputs, loss or model; the message says what to do.
             FloatingPointError: some per-example gradient is NaN or infinite.
         """
-        structure, chunks = self._prepare(inputs, target)
-        params = structure.params
-        results = [self._chunk(structure, x, y, per_example=True) for x, y in chunks]
+        with self._whole_parameters():
+            structure, chunks = self._prepare(inputs, target)
+            params = structure.params
+            results = [self._chunk(structure, x, y, per_example=True) for x, y in chunks]
         if len(results) == 1:
             values, self.last_losses = results[0]
             grads = {name: values[name] for name in params}  # in the model's order
@@ -163,26 +168,34 @@ class PerExample:
             FloatingPointError: a gradient statistic is NaN or infinite; nothing is accumulated.
         """
         grouped = self.process_group is not None
-        structure, chunks = self._prepare(inputs, target, allow_empty=grouped)
-        params = structure.params
-        if grouped and not self._ranks_checked:
-            distributed.check_same_parameters(params, self.process_group)
-            self._ranks_checked = True
-        sums = stats.Sums(params)
-        for x, y in chunks:
-            sums.add(*self._chunk(structure, x, y, per_example=False))
-        self.last_losses = sums.last_losses
-        if grouped:
-            sums.all_reduce(self.process_group)
-            if sums.count == 0:
-                raise checks.InputError("the batch is empty on every rank: pass examples")
-        sums.check_finite()
+        with self._whole_parameters():
+            structure, chunks = self._prepare(inputs, target, allow_empty=grouped)
+            params = structure.params
+            if grouped and not self._ranks_checked:
+                distributed.check_same_parameters(params, self.process_group)
+                self._ranks_checked = True
+            sums = stats.Sums(params)
+            for x, y in chunks:
+                sums.add(*self._chunk(structure, x, y, per_example=False))
+            self.last_losses = sums.last_losses
+            if grouped:
+                sums.all_reduce(self.process_group)
+                if sums.count == 0:
+                    raise checks.InputError("the batch is empty on every rank: pass examples")
+            sums.check_finite()
+        if self._sharding is not None:  # each rank keeps its shard of the global sums
+            sums = self._sharding.shard(sums, self._module)
         sums.merge_into()
         return sums.mean_loss
 
     def zero_grad(self) -> None:
         """Clear ``.grad`` and the per-example statistics of every parameter of the model."""
         stats.zero_grad(self.model.parameters())
+
+    def _whole_parameters(self):
+        """For a model sharded with FSDP2, its parameters whole while entered
+        (:mod:`pergrad.fsdp`)."""
+        return nullcontext() if self._sharding is None else self._sharding.unsharded()
 
     def _warn_compiled(self) -> None:
         if not self._warned_compiled:

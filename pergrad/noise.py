@@ -56,7 +56,10 @@ def sums(grad: Tensor, sq_mean: Tensor, weight: Tensor | None = None) -> Tensor:
     squares = grad.square()
     if weight is not None:
         sq_mean, squares = weight * sq_mean, weight * squares
-    return torch.stack([sq_mean.sum(), squares.sum()]).double()
+    total = torch.stack([sq_mean.sum(), squares.sum()]).double()
+    if hasattr(total, "full_tensor"):  # a DTensor of partial sums (FSDP2): summed over ranks
+        total = total.full_tensor()
+    return total
 
 
 def estimates(count: int, s: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:

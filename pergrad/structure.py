@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from pergrad import checks
-from pergrad.rules.base import Rule, rule_for
+from pergrad.rules.base import Rule, layer_type, rule_for
 from pergrad.wrappers import is_compiled
 
 
@@ -43,7 +43,7 @@ class Hooked:
 
     @property
     def kind(self) -> str:
-        return type(self.module).__name__
+        return layer_type(self.module).__name__
 
     @property
     def numel(self) -> int:

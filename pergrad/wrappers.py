@@ -10,8 +10,8 @@ parameters' names, and the process group a data-parallel wrapper sums over.
   says so once; a compiled submodule runs eagerly (``torch.compiler.set_stance``) while
   pergrad computes. Its hooks would otherwise be traced into the compiled graph.
 - Wrappers pergrad cannot see through are refused, saying what to do: ``DataParallel``
-  (one process drives several devices), DeepSpeed's engine, FSDP's first version, and FSDP2
-  (``fully_shard``), whose parameters are ``DTensor`` shards.
+  (one process drives several devices), DeepSpeed's engine and FSDP's first version. FSDP2
+  (``fully_shard``) is :mod:`pergrad.fsdp`'s.
 """
 
 from __future__ import annotations
@@ -87,20 +87,12 @@ def _refuse(name: str, module: nn.Module) -> None:
             f"pergrad cannot see through. Pass the module it wraps (engine.module) with "
             f"process_group=torch.distributed.group.WORLD and step an optim optimizer."
         )
-    if "FullyShardedDataParallel" in kinds or "FSDPModule" in kinds:
+    if "FullyShardedDataParallel" in kinds:
         raise InputError(
-            f"model: {where} is sharded by FSDP, whose parameters are shards that pergrad "
-            f"cannot yet form per-example gradients of. Train the model unsharded with "
-            f"DistributedDataParallel, or pass process_group=... to PerExample on each rank's "
-            f"full copy."
+            f"model: {where} is wrapped by FSDP's first version (FullyShardedDataParallel), "
+            f"whose flattened parameters pergrad cannot see through. Shard the model with "
+            f"FSDP2's torch.distributed.fsdp.fully_shard instead."
         )
-    for pname, p in module.named_parameters(recurse=False):
-        if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
-            raise InputError(
-                f"model: parameter '{name + '.' if name else ''}{pname}' is a DTensor (tensor "
-                f"or fully sharded parallelism), which pergrad cannot yet form per-example "
-                f"gradients of. Train with DistributedDataParallel instead."
-            )
 
 
 def check_group(given: object | None, wrapper: object | None) -> object | None:

@@ -65,14 +65,22 @@ class WithUnused(nn.Module):
         return self.used(x)
 
 
-def _train(process_group=None, share=slice(None), ddp: dict | None = None) -> list[torch.Tensor]:
+def _train(
+    process_group=None, share=slice(None), ddp: dict | None = None, fsdp: bool = False
+) -> list[torch.Tensor]:
     """``STEPS`` steps of ``optim.Adam`` on this process's share of every batch; with ``ddp``,
     the model wrapped in ``DistributedDataParallel(**ddp)`` and the share taken in two
-    micro-batches, the first under ``no_sync`` as gradient accumulation does. Returns the
-    parameters and their last ``sq_mean``."""
+    micro-batches, the first under ``no_sync`` as gradient accumulation does; with ``fsdp``,
+    the model sharded by FSDP2 per layer and at the root. Returns the parameters and their
+    last ``sq_mean``, whole."""
     model = WithUnused() if ddp is not None and ddp.get("find_unused_parameters") else _model()
     if ddp is not None:
         model = nn.parallel.DistributedDataParallel(model, **ddp)
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model[0], model[2], model):
+            fully_shard(layer)
     engine = pergrad.PerExample(model, CROSS_ENTROPY, process_group=process_group)
     opt = optim.Adam(model.parameters(), lr=1e-2, grad_horizon=20, sq_horizon=200)
     for x, y in zip(*_batches()):
@@ -86,7 +94,53 @@ def _train(process_group=None, share=slice(None), ddp: dict | None = None) -> li
             engine.backward(x[2:], y[2:])
         opt.step()
     trained = [p for name, p in model.named_parameters() if "unused" not in name]
-    return [p.detach().clone() for p in trained] + [p.grad_stats.sq_mean for p in trained]
+    found = [p.detach() for p in trained] + [p.grad_stats.sq_mean for p in trained]
+    return [t.full_tensor() if hasattr(t, "full_tensor") else t.clone() for t in found]
+
+
+def _fsdp_checkpoint(rank: int, out: Path) -> list[torch.Tensor]:
+    """Two steps of a sharded model with gain scaling, saved with torch.distributed.checkpoint,
+    loaded into a fresh sharded model and optimizer, and one more step: the parameters and
+    sq_mean, whole, against the same three steps without the interruption."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+
+    def build():
+        model = _model()
+        for layer in (model[0], model[2], model):
+            fully_shard(layer)
+        opt = optim.Adam(model.parameters(), lr=1e-2, sq_horizon=50, batch_scaling="gain")
+        return model, pergrad.PerExample(model, CROSS_ENTROPY), opt
+
+    def step(engine, opt, x, y):
+        opt.zero_grad()
+        engine.backward(x[rank::2], y[rank::2])
+        opt.step()
+
+    xs, ys = _batches()
+    model, engine, opt = build()
+    for x, y in list(zip(xs, ys))[:2]:
+        step(engine, opt, x, y)
+    dcp.save(
+        {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)},
+        checkpoint_id=out / "dcp",
+    )
+    step(engine, opt, xs[2], ys[2])
+    model2, engine2, opt2 = build()
+    state = {"model": model2.state_dict(), "optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(state, checkpoint_id=out / "dcp")
+    model2.load_state_dict(state["model"])
+    set_optimizer_state_dict(model2, opt2, state["optim"])
+    step(engine2, opt2, xs[2], ys[2])
+    whole = []
+    for ran in (model, model2):
+        whole += [p.detach().full_tensor() for p in ran.parameters()]
+        whole += [p.grad_stats.sq_mean.full_tensor() for p in ran.parameters()]
+    return whole
 
 
 def _worker(rank: int, port: int, out: Path) -> None:
@@ -102,10 +156,14 @@ def _worker(rank: int, port: int, out: Path) -> None:
         results[name] = _train(
             dist.group.WORLD, slice(0, first) if rank == 0 else slice(first, None)
         )
+        results[f"fsdp {name}"] = _train(
+            None, slice(0, first) if rank == 0 else slice(first, None), fsdp=True
+        )
         for name_, ddp in DDP_OPTIONS.items():
             results[f"{name_} {name}"] = _train(
                 None, slice(0, first) if rank == 0 else slice(first, None), ddp
             )
+    results["fsdp checkpoint"] = _fsdp_checkpoint(rank, out)
     subgroup = dist.new_group([0])  # every rank takes part in making it and the wrapper
     wrapped = nn.parallel.DistributedDataParallel(_model())
     if rank == 0:
@@ -159,6 +217,25 @@ def test_a_ddp_wrapped_model_trains_as_one_process_on_the_whole_batch(two_ranks,
         assert len(rank[f"{wrapper} {split}"]) == len(alone)
         for p, q in zip(rank[f"{wrapper} {split}"], alone):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("split", sorted(SPLITS))
+def test_an_fsdp2_sharded_model_trains_as_one_process_on_the_whole_batch(two_ranks, split):
+    """Sharded per layer and at the root, no process_group passed: the parameters and
+    sq_mean, gathered whole, equal the one-process run's."""
+    alone = _train()
+    for rank in two_ranks:
+        assert len(rank[f"fsdp {split}"]) == len(alone)
+        for p, q in zip(rank[f"fsdp {split}"], alone):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_an_fsdp2_run_resumed_from_a_distributed_checkpoint_continues_alike(two_ranks):
+    for rank in two_ranks:
+        whole = rank["fsdp checkpoint"]
+        through, resumed = whole[: len(whole) // 2], whole[len(whole) // 2 :]
+        for p, q in zip(resumed, through):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
 def test_a_process_group_that_disagrees_with_the_wrapper_is_refused(two_ranks):

@@ -67,11 +67,12 @@ class DeepSpeedEngine(nn.Module):
         self.module = module
 
 
-def _fully_sharded():
-    from torch.distributed.fsdp import fully_shard
+class FullyShardedDataParallel(nn.Module):
+    """Stands for FSDP's first version, refused by its type's name (FSDP2 is supported)."""
 
-    model = CASES["mlp"].make().double()
-    return fully_shard(model)
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
 
 
 def _dtensor_parameter():
@@ -90,8 +91,11 @@ REFUSED = {
         "Wrap the whole model in DDP",
     ),
     "DeepSpeed": (lambda: DeepSpeedEngine(CASES["mlp"].make()), "engine.module"),
-    "FSDP2": (_fully_sharded, "sharded by FSDP"),
-    "a DTensor parameter": (_dtensor_parameter, "DTensor"),
+    "FSDP's first version": (
+        lambda: FullyShardedDataParallel(CASES["mlp"].make()),
+        "fully_shard instead",
+    ),
+    "a DTensor parameter outside FSDP2": (_dtensor_parameter, "DTensor outside FSDP"),
 }
 
 

@@ -150,12 +150,21 @@ def register_rule(
 
 def rule_for(module: nn.Module) -> tuple[Rule | None, str | None]:
     """The rule for ``module`` as configured, or ``None`` and why (``None`` reason: no rule)."""
-    kind = type(module)
+    kind = layer_type(module)
     rule = RULES.get(kind) or RULES.get(f"{kind.__module__}.{kind.__qualname__}")
     if rule is None:
         return None, None
     reason = rule.supports(module) if rule.supports is not None else None
     return (None, reason) if reason else (rule, None)
+
+
+def layer_type(module: nn.Module) -> type:
+    """The module's own class. FSDP2's ``fully_shard`` swaps it for a subclass that adds
+    hooks and no computation (``FSDPLinear`` of ``Linear``): the class it subclasses."""
+    kind = type(module)
+    bases = kind.__bases__
+    fsdp = len(bases) == 2 and bases[0].__name__ == "FSDPModule"
+    return bases[1] if fsdp and kind.__name__ == f"FSDP{bases[1].__name__}" else kind
 
 
 def chunks(size: int, numel: int, limit: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:
