@@ -22,6 +22,10 @@ memory is a fresh process's peak resident memory during two steps, less what it 
 them, after a warm-up step, with glibc returning every freed block of 64 KiB or more.
 Each row records the thread count and the machine's load average before and after it.
 Writes ``results.md`` (two tables) and ``results.png`` to ``--out``.
+
+``--device cuda`` runs every step on the GPU, synchronizing before each clock reading; extra
+memory is then the peak of ``torch.cuda.max_memory_allocated`` over what was allocated
+before the two steps.
 """
 
 from __future__ import annotations
@@ -194,11 +198,24 @@ def _reset_peak() -> None:
         f.write("5")
 
 
+DEVICE = torch.device("cpu")
+"""Where the models run (``--device``)."""
+
+
 def _batch(model_name: str, batch: int, method: str):
-    """A fresh model (the same weights for every method), a batch, and ``method``'s step."""
+    """A fresh model (the same weights for every method), a batch, and ``method``'s step, on
+    :data:`DEVICE`."""
     torch.manual_seed(0)
     model, x, y, loss_fn = MODELS[model_name](batch)
-    return make_step(method, model, x, y, loss_fn)
+    move = lambda t: t.to(DEVICE)  # noqa: E731
+    x = tuple(map(move, x)) if isinstance(x, tuple) else move(x)
+    return make_step(method, model.to(DEVICE), x, move(y), loss_fn)
+
+
+def _synchronize() -> None:
+    """Wait for the device, so that a clock reading counts the work queued before it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def take_turns(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
@@ -206,8 +223,10 @@ def take_turns(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            _synchronize()
             start = time.perf_counter()
             step()
+            _synchronize()
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -243,6 +262,14 @@ def peak_memory(model_name: str, batch: int, method: str) -> dict:
     warnings.filterwarnings("ignore")
     step = _batch(model_name, batch, method)
     step()
+    if DEVICE.type == "cuda":
+        _synchronize()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        before = torch.cuda.memory_allocated(DEVICE)
+        for _ in range(2):
+            step()
+        _synchronize()
+        return {"extra_bytes": max(torch.cuda.max_memory_allocated(DEVICE) - before, 0)}
     _reset_peak()
     before = _memory_bytes("VmRSS")
     for _ in range(2):
@@ -268,7 +295,8 @@ def optimizer_steps(count: int, repeats: int) -> dict:
         torch.manual_seed(0)
         found = []
         for i in range(count):
-            p = nn.Parameter(torch.randn(OPTIMIZER_SHAPES[i % len(OPTIMIZER_SHAPES)]))
+            shape = OPTIMIZER_SHAPES[i % len(OPTIMIZER_SHAPES)]
+            p = nn.Parameter(torch.randn(shape, device=DEVICE))
             p.grad = torch.randn_like(p)
             p.grad_stats = pergrad.GradStats(32, p.grad.square() + 1)
             found.append(p)
@@ -319,7 +347,7 @@ steps. It slows allocation, so times come from a run without it."""
 
 def _run(*arguments: str, env: dict | None = None) -> dict:
     """This script, in a fresh process, with ``arguments``; its last line of JSON."""
-    command = [sys.executable, __file__, *arguments]
+    command = [sys.executable, __file__, *arguments, "--device", str(DEVICE)]
     done = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, **(env or {})}
     )
@@ -489,6 +517,7 @@ def parse(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="fewer batch sizes and repeats")
+    parser.add_argument("--device", default="cpu", help="where the models run: cpu, cuda, ...")
     # internal: one process's measurements
     parser.add_argument("--times", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--memory", nargs=3, help=argparse.SUPPRESS)
@@ -504,7 +533,9 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    global DEVICE
     args = parse(argv)
+    DEVICE = torch.device(args.device)
     if args.times:
         model_name, batch, repeats, *methods = args.times
         print(json.dumps(time_steps(model_name, int(batch), methods, int(repeats))))

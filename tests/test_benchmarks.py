@@ -40,3 +40,18 @@ def test_against_commit_runs_both_versions_in_one_process(capsys):
     assert all(value > 0 for value in found.values())
     assert against_commit.RENAMED in sys.modules  # HEAD's code ran beside the working tree's
     assert "this / HEAD" in capsys.readouterr().out
+
+
+def test_the_training_stack_benchmark_writes_its_tables(tmp_path):
+    pytest.importorskip("transformers")
+    import training_stack
+
+    rows = training_stack.main(["--repeats", "1", "--out", str(tmp_path)])
+    for name in training_stack.COMPILED:
+        assert all(
+            rows[name][method]["seconds"] > 0
+            for method in ("plain compiled", "pergrad, compiled model")
+        )
+    assert rows["trainer"]["PerExampleTrainer.training_step"]["seconds"] > 0
+    text = (tmp_path / "stack.md").read_text()
+    assert "torch.compile" in text and "training_step / backward" in text and "fails" not in text
