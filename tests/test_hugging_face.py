@@ -191,3 +191,29 @@ def test_a_bad_dict_of_inputs_is_refused_naming_the_key(case):
     with pytest.raises(error, match=message):
         pergrad.PerExample(model, losses.causal_lm).backward(make(ids, mask), ids)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_bf16_autocast_and_accumulation_with_keyword_inputs():
+    """Two halves under bfloat16 autocast leave what one call on the whole batch leaves,
+    each statistic in the parameter's own dtype."""
+    model = _causal("llama").float()
+    ids, mask = _padded()
+    labels = ids.masked_fill(mask == 0, -100)
+    engine = pergrad.PerExample(model, losses.causal_lm)
+    found = []
+    for halves in ([slice(0, B)], [slice(0, 2), slice(2, B)]):
+        engine.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for rows in halves:
+                engine.backward(
+                    {"input_ids": ids[rows], "attention_mask": mask[rows]}, labels[rows]
+                )
+        found.append(
+            {n: (p.grad.clone(), p.grad_stats.sq_mean.clone()) for n, p in model.named_parameters()}
+        )
+    whole, halves = found
+    for name, p in model.named_parameters():
+        assert whole[name][0].dtype == torch.float32 and pergrad.grad_stats(p).count == B
+        for a, b in zip(whole[name], halves[name]):
+            scale = max(float(a.abs().max()), 1e-6)
+            torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * scale, msg=name)
