@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+import stack
 import torch
 import torch.distributed as dist
 from batch_invariance import example_order
@@ -54,12 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         opt.step()
         if rank == 0 and (step + 1) % max(1, args.steps // 5) == 0:
             print(f"step {step + 1:>4}: global batch loss {loss.item():.4f}")
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(gathered, flat)
-    same = all(torch.equal(gathered[0], other) for other in gathered)
-    if rank == 0:
-        print(f"identical parameters on all {world} ranks: {same}")
+    same = stack.same_on_all_ranks(model.parameters())
     dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
     if not same:

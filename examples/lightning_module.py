@@ -12,15 +12,13 @@ it up (in ``setup``). At the end every rank checks that all ranks hold the same 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import lightning as L
+import stack
 import torch
 import torch.distributed as dist
-from tasks import VOCABULARY, text_task
 from torch.utils.data import DataLoader
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import optim
 import pergrad
@@ -32,11 +30,7 @@ class PerExampleLanguageModel(L.LightningModule):
     def __init__(self, length: int, lr: float):
         super().__init__()
         self.automatic_optimization = False  # pergrad's backward, optim's step
-        config = GPT2Config(
-            n_layer=2, n_embd=64, n_head=4, n_positions=length, vocab_size=len(VOCABULARY),
-            bos_token_id=0, eos_token_id=0,
-        )  # fmt: skip
-        self.model = GPT2LMHeadModel(config)
+        self.model = stack.char_gpt2(length)
         self.lr = lr
         self.engine: pergrad.PerExample | None = None
 
@@ -55,32 +49,12 @@ class PerExampleLanguageModel(L.LightningModule):
         self.log("loss", loss, prog_bar=True)
 
     def on_train_end(self) -> None:
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        flat = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, flat)
-        same = all(torch.equal(gathered[0], other) for other in gathered)
-        if self.global_rank == 0:
-            print(f"identical parameters on all {dist.get_world_size()} ranks: {same}")
-
-
-def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--steps", type=int, default=50, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per rank and step")
-    parser.add_argument("--devices", type=int, default=1, help="processes (CPU)")
-    parser.add_argument("--lr", type=float, default=3e-5, help="per-example learning rate")
-    return parser.parse_args(argv)
+        stack.same_on_all_ranks(self.model.parameters())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse(argv)
-    train, _ = text_task(seed=0, sequences=1000).train
-    torch.manual_seed(0)
+    args = stack.parse(__doc__, argv, {"--devices": (1, "processes (CPU)")})
+    train = stack.sequences()
     module = PerExampleLanguageModel(train.shape[1], args.lr)
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, max_steps=args.steps, logger=False,

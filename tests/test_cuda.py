@@ -2,13 +2,9 @@
 models of the zoo and from Hugging Face against one backward per example, the optimizers
 against their CPU steps, values sent to the host per step, and a one-GPU nccl group."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from test_distributed import _free_port
+from test_distributed import run_data_parallel_example
 from test_host_syncs import CountToHost
 from zoo import CASES, CROSS_ENTROPY, statistics
 
@@ -17,7 +13,6 @@ import pergrad
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = torch.device("cuda")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -73,11 +68,4 @@ def test_a_gain_step_on_the_gpu_sends_one_value_to_the_host():
 
 
 def test_one_gpu_in_an_nccl_group():
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-        f"--master_port={_free_port()}", str(ROOT / "examples" / "data_parallel.py"),
-        "--steps", "5",
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "identical parameters on all 1 ranks" in done.stdout
+    run_data_parallel_example(1)

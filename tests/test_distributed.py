@@ -254,16 +254,22 @@ def test_a_process_group_without_torch_distributed_initialized():
         pergrad.PerExample(_model(), CROSS_ENTROPY, process_group=object())
 
 
-def test_the_data_parallel_example_runs_with_torchrun():
-    pytest.importorskip("sklearn")
+def run_data_parallel_example(processes: int) -> None:
+    """``examples/data_parallel.py`` under ``torchrun``: every rank ends with the same
+    parameters (``nccl`` where there is a GPU, else ``gloo``)."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
         f"--master_port={_free_port()}", str(ROOT / "examples" / "data_parallel.py"),
         "--steps", "5",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "identical parameters on all 2 ranks" in done.stdout
+    assert f"identical parameters on all {processes} ranks: True" in done.stdout
+
+
+def test_the_data_parallel_example_runs_with_torchrun():
+    pytest.importorskip("sklearn")
+    run_data_parallel_example(2)
 
 
 def test_the_count_travels_exactly_whatever_the_gradients_dtype():

@@ -56,6 +56,16 @@ def _bert(head: str):
     return kind(config).double().train()
 
 
+def _classification(head: str, mask: torch.Tensor):
+    """The loss of a sequence or token classifier and random labels for it (padding not
+    counted)."""
+    gen = torch.Generator().manual_seed(1)
+    if head == "sequence":
+        return losses.classification, torch.randint(0, 3, (B,), generator=gen)
+    labels = torch.randint(0, 3, (B, T), generator=gen).masked_fill(mask == 0, -100)
+    return losses.token_classification, labels
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 def test_a_causal_language_model_with_keyword_inputs(family):
     model = _causal(family)
@@ -71,12 +81,7 @@ def test_a_causal_language_model_with_keyword_inputs(family):
 def test_a_bert_classifier_with_keyword_inputs(head):
     model = _bert(head)
     ids, mask = _padded()
-    gen = torch.Generator().manual_seed(1)
-    if head == "sequence":
-        loss_fn, labels = losses.classification, torch.randint(0, 3, (B,), generator=gen)
-    else:
-        labels = torch.randint(0, 3, (B, T), generator=gen).masked_fill(mask == 0, -100)
-        loss_fn = losses.token_classification
+    loss_fn, labels = _classification(head, mask)
     statistics(model, loss_fn, {"input_ids": ids, "attention_mask": mask}, labels)
 
 
@@ -100,12 +105,7 @@ def test_causal_lm_is_hugging_faces_loss_for_each_example_alone():
 def test_the_classification_losses_are_hugging_faces_for_each_example_alone(head):
     model = _bert(head)
     ids, mask = _padded()
-    gen = torch.Generator().manual_seed(2)
-    if head == "sequence":
-        labels, loss_fn = torch.randint(0, 3, (B,), generator=gen), losses.classification
-    else:
-        labels = torch.randint(0, 3, (B, T), generator=gen).masked_fill(mask == 0, -100)
-        loss_fn = losses.token_classification
+    loss_fn, labels = _classification(head, mask)
     ours = loss_fn(model(input_ids=ids, attention_mask=mask), labels)
     assert ours.shape == (B,)
     for b in range(B):
