@@ -109,6 +109,12 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         gains = state_dict.get("gains", [])
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "gains"})
         self.gains = list(gains)
+        for key, state in state_dict.get("state", {}).items():  # torch cast them to p's dtype
+            if (p := params.get(key)) is not None:
+                for name in ("noise", "signal"):
+                    if name in state:
+                        value = torch.as_tensor(state[name], dtype=torch.float64)
+                        self.state[p][name] = value.to(p.device)
 
     def _state_keys(self) -> set[str]:
         """The buffers every parameter's state holds."""

@@ -12,6 +12,7 @@ from pergrad.modes import ModeError
 from pergrad.noise import NoiseScale, noise_scale
 from pergrad.rules import Call, register_rule
 from pergrad.stats import GradStats, clip_grad_norm_, grad_stats, zero_grad
+from pergrad.verify import VerificationError
 
 __all__ = [
     "Call",
@@ -21,6 +22,7 @@ __all__ = [
     "ModeError",
     "NoiseScale",
     "PerExample",
+    "VerificationError",
     "clip_grad_norm_",
     "grad_stats",
     "losses",

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from pergrad import checks, distributed, fsdp, stats, wrappers
 from pergrad import inputs as batch
+from pergrad import verify as verification
 from pergrad.auto import Auto, OneMode, warn
 from pergrad.modes import MODES
 from pergrad.structure import Structure
@@ -56,6 +57,11 @@ class PerExample:
             ``Embedding``), else from per-example gradients formed a few examples at a time;
             the clipped moments from the rules' moments with each ``δ_b`` scaled by ``c_b``.
             It keeps every layer's ``δ`` until the backward pass ends.
+        verify: check every call against autograd, ``Σ_b c_b g_b = ∇ Σ_b c_b ℓ_b`` for
+            distinct weights ``c_b`` (:mod:`pergrad.verify`), raising
+            :class:`pergrad.VerificationError` where they disagree; about 2–3× the cost.
+            ``None``: on where the environment variable ``PERGRAD_VERIFY`` is ``1`` (the test
+            suite sets it).
 
     Example:
         >>> engine = PerExample(model, nn.CrossEntropyLoss(reduction="none"))
@@ -72,6 +78,7 @@ class PerExample:
         chunk_size: int | None = None,
         process_group: object | None = None,
         max_example_norm: float | None = None,
+        verify: bool | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -91,6 +98,8 @@ class PerExample:
             raise ValueError(
                 f"Invalid max_example_norm: {max_example_norm!r}; use None or a number > 0"
             )
+        if verify is not None and not isinstance(verify, bool):
+            raise TypeError(f"verify must be True, False or None, got {verify!r}")
         unwrapped = wrappers.unwrap(model)
         if process_group is not None:
             distributed.check_initialized(process_group)
@@ -110,6 +119,8 @@ class PerExample:
         self.loss_fn = loss_fn
         self.chunk_size = chunk_size
         self.max_example_norm = max_example_norm
+        self.verify = verification.enabled(verify)
+        """Whether every call is checked against autograd (:mod:`pergrad.verify`)."""
         self._structure: Structure | None = None
         self._compute = (
             Auto(self._module, loss_fn)
@@ -169,19 +180,19 @@ class PerExample:
         """
         grouped = self.process_group is not None
         with self._whole_parameters():
-            structure, chunks = self._prepare(inputs, target, allow_empty=grouped)
-            params = structure.params
-            if grouped and not self._ranks_checked:
-                distributed.check_same_parameters(params, self.process_group)
-                self._ranks_checked = True
-            sums = stats.Sums(params)
-            for x, y in chunks:
-                sums.add(*self._chunk(structure, x, y, per_example=False))
-            self.last_losses = sums.last_losses
+            sums, failure = None, None
+            try:
+                structure, chunks = self._prepare(inputs, target, allow_empty=grouped)
+                sums = stats.Sums(structure.params)
+                for x, y in chunks:
+                    sums.add(*self._chunk(structure, x, y, per_example=False))
+            except Exception as error:
+                if not grouped:
+                    raise
+                failure = error  # raised once every rank knows, so that none waits for it
             if grouped:
-                sums.all_reduce(self.process_group)
-                if sums.count == 0:
-                    raise checks.InputError("the batch is empty on every rank: pass examples")
+                sums = self._reduce(sums, failure)
+            self.last_losses = sums.last_losses
             sums.check_finite()
         if self._sharding is not None:  # each rank keeps its shard of the global sums
             sums = self._sharding.shard(sums, self._module)
@@ -191,6 +202,42 @@ class PerExample:
     def zero_grad(self) -> None:
         """Clear ``.grad`` and the per-example statistics of every parameter of the model."""
         stats.zero_grad(self.model.parameters())
+
+    def _reduce(self, sums: stats.Sums | None, failure: Exception | None) -> stats.Sums:
+        """Sum over the process group, every rank taking part whether or not its own share
+        raised (``failure``): then every rank raises, this one its own error.
+
+        Raises:
+            InputError: the batch is empty on every rank.
+            RuntimeError: the ranks start from different parameters, or another rank raised.
+        """
+        params = sums.params if sums is not None else checks.trainable(self._module)
+        if not self._ranks_checked:
+            distributed.check_same_parameters(params, self.process_group)
+            self._ranks_checked = True
+        sums = sums if sums is not None and failure is None else stats.Sums(params)
+        failed = sums.all_reduce(self.process_group, failed=failure is not None)
+        if failure is not None:
+            raise failure
+        if failed:
+            raise RuntimeError(
+                f"{failed} other rank(s) raised in this backward, so nothing was accumulated on "
+                f"any rank; their error says why and what to do."
+            )
+        if sums.count == 0:
+            raise checks.InputError("the batch is empty on every rank: pass examples")
+        return sums
+
+    def _verify(self, structure: Structure, inputs: batch.Inputs, target: Tensor, chunk) -> None:
+        """Check a chunk's values against autograd (:mod:`pergrad.verify`)."""
+        moments = None if isinstance(next(iter(chunk.values.values())), Tensor) else chunk.values
+        grads = chunk.values
+        if moments is not None:
+            grads = self._compute(structure, inputs, target, True, None).values
+            verification.moments(moments, grads, self.max_example_norm)
+        verification.against_autograd(
+            self._module, self.loss_fn, inputs, target, structure.params, grads, chunk.sources
+        )
 
     def _whole_parameters(self):
         """For a model sharded with FSDP2, its parameters whole while entered
@@ -233,5 +280,7 @@ class PerExample:
         eager = torch.compiler.set_stance("force_eager") if structure.compiled else nullcontext()
         with eager:
             chunk = self._compute(structure, inputs, target, per_example, self.max_example_norm)
+            if self.verify:
+                self._verify(structure, inputs, target, chunk)
         self.sources = {self._prefix + name: source for name, source in chunk.sources.items()}
         return chunk.values, chunk.losses

@@ -128,8 +128,18 @@ def _own_rows(whole: Tensor, p) -> Tensor:
     shape = p.to_local().shape
     if rank < len(pieces) and pieces[rank].shape == shape:
         return pieces[rank].clone()
-    return whole.new_zeros(shape)  # a rank past the rows: an empty shard
+    if rank >= len(pieces) and shape[0] == 0:  # a rank past the rows: an empty shard
+        return whole.new_zeros(shape)
+    raise RuntimeError(
+        f"FSDP holds a shard of shape {tuple(shape)} on rank {rank} of a parameter of shape "
+        f"{tuple(whole.shape)}, not the dim-0 chunk pergrad expects; report the model."
+    )
 
 
 def _groups(module: nn.Module) -> list:
-    return list(module._get_fsdp_state()._fsdp_param_groups)
+    """FSDP's parameter groups of ``module``: a list in newer torch, one or none in 2.6."""
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        groups = [group for group in [getattr(state, "_fsdp_param_group", None)] if group]
+    return list(groups)

@@ -7,7 +7,8 @@ with one loss per example instead of one per batch. Logits in half precision are
 float32 first, as Hugging Face does; others keep their dtype.
 
 >>> engine = pergrad.PerExample(model, pergrad.losses.causal_lm)
->>> loss = engine.backward({"input_ids": ids, "attention_mask": mask}, ids)
+>>> labels = ids.masked_fill(mask == 0, -100)   # padding does not count
+>>> loss = engine.backward({"input_ids": ids, "attention_mask": mask}, labels)
 """
 
 from __future__ import annotations
@@ -70,10 +71,17 @@ def classification(output: object, labels: Tensor) -> Tensor:
         labels: ``(B,)`` class indices.
 
     Raises:
-        InputError: labels not shaped ``(B,)``.
+        InputError: labels not shaped ``(B,)``, or a label outside ``0..C-1`` (``-100``
+            included: every example counts, so none can be ignored).
     """
     logits = _logits(output, "classification")
     _check_labels(labels, logits.shape[:1], "classification", "(B,): one class per example")
+    classes = logits.shape[-1]
+    if _concrete(labels) and not bool(((labels >= 0) & (labels < classes)).all()):
+        raise InputError(
+            f"classification: labels {labels.tolist()} hold a class outside 0..{classes - 1}; "
+            f"every example needs a class (an ignored one would count as a zero loss)"
+        )
     return F.cross_entropy(_upcast(logits), labels, reduction="none")
 
 
@@ -90,7 +98,7 @@ def _token_losses(
     if reduction == "sum":
         return token.sum(1)
     counts = (labels != ignore_index).sum(1)
-    if not torch._C._functorch.is_batchedtensor(counts) and not bool(counts.all()):
+    if _concrete(counts) and not bool(counts.all()):
         empty = (counts == 0).nonzero().flatten().tolist()
         raise InputError(
             f"{name}: example(s) {empty} have no counted token (every label is "
@@ -98,6 +106,12 @@ def _token_losses(
             f"batch, or use reduction='sum'."
         )
     return token.sum(1) / counts
+
+
+def _concrete(labels: Tensor) -> bool:
+    """Whether the labels' values can be read: not under ``torch.func``'s transforms, where
+    an example is checked alone, one at a time, without its values (``mode="func"``)."""
+    return not torch._C._functorch.is_functorch_wrapped_tensor(labels)
 
 
 def _logits(output: object, name: str) -> Tensor:

@@ -110,16 +110,22 @@ class Sums:
             return torch.mean(losses)
         return (self.loss_sum / self.count).to(losses.dtype)
 
-    def all_reduce(self, group: object) -> None:
+    def all_reduce(self, group: object, failed: bool = False) -> int:
         """Sum over the ``torch.distributed`` group, in place, so that every worker holds the
         global batch's sums, whatever its share of it (none included): one flattened
         all-reduce per dtype. The count and the loss travel in float64, exact for any count
-        below 2⁵³ whatever the gradients' dtype."""
+        below 2⁵³ whatever the gradients' dtype, and with them whether this worker ``failed``.
+
+        Returns:
+            How many other workers failed.
+        """
         for name, p in self.params.items():  # an empty share: zeros
             if name not in self.grad:
                 self.grad[name], self.sq[name] = torch.zeros_like(p), torch.zeros_like(p)
         losses = self.last_losses
-        tally = torch.tensor([self.count, float(losses.double().sum())], dtype=torch.float64)
+        tally = torch.tensor(
+            [self.count, float(losses.double().sum()), float(failed)], dtype=torch.float64
+        )
         buckets: dict[tuple, list[tuple[dict, str]]] = defaultdict(list)
         for sums in (self.grad, self.sq):
             for name, p in self.params.items():  # one order and dtype on every worker
@@ -140,8 +146,9 @@ class Sums:
                 offset += size
             if key == carrier:
                 tally = flat[offset:]
-        self.count = int(tally[0].round().item())
-        self.loss_sum = tally[1]  # float64 until divided: a float16 sum would overflow
+        count, self.loss_sum, failures = tally  # the loss float64 until divided (float16 overflows)
+        self.count = int(count.round().item())
+        return int(failures.round().item()) - failed
 
     def check_finite(self) -> None:
         """Raise ``FloatingPointError`` naming the parameters whose sum of squares is not

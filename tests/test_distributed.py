@@ -143,6 +143,29 @@ def _fsdp_checkpoint(rank: int, out: Path) -> list[torch.Tensor]:
     return whole
 
 
+def _picky(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if bool((target < 0).any()):
+        raise pergrad.InputError("a negative target")
+    return CROSS_ENTROPY(output, target)
+
+
+def _one_rank_raises(rank: int) -> str:
+    """Rank 1's share makes its loss raise: every rank must raise, none wait, nothing change."""
+    model = _model()
+    engine = pergrad.PerExample(model, _picky, process_group=dist.group.WORLD)
+    x, y = _batches()
+    target = y[0][rank::2].clone()
+    if rank == 1:
+        target[0] = -1
+    try:
+        engine.backward(x[0][rank::2], target)
+    except Exception as error:  # noqa: BLE001 - what each rank raised is the result
+        assert all(p.grad is None for p in model.parameters())
+        engine.backward(x[1][rank::2], y[1][rank::2])  # and the ranks go on together
+        return f"{type(error).__name__}: {error}"
+    return "nothing raised"
+
+
 def _worker(rank: int, port: int, out: Path) -> None:
     dist.init_process_group(
         "gloo",
@@ -164,6 +187,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
                 None, slice(0, first) if rank == 0 else slice(first, None), ddp
             )
     results["fsdp checkpoint"] = _fsdp_checkpoint(rank, out)
+    results["one rank raises"] = _one_rank_raises(rank)
     subgroup = dist.new_group([0])  # every rank takes part in making it and the wrapper
     wrapped = nn.parallel.DistributedDataParallel(_model())
     if rank == 0:
@@ -236,6 +260,11 @@ def test_an_fsdp2_run_resumed_from_a_distributed_checkpoint_continues_alike(two_
         through, resumed = whole[: len(whole) // 2], whole[len(whole) // 2 :]
         for p, q in zip(resumed, through):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank_and_none_waits(two_ranks):
+    assert two_ranks[1]["one rank raises"] == "InputError: a negative target"
+    assert two_ranks[0]["one rank raises"].startswith("RuntimeError: 1 other rank(s) raised")
 
 
 def test_a_process_group_that_disagrees_with_the_wrapper_is_refused(two_ranks):

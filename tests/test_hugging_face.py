@@ -137,6 +137,10 @@ BAD_LOSSES = {
         lambda: losses.classification(torch.randn(2, 5), torch.zeros(2, 3, dtype=torch.long)),
         "one class per example",
     ),
+    "an ignored label for a sequence classifier": (
+        lambda: losses.classification(torch.randn(2, 5), torch.tensor([1, -100])),
+        r"class outside 0..4",
+    ),
     "an output without logits": (
         lambda: losses.classification({"hidden": torch.randn(2, 5)}, torch.zeros(2)),
         "without logits",
@@ -217,3 +221,24 @@ def test_bf16_autocast_and_accumulation_with_keyword_inputs():
         for a, b in zip(whole[name], halves[name]):
             scale = max(float(a.abs().max()), 1e-6)
             torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * scale, msg=name)
+
+
+class TinyLM(torch.nn.Module):
+    """An embedding and a head: a language model ``vmap`` runs, for ``mode="func"``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(VOCAB, 8), torch.nn.Linear(8, VOCAB)
+
+    def forward(self, input_ids):
+        return self.head(self.embed(input_ids).tanh())
+
+
+@pytest.mark.parametrize("loss_fn", [losses.causal_lm, losses.token_classification])
+@pytest.mark.parametrize("mode", ["func", "loop"])
+def test_the_token_losses_in_the_modes_that_take_one_example_at_a_time(mode, loss_fn):
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    ids, mask = _padded()
+    labels = ids.masked_fill(mask == 0, -100) if loss_fn is losses.causal_lm else ids % 3
+    statistics(model, loss_fn, {"input_ids": ids}, labels, mode=mode)

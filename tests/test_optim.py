@@ -162,6 +162,30 @@ def test_a_run_with_a_scheduler_resumes_bit_for_bit(kind, options):
     assert resumed.gains == opt.gains
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_a_float32_run_with_gain_scaling_resumes_bit_for_bit(kind):
+    """The gain's smoothed estimates are float64 whatever the parameters' dtype, also after a
+    load (torch casts every state tensor to its parameter's dtype)."""
+    stream = [g.float() for g in _stream(4)]
+    first = torch.nn.Parameter(torch.randn(5))
+    second = torch.nn.Parameter(first.detach().clone())
+    opt = KINDS[kind]([first], lr=0.01, batch_scaling="gain", gain_horizon=20)
+    for per_example in stream[:4]:
+        feed(first, per_example)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    second.data.copy_(first.detach())
+    resumed = KINDS[kind]([second], lr=0.01)
+    resumed.load_state_dict(saved)
+    assert resumed.state[second]["noise"].dtype == torch.float64
+    for per_example in stream[4:]:
+        for param, optimizer in ((first, opt), (second, resumed)):
+            feed(param, per_example)
+            optimizer.step()
+        assert torch.equal(first, second)
+    assert resumed.gains[-len(stream[4:]) :] == opt.gains[-len(stream[4:]) :]
+
+
 def test_zero_grad_clears_grad_and_statistics():
     model, inputs, target = CASES["mlp"].build(4)
     opt = optim.Adam(model.parameters(), lr=1e-3)

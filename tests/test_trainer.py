@@ -93,6 +93,15 @@ def test_the_trainer_refuses_what_it_cannot_do_saying_what_to_do(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     with pytest.raises(pergrad.InputError, match="per_example_loss="):
         PerExampleTrainer(model=model, args=args, train_dataset=_dataset())
+    smoothing = transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, label_smoothing_factor=0.1
+    )
+    with pytest.raises(pergrad.InputError, match="label_smoothing_factor would be ignored"):
+        opt = optim.Adam(model.parameters(), lr=1e-3)
+        PerExampleTrainer(
+            model=model, args=smoothing, train_dataset=_dataset(),
+            per_example_loss=pergrad.losses.causal_lm, optimizers=(opt, None),
+        )  # fmt: skip
     with pytest.raises(pergrad.InputError, match="optim.Adam"):
         PerExampleTrainer(
             model=model,

@@ -45,8 +45,10 @@ class PerExampleTrainer(Trainer):
         *args, **kwargs: ``Trainer``'s.
 
     Raises:
-        InputError: no ``per_example_loss`` or no optimizer given, or ``fp16`` asked for
-            (its loss scaling needs ``loss.backward()``; use ``bf16``).
+        InputError: no ``per_example_loss`` or no optimizer given, ``fp16`` asked for
+            (its loss scaling needs ``loss.backward()``; use ``bf16``), or a loss setting
+            that ``per_example_loss`` would bypass (label smoothing, ``compute_loss_func``,
+            a ``compute_loss`` override).
     """
 
     def __init__(
@@ -73,6 +75,17 @@ class PerExampleTrainer(Trainer):
             raise InputError(
                 "PerExampleTrainer cannot use fp16=True: its loss scaling runs through "
                 "loss.backward(). Use bf16=True, which needs no scaling."
+            )
+        dropped = {
+            "args.label_smoothing_factor": self.args.label_smoothing_factor != 0,
+            "compute_loss_func": self.compute_loss_func is not None,
+            "an override of compute_loss": type(self).compute_loss is not Trainer.compute_loss,
+        }
+        if any(dropped.values()):
+            names = ", ".join(name for name, set_ in dropped.items() if set_)
+            raise InputError(
+                f"PerExampleTrainer computes the loss with per_example_loss alone, so {names} "
+                f"would be ignored. Put it into per_example_loss (one loss per example)."
             )
         self.per_example_loss = per_example_loss
         self.engine_options = dict(engine_options or {})

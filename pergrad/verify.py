@@ -1,0 +1,128 @@
+"""An independent check of every call against autograd (``PerExample(..., verify=True)``).
+
+For per-example gradients ``g_b`` of losses ``ℓ_b`` that depend on example ``b`` alone,
+
+    Σ_b c_b g_b = ∇_Φ Σ_b c_b ℓ_b        for any weights c_b,
+
+and the right side is one plain backward pass of the model with its own parameters. With
+distinct weights, per-example gradients handed to the wrong example (rows routed, sorted or
+flattened), mixed between examples (a mean over the batch between layers) or missing a use
+of a parameter fail the check, whatever computed them. The moments ``backward`` accumulates
+are checked against those of the same per-example gradients (clipped alike where
+``max_example_norm`` is set).
+
+It costs a computation of the per-example gradients and a plain forward and backward pass
+more per call: for tests, and for a model tried for the first time. The model's forward pass
+must be deterministic (no dropout in training mode), as its reference runs it again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from pergrad import inputs as batch
+from pergrad import stats
+
+ENVIRONMENT = "PERGRAD_VERIFY"
+"""``verify=None`` means on where this environment variable is ``1`` (a test suite's switch)."""
+
+
+class VerificationError(RuntimeError):
+    """Per-example gradients disagree with autograd: the model is not one pergrad computes
+    right as configured. The message names the parameters and the way out."""
+
+
+def enabled(verify: bool | None) -> bool:
+    """``verify``, or, where it is ``None``, whether :data:`ENVIRONMENT` is ``1``."""
+    return os.environ.get(ENVIRONMENT) == "1" if verify is None else verify
+
+
+def weights(size: int, like: Tensor) -> Tensor:
+    """Distinct weights in [1, 2), one per example: no two examples' gradients can trade
+    places unnoticed."""
+    golden = (5**0.5 - 1) / 2
+    return (1 + torch.arange(size, dtype=torch.float64) * golden % 1).to(like.device)
+
+
+def against_autograd(
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    inputs: batch.Inputs,
+    target: Tensor,
+    params: dict[str, Tensor],
+    grads: dict[str, Tensor],
+    sources: dict[str, str],
+) -> None:
+    """Check ``Σ_b c_b g_b`` of ``grads`` against ``∇ Σ_b c_b ℓ_b`` by autograd.
+
+    Raises:
+        VerificationError: naming each parameter that disagrees and where its numbers came
+            from.
+    """
+    c = weights(len(target), target)
+    names = list(params)
+    with torch.enable_grad():
+        losses = loss_fn(batch.run(model, inputs), target)
+        weighted = (losses * c.to(losses.dtype)).sum()
+        expected = torch.autograd.grad(weighted, [params[n] for n in names], allow_unused=True)
+    pairs = {}
+    for name, reference in zip(names, expected):
+        g = grads[name]
+        actual = torch.tensordot(c.to(g.dtype), g, dims=1)
+        pairs[name] = (actual, torch.zeros_like(actual) if reference is None else reference)
+    wrong = [f"'{name}' (from {sources.get(name, '?')})" for name in _disagree(pairs)]
+    if wrong:
+        raise VerificationError(
+            f"per-example gradients of {', '.join(wrong)} disagree with autograd: "
+            f"Σ_b c_b g_b ≠ ∇ Σ_b c_b ℓ_b for distinct weights c_b. The model moves rows "
+            f"between examples or mixes them in a way pergrad did not see. Use mode='loop' "
+            f"(one backward per example), and report the model."
+        )
+
+
+def moments(
+    values: dict[str, stats.Moments], grads: dict[str, Tensor], max_norm: float | None
+) -> None:
+    """Check the moments ``backward`` formed against those of ``grads`` (clipped to
+    ``max_norm`` where given).
+
+    Raises:
+        VerificationError: naming each parameter whose moments disagree.
+    """
+    scale = None if max_norm is None else stats.clip_factors(stats.sq_norms(grads), max_norm)
+    expected = stats.moments(grads, scale)
+    totals = {name: (values[name][0], expected[name][0]) for name in values}
+    squares = {name: (values[name][1], expected[name][1]) for name in values}
+    wrong = sorted(set(_disagree(totals)) | set(_disagree(squares)))
+    if wrong:
+        raise VerificationError(
+            f"the moments of parameter(s) {', '.join(wrong)} disagree with those of their "
+            f"per-example gradients. Use mode='loop', and report the model."
+        )
+
+
+def _disagree(pairs: dict[str, tuple[Tensor, Tensor]]) -> list[str]:
+    """The names whose ``(actual, expected)`` differ by more than rounding: relative to the
+    largest entry of the parameter's own expected value, with a floor of a few thousand
+    rounding errors of the largest entry over all parameters (a gradient that is zero in
+    exact arithmetic, like an attention key's bias, is rounding noise of the others)."""
+    if not pairs:
+        return []
+    low = any(t.dtype in (torch.float16, torch.bfloat16) for pair in pairs.values() for t in pair)
+    tolerance = 1e-2 if low else 1e-4
+    epsilon = max(torch.finfo(t.dtype).eps for pair in pairs.values() for t in pair)
+    scales = {
+        name: float(e.double().abs().max()) if e.numel() else 0.0 for name, (_, e) in pairs.items()
+    }
+    floor = 1e3 * epsilon * max(scales.values())
+    wrong = []
+    for name, (actual, expected) in pairs.items():
+        difference = (actual.double() - expected.double().to(actual.device)).abs()
+        bound = tolerance * scales[name] + floor
+        if difference.numel() and not bool(difference.max() <= bound):  # NaN fails too
+            wrong.append(name)
+    return wrong
