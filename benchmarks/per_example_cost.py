@@ -68,6 +68,34 @@ class Transformer(nn.Module):
         return self.head(self.block(self.embed(tokens)).mean(1))
 
 
+class RecurrentLM(nn.Module):
+    """Embedding (1000 tokens, width 128), one recurrent layer, a head: next-token logits on
+    sequences of 64."""
+
+    def __init__(self, cell: type[nn.RNNBase]):
+        super().__init__()
+        self.embed = nn.Embedding(1000, 128)
+        self.rnn = cell(128, 128, batch_first=True)
+        self.head = nn.Linear(128, 1000)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.rnn(self.embed(tokens))[0])
+
+
+def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Per-example mean cross-entropy of predicting token ``t + 1`` from the logits at ``t``."""
+    shifted = logits[:, :-1].transpose(1, 2)
+    return nn.functional.cross_entropy(shifted, tokens[:, 1:], reduction="none").mean(1)
+
+
+def recurrent(cell: type[nn.RNNBase]) -> Callable[[int], tuple]:
+    def build(batch: int) -> tuple:
+        tokens = torch.randint(0, 1000, (batch, 64))
+        return RecurrentLM(cell), tokens, tokens, next_token_loss
+
+    return build
+
+
 def _classifier(model: nn.Module, inputs: Callable[[int], Tensor]) -> Callable[[int], tuple]:
     """A toy model's builder: ``batch -> (model, inputs, target, loss_fn)``, ten classes."""
     return lambda b: (model, inputs(b), torch.randint(0, 10, (b,)), CROSS_ENTROPY)
@@ -124,10 +152,15 @@ REAL = {
     "nanoGPT (tied head)": "nanogpt",
     "ResNet-18 GroupNorm (32×32)": "resnet18_gn",
 }
-MODELS = {**TOY_MODELS, **{label: _real(name) for label, name in REAL.items()}}
+RECURRENT = {
+    "LSTM language model (width 128, seq 64)": recurrent(nn.LSTM),
+    "GRU language model (width 128, seq 64)": recurrent(nn.GRU),
+}
+MODELS = {**TOY_MODELS, **{label: _real(name) for label, name in REAL.items()}, **RECURRENT}
 """Each model's builder, ``batch -> (model, inputs, target, loss_fn)``: the toy families,
 then the models of ``examples/real_models.py`` (2 layers, width 128, sequences of 64, a
-vocabulary of 1000; ResNet-18 as published)."""
+vocabulary of 1000; ResNet-18 as published) and recurrent language models, both timed at
+``--real-batch-sizes``."""
 
 
 def make_step(method: str, model: nn.Module, x, y: Tensor, loss_fn) -> Callable[[], object]:

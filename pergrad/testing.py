@@ -73,14 +73,14 @@ def check_call(layer: nn.Module, inputs: Inputs) -> None:
     inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
     target = torch.randn(len(inputs[0]), dtype=torch.float64)
     expected = one_backward_per_example(model, inputs, target)
-    engine = PerExample(model, _loss)
+    engine = PerExample(model, _loss, verify=False)  # compared below, more closely
     grads = engine.grads(inputs, target)
     _check_sources(engine, type(layer).__name__)
     _check_statistics(engine, model, inputs, target, expected, torch.ones(len(target)))
     norms = sum(g.flatten(1).square().sum(1) for g in expected.values()).sqrt()
     limit = float(norms.median())
     if limit > 0:  # about half the examples clipped
-        clipped = PerExample(model, _loss, max_example_norm=limit)
+        clipped = PerExample(model, _loss, max_example_norm=limit, verify=False)
         _check_statistics(clipped, model, inputs, target, expected, (limit / norms).clamp(max=1))
         _check_sources(clipped, type(layer).__name__)
     for name, g in expected.items():

@@ -31,6 +31,10 @@ ENVIRONMENT = "PERGRAD_VERIFY"
 """``verify=None`` means on where this environment variable is ``1`` (a test suite's switch)."""
 
 
+ABSOLUTE = 1e-12
+"""Differences below this are rounding noise, whatever the gradients' scale."""
+
+
 class VerificationError(RuntimeError):
     """Per-example gradients disagree with autograd: the model is not one pergrad computes
     right as configured. The message names the parameters and the way out."""
@@ -107,9 +111,10 @@ def moments(
 
 def _disagree(pairs: dict[str, tuple[Tensor, Tensor]]) -> list[str]:
     """The names whose ``(actual, expected)`` differ by more than rounding: relative to the
-    largest entry of the parameter's own expected value, with a floor of a few thousand
-    rounding errors of the largest entry over all parameters (a gradient that is zero in
-    exact arithmetic, like an attention key's bias, is rounding noise of the others)."""
+    largest entry of the parameter's own expected value, with a floor of a thousand rounding
+    errors of the largest entry over all parameters, and at least :data:`ABSOLUTE` (a
+    gradient that is zero in exact arithmetic, like an attention key's bias or the weight of
+    a norm over one element, is rounding noise of the others, or of the loss)."""
     if not pairs:
         return []
     low = any(t.dtype in (torch.float16, torch.bfloat16) for pair in pairs.values() for t in pair)
@@ -118,7 +123,7 @@ def _disagree(pairs: dict[str, tuple[Tensor, Tensor]]) -> list[str]:
     scales = {
         name: float(e.double().abs().max()) if e.numel() else 0.0 for name, (_, e) in pairs.items()
     }
-    floor = 1e3 * epsilon * max(scales.values())
+    floor = max(1e3 * epsilon * max(scales.values()), ABSOLUTE)
     wrong = []
     for name, (actual, expected) in pairs.items():
         difference = (actual.double() - expected.double().to(actual.device)).abs()

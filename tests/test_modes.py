@@ -82,13 +82,13 @@ def test_auto_sends_what_the_layers_leave_to_a_whole_model_mode_that_runs_it():
 
 
 def test_auto_warning_names_the_layer_and_decides_once():
-    model, inputs, target = CASES["gru"].build(3)
+    model, inputs, target = CASES["gru_time_first"].build(3)
     engine = pergrad.PerExample(model, CROSS_ENTROPY)
     with pytest.warns(pergrad.FallbackWarning) as record:
         engine.grads(inputs, target)
     messages = [str(w.message) for w in record]
     assert sum("mode='func' failed: in layer 'rnn' (GRU)" in m for m in messages) == 1
-    assert sum("'rnn.weight_ih_l0': GRU: torch.func cannot replay it" in m for m in messages) == 1
+    assert sum("'rnn.weight_ih_l0': GRU (batch_first=False" in m for m in messages) == 1
     engine.grads(inputs, target)  # no second warning: the filter turns one into an error
     assert engine.mode == "loop"
 
@@ -125,7 +125,8 @@ def test_func_mode_draws_a_dropout_mask_per_example():
     )
     x = torch.randn(1, 6).expand(8, 6)  # eight copies of one example
     y = torch.zeros(8, dtype=torch.long)
-    grads = pergrad.PerExample(model, CROSS_ENTROPY, mode="func").grads(x, y)["0.weight"]
+    random = pergrad.PerExample(model, CROSS_ENTROPY, mode="func", verify=False)  # no reference
+    grads = random.grads(x, y)["0.weight"]
     distinct = {tuple(g.flatten().ne(0).tolist()) for g in grads}
     assert len(distinct) == 8, "every example must get its own dropout mask"
     model.eval()
@@ -176,7 +177,7 @@ def test_the_model_is_left_as_it_was_found(mode):
 
 @pytest.mark.parametrize("mode", sorted(ALL_MODES))
 def test_the_model_is_left_clean_when_a_mode_fails(mode):
-    model, inputs, target = CASES["gru"].build(3)
+    model, inputs, target = CASES["gru_time_first"].build(3)
     before = {name: dict(vars(m)).keys() for name, m in model.named_modules()}
     engine = pergrad.PerExample(model, CROSS_ENTROPY, mode=mode)
     if mode == "loop":
@@ -200,7 +201,7 @@ def test_parameters_are_not_copied():
 
 
 def test_fallback_warning_points_at_the_callers_line():
-    model, inputs, target = CASES["gru"].build(3)
+    model, inputs, target = CASES["gru_time_first"].build(3)
     engine = pergrad.PerExample(model, CROSS_ENTROPY)
     with pytest.warns(pergrad.FallbackWarning) as record:
         engine.grads(inputs, target)

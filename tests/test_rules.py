@@ -35,6 +35,19 @@ RULE_CASES = {
         lambda: nn.MultiheadAttention(4, 2, batch_first=True),
         lambda b: (torch.randn(b, 3, 4),) * 3,
     ),
+    "rnn_relu": (
+        lambda: nn.RNN(3, 4, batch_first=True, nonlinearity="relu"),
+        lambda b: torch.randn(b, 5, 3),
+    ),
+    "gru_two_layers": (lambda: nn.GRU(3, 4, 2, batch_first=True), lambda b: torch.randn(b, 4, 3)),
+    "lstm_bidirectional": (
+        lambda: nn.LSTM(3, 4, 2, batch_first=True, bidirectional=True),
+        lambda b: torch.randn(b, 4, 3),
+    ),
+    "lstm_without_bias": (
+        lambda: nn.LSTM(3, 2, batch_first=True, bias=False),
+        lambda b: torch.randn(b, 3, 3),
+    ),
 }
 
 

@@ -115,14 +115,17 @@ class ItemControlFlow(nn.Module):
 
 
 class Recurrent(nn.Module):
-    def __init__(self, cell: type[nn.RNNBase]):
+    def __init__(self, cell: type[nn.RNNBase], batch_first: bool = True):
         super().__init__()
         self.embed = nn.Embedding(11, 6)
-        self.rnn = cell(6, 7, batch_first=True)
+        self.rnn = cell(6, 7, batch_first=batch_first)
         self.out = nn.Linear(7, 3)
+        self.batch_first = batch_first
 
     def forward(self, tokens):
-        return self.out(self.rnn(self.embed(tokens))[0][:, -1])
+        if self.batch_first:
+            return self.out(self.rnn(self.embed(tokens))[0][:, -1])
+        return self.out(self.rnn(self.embed(tokens.T))[0][-1])
 
 
 class Transformer(nn.Module):
@@ -267,8 +270,12 @@ CASES = {
     # Opacus misses the parent's use, and the hooks guard catches it
     "parent_use": Case(ParentUse, _tokens, frozenset({"func", "loop"}), "func", classes=11),
     # vmap runs a float32 LSTM on CPU, not a float64 one
-    "lstm": Case(lambda: Recurrent(nn.LSTM), _tokens, frozenset({"loop"}), "loop"),
-    "gru": Case(lambda: Recurrent(nn.GRU), _tokens, frozenset({"loop"}), "loop"),
+    "lstm": Case(lambda: Recurrent(nn.LSTM), _tokens, frozenset({"loop"}), "layerwise"),
+    "gru": Case(lambda: Recurrent(nn.GRU), _tokens, frozenset({"loop"}), "layerwise"),
+    # time first: outside the recurrent rule, and vmap cannot replay the layer
+    "gru_time_first": Case(
+        lambda: Recurrent(nn.GRU, batch_first=False), _tokens, frozenset({"loop"}), "loop"
+    ),
     "item": Case(ItemControlFlow, _features, frozenset({"hooks", "loop"}), "layerwise"),
     "custom_function": Case(CustomFunction, _features, frozenset({"hooks", "loop"}), "layerwise"),
 }

@@ -5,7 +5,15 @@ Add a rule for your own layer with :func:`register_rule`; check it with
 :func:`pergrad.testing.check_rule`.
 """
 
-from pergrad.rules import attention, conv, embedding, gpt2_conv1d, linear, norm  # noqa: F401
+from pergrad.rules import (  # noqa: F401
+    attention,
+    conv,
+    embedding,
+    gpt2_conv1d,
+    linear,
+    norm,
+    recurrent,
+)
 from pergrad.rules.base import (
     CHUNK_ELEMENTS,
     RULES,
