@@ -94,12 +94,14 @@ class _Record:
     batched: frozenset  # keys (positions, keyword names) of the inputs that carry the batch
     size: int
     outputs: list[Tensor] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # of the outputs, when returned
     deltas: list[Tensor | None] = field(default_factory=list)  # δ of each floating output
     shared: SharedOutput | None = None
     problem: str | None = None  # why neither a rule nor the local path can use this call
     rule_problem: str | None = None  # why the rule cannot
     values: Values | None = None  # computed during the backward pass, where that is safe
     scale: Tensor | None = None  # per-example factors c_b on δ (clipping), once known
+    _recomputed: list[Tensor] | None = None  # outputs computed again (see _batch_outputs)
 
     @property
     def source(self) -> str:
@@ -190,9 +192,22 @@ class _Record:
             tuple(args),
             kwargs,
             self.batched,
-            [o[start:stop] for o in self.outputs],
+            [o[start:stop] for o in self._batch_outputs()],
             [self._scaled(g)[start:stop] for g in self.all_deltas()],
         )
+
+    def _batch_outputs(self) -> list[Tensor]:
+        """The layer's outputs for the batch: as it returned them, or, where the model has
+        changed one in place since (``h += residual``), computed again by its ``forward`` on
+        the recorded inputs, so that each example's replay is still compared with them."""
+        if all(o._version == v for o, v in zip(self.outputs, self.versions)):
+            return self.outputs
+        if self._recomputed is None:
+            module = self.hooked.module
+            theta = {name: module.get_parameter(name).detach() for name in self.hooked.params}
+            with torch.no_grad():
+                self._recomputed = local.forward(module, theta, self.args, self.kwargs)
+        return self._recomputed
 
     def _by_rule(self, use: Callable[[Rule, nn.Module, Call], Values | None]) -> Values | None:
         """``use(rule, layer, call)`` where the layer's rule applies. ``None`` where it gives
@@ -368,6 +383,7 @@ class _Forward:
                 record.problem = record.problem or "it returns no floating-point tensor"
                 return None
             record.outputs = [leaves[i].detach() for i in floating]
+            record.versions = [leaves[i]._version for i in floating]
             record.deltas = [None] * len(floating)
             if not record.batched and record.problem is None:  # every input shared by the batch
                 if len(floating) == 1:

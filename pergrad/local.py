@@ -45,7 +45,7 @@ def swap(module: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return old
 
 
-def _forward(module: nn.Module, theta: dict[str, Tensor], args: tuple, kwargs: dict) -> list:
+def forward(module: nn.Module, theta: dict[str, Tensor], args: tuple, kwargs: dict) -> list:
     """The layer's ``forward`` (its own hooks not run) with parameters ``theta``."""
     old = swap(module, theta)
     try:
@@ -78,7 +78,7 @@ def per_example_grads(
         a, k = list(args), dict(kwargs)
         for key, value in values.items():
             put(a, k, key, value.unsqueeze(0))
-        out, pull = vjp(lambda t: _forward(module, t, tuple(a), k), theta)
+        out, pull = vjp(lambda t: forward(module, t, tuple(a), k), theta)
         if len(out) != len(deltas):
             raise LocalError("its outputs differ in number for one example")
         (grads,) = pull([d.unsqueeze(0).to(o.dtype) for d, o in zip(deltas, out)])
@@ -105,7 +105,7 @@ def shared_grads(
     (``output_grads``: ``(B, *u.shape)``)."""
     theta = {name: module.get_parameter(name).detach() for name in names}
     with _replaying():
-        out, pull = vjp(lambda t: _forward(module, t, args, kwargs), theta)
+        out, pull = vjp(lambda t: forward(module, t, args, kwargs), theta)
         if len(out) != 1:
             raise LocalError("it returns more than one tensor")
         (grads,) = vmap(lambda d: pull([d.to(out[0].dtype)]))(output_grads)

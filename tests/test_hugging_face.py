@@ -33,6 +33,9 @@ def _causal(family: str):
             num_hidden_layers=2, hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=32, max_position_embeddings=T, **small,
         ),
+        "falcon": lambda: transformers.FalconConfig(
+            num_hidden_layers=2, hidden_size=16, num_attention_heads=2, **small,
+        ),
         "qwen2": lambda: transformers.Qwen2Config(
             num_hidden_layers=2, hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=32, max_position_embeddings=T, **small,
@@ -66,7 +69,7 @@ def _classification(head: str, mask: torch.Tensor):
     return losses.token_classification, labels
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "falcon"])
 def test_a_causal_language_model_with_keyword_inputs(family):
     model = _causal(family)
     ids, mask = _padded()

@@ -141,6 +141,36 @@ def test_layers_without_rules_use_the_layer_local_path():
     }
 
 
+class InPlaceResidual(nn.Module):
+    """Falcon's pattern: a layer's output changed in place by the model (``h += residual``),
+    then an in-place activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.scale, self.out = nn.Linear(3, 4), LearnedScale(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        residual = self.first(x)
+        h = self.scale(residual)
+        h += residual
+        h.tanh_()
+        return self.out(h)
+
+
+def test_an_in_place_change_of_a_layer_output_keeps_it_on_the_per_layer_path():
+    torch.manual_seed(0)
+    model = InPlaceResidual().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    sources = statistics(model, CROSS_ENTROPY, x, torch.randint(0, 3, (5,)), verify=True)
+    assert sources == {
+        "first.weight": "Linear",
+        "first.bias": "Linear",
+        "scale.gain": "LearnedScale (local)",
+        "out.weight": "Linear",
+        "out.bias": "Linear",
+    }
+
+
 class Mixing(nn.Module):
     """A layer whose output for one example depends on the others."""
 
