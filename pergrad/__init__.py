@@ -5,9 +5,9 @@
 """
 
 from pergrad import losses, testing
-from pergrad.auto import FallbackWarning
 from pergrad.checks import InputError
 from pergrad.engine import PerExample
+from pergrad.fallback import FallbackWarning
 from pergrad.modes import ModeError
 from pergrad.noise import NoiseScale, noise_scale
 from pergrad.rules import Call, register_rule

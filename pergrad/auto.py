@@ -14,25 +14,19 @@ where each parameter's numbers came from.
 
 from __future__ import annotations
 
-import sys
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from pergrad import stats
+from pergrad.fallback import warn
 from pergrad.layerwise import Layerwise
 from pergrad.modes import MODES, Mode, ModeError, PerExampleResult
 from pergrad.structure import Structure
 
 Params = dict[str, nn.Parameter]
-
-
-class FallbackWarning(UserWarning):
-    """``mode="auto"`` could not use its fastest mode and says which layer forced the fallback."""
 
 
 @dataclass
@@ -157,12 +151,3 @@ class Auto:
                 warn(f"pergrad: {'; '.join(reasons)}. Using mode={name!r}{slow}.")
             return result
         raise AssertionError("mode='loop' raised ModeError")  # pragma: no cover
-
-
-def warn(message: str) -> None:
-    """Warn with :class:`FallbackWarning`, attributed to the first caller outside pergrad."""
-    package = str(Path(__file__).resolve().parent)
-    frame, level = sys._getframe(1), 2  # stacklevel 2: the caller of warn
-    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, FallbackWarning, stacklevel=level)

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from pergrad import checks, distributed, fsdp, stats, wrappers
 from pergrad import inputs as batch
 from pergrad import verify as verification
-from pergrad.auto import Auto, OneMode, warn
+from pergrad.auto import Auto, OneMode
+from pergrad.fallback import warn
 from pergrad.modes import MODES
 from pergrad.structure import Structure
 

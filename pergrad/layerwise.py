@@ -45,6 +45,7 @@ from torch.utils import _pytree as pytree
 
 from pergrad import checks, local
 from pergrad import inputs as batch
+from pergrad.fallback import warn
 from pergrad.rules.base import (
     REDUCE_ELEMENTS,
     Call,
@@ -106,6 +107,12 @@ class _Record:
     @property
     def source(self) -> str:
         return self.hooked.kind if self._use_rule else f"{self.hooked.kind} (local)"
+
+    @property
+    def label(self) -> str:
+        """The layer type, and why its rule does not apply to it or to this call."""
+        why = f" (its rule: {self.rule_problem})" if self.rule_problem else ""
+        return self.hooked.label + why
 
     @property
     def _use_rule(self) -> bool:
@@ -243,6 +250,7 @@ class Layerwise:
         self._probe_failed = False
         self._probed: Structure | None = None  # the structure the probe ran on
         self.loss_checked = False  # checks.separable, on the first batch of two or more
+        self.warned: set[tuple[str, str]] = set()  # rule failures announced
 
     def __call__(
         self,
@@ -497,9 +505,25 @@ class _Forward:
                 result.values[name] = record.values[local_name]
                 result.sources[name] = record.source
             except local.LocalError as error:
-                result.uncovered[name] = f"{record.hooked.label}: {error}"
+                result.uncovered[name] = f"{record.label}: {error}"
         self._combine(several, result)
+        self._announce_failed_rules(result)
         return result
+
+    def _announce_failed_rules(self, result: LayerwiseResult) -> None:
+        """Say, once per layer type and reason, where a rule failed and the layer-local path
+        (slower) took over."""
+        for record in self.records:
+            failed = record.rule_problem or ""
+            key = (record.hooked.kind, failed)
+            covered = any(n in result.sources for n in record.hooked.params.values())
+            if failed.startswith("its rule failed") and covered and key not in self.owner.warned:
+                self.owner.warned.add(key)
+                warn(
+                    f"pergrad: the {record.hooked.kind} rule failed on a call "
+                    f"({failed.removeprefix('its rule failed: ')}); torch.func over the layer "
+                    f"alone (slower) computed it instead."
+                )
 
     def _problem(self, name, found, other: Tensor | None, owner: Hooked | None) -> str | None:
         if other is not None:
@@ -523,7 +547,7 @@ class _Forward:
                 if id(record) not in norms:
                     norms[id(record)] = record.sq_norms()
             except local.LocalError as error:
-                result.uncovered[name] = f"{record.hooked.label}: {error}"
+                result.uncovered[name] = f"{record.label}: {error}"
                 del single[name]
                 continue
             total += norms[id(record)][local_name].double()

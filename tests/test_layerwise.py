@@ -289,3 +289,52 @@ def test_nothing_is_kept_alive_after_a_call(case):
     del model, engine
     gc.collect()
     assert alive() is None
+
+
+class Doubler(nn.Module):
+    """A layer whose registered rule fails: the layer-local path takes over, and says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def test_a_rule_that_fails_says_why_and_the_layer_local_path_takes_over():
+    def failing(layer, call):
+        raise ValueError("not for this shape")
+
+    pergrad.register_rule(Doubler)(failing)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(Doubler(), nn.Linear(3, 2)).double()
+        x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+        with pytest.warns(
+            pergrad.FallbackWarning, match=r"Doubler rule failed.*not for this shape"
+        ):
+            sources = statistics(model, CROSS_ENTROPY, x, y)
+        assert sources["0.weight"] == "Doubler (local)"
+    finally:
+        del rules.RULES[Doubler]
+
+
+def test_why_a_rule_did_not_apply_is_in_the_fallback_warning():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, batch_first=True).double()
+
+    class WithState(nn.Module):  # an initial state: outside the recurrent rule
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.out = lstm, nn.Linear(4, 2).double()
+
+        def forward(self, x):
+            h0 = torch.zeros(1, len(x), 4, dtype=x.dtype)
+            return self.out(self.lstm(x, (h0, h0))[0][:, -1])
+
+    x, y = torch.randn(3, 5, 3, dtype=torch.float64), torch.randint(0, 2, (3,))
+    with pytest.warns(pergrad.FallbackWarning) as record:
+        statistics(WithState(), CROSS_ENTROPY, x, y)
+    messages = " ".join(str(w.message) for w in record)
+    assert "LSTM (its rule: its rule failed: ValueError: an initial state" in messages
