@@ -148,6 +148,7 @@ REAL = {
     "GPT-2 (HF, tied head)": "gpt2",
     "BERT (HF, padded)": "bert",
     "Llama (HF, GQA)": "llama",
+    "Falcon (HF, in-place residual)": "falcon",
     "ViT (HF)": "vit",
     "nanoGPT (tied head)": "nanogpt",
     "ResNet-18 GroupNorm (32×32)": "resnet18_gn",

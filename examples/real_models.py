@@ -1,6 +1,6 @@
 """Randomly initialised versions of models people actually train, each wrapped so that
 ``model(*inputs)`` returns a plain Tensor and paired with a per-example loss: how to hand
-Hugging Face models (GPT-2, BERT, Llama, ViT), nanoGPT and a ResNet to ``pergrad``.
+Hugging Face models (GPT-2, BERT, Llama, Falcon, ViT), nanoGPT and a ResNet to ``pergrad``.
 
 Every builder takes the batch size ``B``, ``dtype`` (float64 unless told) and ``size``
 (:data:`SIZES`: ``"test"``, tiny, for the tests; ``"bench"``, small but not tiny, for the
@@ -109,6 +109,22 @@ def llama(b: int, *, dtype: torch.dtype = torch.float64, size: str = "test") -> 
         max_position_embeddings=s["length"], attention_dropout=0.0, attn_implementation="sdpa",
     )  # fmt: skip
     model = _finish(Logits(LlamaForCausalLM(config), "input_ids", use_cache=False), dtype)
+    tokens = _tokens(b, s)
+    return model, tokens, tokens, next_token_loss
+
+
+def falcon(b: int, *, dtype: torch.dtype = torch.float64, size: str = "test") -> Built:
+    """Falcon language model: its MLP output is changed in place (``+= attention_output``)."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    s = SIZES[size]
+    torch.manual_seed(0)
+    config = FalconConfig(
+        num_hidden_layers=2, hidden_size=s["width"], num_attention_heads=s["heads"],
+        vocab_size=s["vocab"], hidden_dropout=0.0, attention_dropout=0.0,
+        bos_token_id=s["vocab"] - 1, eos_token_id=s["vocab"] - 1,
+    )  # fmt: skip
+    model = _finish(Logits(FalconForCausalLM(config), "input_ids", use_cache=False), dtype)
     tokens = _tokens(b, s)
     return model, tokens, tokens, next_token_loss
 
@@ -326,6 +342,7 @@ REAL_MODELS: dict[str, Callable[..., Built]] = {
     "gpt2": gpt2,
     "bert": bert,
     "llama": llama,
+    "falcon": falcon,
     "vit": vit,
     "nanogpt": nanogpt,
     "resnet18_gn": resnet18_gn,
