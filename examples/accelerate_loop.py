@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import stack
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
@@ -45,8 +46,10 @@ def main(argv: Sequence[str] | None = None) -> bool:
             if steps % max(1, args.steps // 5) == 0:
                 accelerator.print(f"step {steps:>4}: loss {loss.item():.4f}")
     same = stack.same_on_all_ranks(model.parameters())
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # no rank tears its connections down while another uses them
     accelerator.end_training()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return same
 
 

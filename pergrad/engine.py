@@ -229,13 +229,18 @@ class PerExample:
             raise checks.InputError("the batch is empty on every rank: pass examples")
         return sums
 
-    def _verify(self, structure: Structure, inputs: batch.Inputs, target: Tensor, chunk) -> None:
-        """Check a chunk's values against autograd (:mod:`pergrad.verify`)."""
+    def _verify(
+        self, structure: Structure, inputs: batch.Inputs, target: Tensor, chunk, random
+    ) -> None:
+        """Check a chunk's values against autograd (:mod:`pergrad.verify`), each pass drawing
+        the random numbers (dropout) the chunk's pass drew."""
         moments = None if isinstance(next(iter(chunk.values.values())), Tensor) else chunk.values
         grads = chunk.values
         if moments is not None:
+            random.rewind()
             grads = self._compute(structure, inputs, target, True, None).values
             verification.moments(moments, grads, self.max_example_norm)
+        random.rewind()
         verification.against_autograd(
             self._module, self.loss_fn, inputs, target, structure.params, grads, chunk.sources
         )
@@ -280,8 +285,10 @@ class PerExample:
         and the losses (:mod:`pergrad.auto`)."""
         eager = torch.compiler.set_stance("force_eager") if structure.compiled else nullcontext()
         with eager:
+            random = verification.RandomState() if self.verify else None
             chunk = self._compute(structure, inputs, target, per_example, self.max_example_norm)
-            if self.verify:
-                self._verify(structure, inputs, target, chunk)
+            if random is not None:
+                with random.replays():
+                    self._verify(structure, inputs, target, chunk, random)
         self.sources = {self._prefix + name: source for name, source in chunk.sources.items()}
         return chunk.values, chunk.losses

@@ -12,14 +12,17 @@ are checked against those of the same per-example gradients (clipped alike where
 ``max_example_norm`` is set).
 
 It costs a computation of the per-example gradients and a plain forward and backward pass
-more per call: for tests, and for a model tried for the first time. The model's forward pass
-must be deterministic (no dropout in training mode), as its reference runs it again.
+more per call: for tests, and for a model tried for the first time. Each check's pass starts
+from the random number generators' state of the pass it checks, so dropout draws the same
+masks where the model draws them in the same order (the per-layer path); a whole-model mode
+that draws a mask per example (``func``) cannot be checked on a model with dropout.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -38,6 +41,29 @@ ABSOLUTE = 1e-12
 class VerificationError(RuntimeError):
     """Per-example gradients disagree with autograd: the model is not one pergrad computes
     right as configured. The message names the parameters and the way out."""
+
+
+class RandomState:
+    """The random number generators' state when made, so that the checks' passes draw the
+    same random numbers (dropout masks) as the pass they check: :meth:`rewind` before each,
+    inside :meth:`replays`, which leaves the generators as the checked pass left them."""
+
+    def __init__(self):
+        self.cpu = torch.random.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def rewind(self) -> None:
+        torch.random.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+    @contextmanager
+    def replays(self) -> Iterator[None]:
+        after = RandomState()
+        try:
+            yield
+        finally:
+            after.rewind()
 
 
 def enabled(verify: bool | None) -> bool:

@@ -129,3 +129,17 @@ def test_verification_is_on_where_the_environment_says(monkeypatch):
 def test_the_weights_are_distinct():
     c = verify.weights(1000, torch.zeros(1))
     assert len(set(c.tolist())) == 1000 and bool((c >= 1).all() and (c < 2).all())
+
+
+def test_verification_replays_dropout_and_leaves_the_random_stream_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    after = {}
+    for verified in (False, True):
+        torch.manual_seed(1)
+        pergrad.PerExample(model, CROSS_ENTROPY, verify=verified).backward(x, y)
+        after[verified] = (torch.rand(3), model[0].weight.grad.clone())
+        pergrad.zero_grad(model.parameters())
+    assert torch.equal(after[True][0], after[False][0])  # the same random stream after
+    assert torch.equal(after[True][1], after[False][1])  # and the same masks
