@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from pergrad import stats
-from pergrad.fallback import warn
+from pergrad.fallback import FallbackWarning, warn  # noqa: F401 - pergrad.auto's names
 from pergrad.layerwise import Layerwise
 from pergrad.modes import MODES, Mode, ModeError, PerExampleResult
 from pergrad.structure import Structure

@@ -96,6 +96,7 @@ class _Record:
     size: int
     outputs: list[Tensor] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)  # of the outputs, when returned
+    input_versions: list[int] = field(default_factory=list)  # of the tensor inputs, when called
     deltas: list[Tensor | None] = field(default_factory=list)  # δ of each floating output
     shared: SharedOutput | None = None
     problem: str | None = None  # why neither a rule nor the local path can use this call
@@ -153,6 +154,7 @@ class _Record:
 
     def compute(self, per_example: bool) -> Values:
         """All per-example gradients of the module's covered parameters, or their moments."""
+        self.check_inputs()
         if per_example:
             return self.grads(0, self.size)
         return self._reduced("moments", moments_in_chunks)
@@ -160,6 +162,7 @@ class _Record:
     def sq_norms(self) -> dict[str, Tensor]:
         """``|g_b|²`` of each covered parameter, ``(B,)``: the rule's closed form where it has
         one, else from per-example gradients formed a few examples at a time."""
+        self.check_inputs()
         return self._reduced("norms", sq_norms_in_chunks)
 
     def _reduced(self, closed_form: str, in_chunks: Callable) -> Values:
@@ -179,8 +182,20 @@ class _Record:
             return found
         return in_chunks(self.grads, self.size, self.hooked.numel)
 
+    def check_inputs(self) -> None:
+        """Refuse the call if the model changed one of its inputs in place after it (``h *=
+        2`` after ``layer(h)``): its rule and its replay would read the changed values.
+
+        Raises:
+            LocalError: saying so.
+        """
+        now = [x._version for _, x in _tensors(self.args, self.kwargs)]
+        if now != self.input_versions:
+            raise local.LocalError("the model changed its input in place after the call")
+
     def grads(self, start: int, stop: int) -> dict[str, Tensor]:
         """Per-example gradients of examples ``start:stop``."""
+        self.check_inputs()
         found = self._by_rule(lambda rule, layer, call: rule.grads(layer, call.narrow(start, stop)))
         if found is not None:
             return found
@@ -436,6 +451,7 @@ class _Forward:
         self.calls[id(module)] += 1
         batched = self.owner.batched_keys(module, index, args, kwargs, self.size)
         record = _Record(hooked, args, kwargs, batched or frozenset(), self.size)
+        record.input_versions = [x._version for _, x in _tensors(args, kwargs)]
         self.records.append(record)
         if batched is None:
             record.problem = "the one-example forward pass did not see this call"

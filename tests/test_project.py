@@ -33,3 +33,9 @@ def test_public_names():
     )
     assert all(hasattr(pergrad, name) for name in pergrad.__all__)
     assert all(hasattr(optim, name) for name in optim.__all__)
+
+
+def test_the_fallback_warning_keeps_its_old_address():
+    from pergrad.auto import FallbackWarning
+
+    assert FallbackWarning is pergrad.FallbackWarning
