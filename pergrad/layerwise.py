@@ -527,11 +527,12 @@ class _Forward:
         return result
 
     def _announce_failed_rules(self, result: LayerwiseResult) -> None:
-        """Say, once per layer type and reason, where a rule failed and the layer-local path
-        (slower) took over."""
+        """Say, once per layer type and kind of error (its message may name sizes that change
+        from batch to batch), where a rule failed and the layer-local path (slower) took
+        over."""
         for record in self.records:
             failed = record.rule_problem or ""
-            key = (record.hooked.kind, failed)
+            key = (record.hooked.kind, failed.split(":")[1] if ":" in failed else failed)
             covered = any(n in result.sources for n in record.hooked.params.values())
             if failed.startswith("its rule failed") and covered and key not in self.owner.warned:
                 self.owner.warned.add(key)
