@@ -50,6 +50,8 @@ class PerExampleLanguageModel(L.LightningModule):
 
     def on_train_end(self) -> None:
         stack.same_on_all_ranks(self.model.parameters())
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank tears its connections down while another still uses them
 
 
 def main(argv: Sequence[str] | None = None) -> None:
