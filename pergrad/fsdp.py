@@ -31,10 +31,9 @@ _SETTINGS = ("post_forward_mesh_info", "reshard_after_backward", "reduce_grads",
 class Sharding:
     """The FSDP2 modules of a model and the process group its parameters are sharded over."""
 
-    def __init__(self, modules: list[nn.Module], group: object, world: int):
+    def __init__(self, modules: list[nn.Module], group: object):
         self.modules = modules
         self.group = group
-        self.world = world
 
     @classmethod
     def find(cls, model: nn.Module) -> Sharding | None:
@@ -79,7 +78,7 @@ class Sharding:
                     "model: this torch's FSDP2 keeps its settings where pergrad does not look; "
                     "pergrad cannot run it. Use DistributedDataParallel, or another torch."
                 )
-        return cls(modules, mesh.get_group(), mesh.size())
+        return cls(modules, mesh.get_group())
 
     @contextmanager
     def unsharded(self) -> Iterator[None]:

@@ -16,9 +16,7 @@ def run(model: nn.Module, inputs: Inputs):
 
 def rows(inputs: Inputs, index: slice | int) -> Inputs:
     """Every tensor's rows ``index`` (a slice keeps dim 0, an int drops it)."""
-    if isinstance(inputs, dict):
-        return {key: x[index] for key, x in inputs.items()}
-    return tuple(x[index] for x in inputs)
+    return map_tensors(lambda x: x[index], inputs)
 
 
 def tensors(inputs: Inputs) -> tuple[Tensor, ...]:

@@ -6,8 +6,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-Inputs = tuple[Tensor, ...] | dict[str, Tensor]
-"""Positional (``model(*inputs)``) or keyword (``model(**inputs)``) inputs."""
+from pergrad.inputs import Inputs
 
 PerExampleResult = tuple[dict[str, Tensor], Tensor]
 """Per-example gradients (name -> ``(b, *param.shape)``) and per-example losses ``(b,)``."""
