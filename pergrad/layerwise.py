@@ -43,9 +43,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from pergrad import checks, local
+from pergrad import checks, local, provenance
 from pergrad import inputs as batch
 from pergrad.fallback import warn
+from pergrad.regroup import Regroup
 from pergrad.rules.base import (
     REDUCE_ELEMENTS,
     Call,
@@ -103,6 +104,7 @@ class _Record:
     rule_problem: str | None = None  # why the rule cannot
     values: Values | None = None  # computed during the backward pass, where that is safe
     scale: Tensor | None = None  # per-example factors c_b on δ (clipping), once known
+    moved: provenance.Tag | None = None  # the first output's, where rows are not the batch
     _recomputed: list[Tensor] | None = None  # outputs computed again (see _batch_outputs)
 
     @property
@@ -130,6 +132,8 @@ class _Record:
 
     def call(self) -> Call:
         """The call as a rule reads it: every positional input and ``δ`` batched on dim 0."""
+        if self.moved is not None:
+            return self._regrouped()
         if self.shared is None:
             args = tuple(
                 x.expand(self.size, *x.shape[1:])
@@ -148,6 +152,37 @@ class _Record:
             widen = lambda x: x.unsqueeze(0).expand(self.size, *x.shape)  # noqa: E731
         args = tuple(widen(x) if isinstance(x, Tensor) else x for x in self.args)
         return Call(args, self.kwargs, delta)
+
+    def _regrouped(self) -> Call:
+        """The call with its rows regrouped by example, ``(B, K, …)``, where the model moved
+        them (:mod:`pergrad.regroup`); without positions (:attr:`Rule.features`), each
+        example must have one row at most.
+
+        Raises:
+            LocalError: a row belongs to several examples or none, an input's rows are not the
+                output's, or (a layer without positions) an example has several rows.
+        """
+        rule, layer, output = self.hooked.rule, self.hooked.module, self.outputs[0]
+        features = rule.features(layer) if rule.features is not None else output.dim() - 1
+        leading = tuple(output.shape[: output.dim() - features])
+        ids = provenance.rows(self.moved, tuple(output.shape), features)
+        if ids is None:
+            raise local.LocalError("a row of its output comes from several examples or none")
+        regroup = Regroup(ids, self.size, leading, output.device)
+        if rule.features is None and regroup.per_example > 1:
+            raise local.LocalError(
+                f"several rows of one example reach it on dim 0 (no {self.hooked.kind} positions)"
+            )
+        if not all(
+            regroup.aligned(x) for k, x in _tensors(self.args, self.kwargs) if k in self.batched
+        ):
+            raise local.LocalError("an input's rows are not those of its output")
+        move = regroup if rule.features is not None else lambda x: regroup(x).squeeze(1)
+        args = tuple(move(x) if i in self.batched else x for i, x in enumerate(self.args))
+        kwargs = {k: move(x) if k in self.batched else x for k, x in self.kwargs.items()}
+        return Call(
+            args, kwargs, self._scaled(move(self.all_deltas()[0])), self._batched_keywords()
+        )
 
     def _batched_keywords(self) -> frozenset[str]:
         return frozenset(k for k in self.batched if isinstance(k, str))
@@ -199,6 +234,11 @@ class _Record:
         found = self._by_rule(lambda rule, layer, call: rule.grads(layer, call.narrow(start, stop)))
         if found is not None:
             return found
+        if self.moved is not None:
+            raise local.LocalError(
+                "the model moved its rows between examples (flattened, routed or reordered "
+                "them), which only a rule with positions regroups"
+            )
         module, names = self.hooked.module, list(self.hooked.params)
         if self.shared is not None:
             delta = self._scaled(self.shared.per_example_grad(self.size))[start:stop]
@@ -341,6 +381,8 @@ class _Forward:
         self.anchors: dict[tuple, Tensor] = {}  # by dtype and device
         self.broadcasts = Broadcasts(size)  # entered at the first output shared by the batch
         self.single_use: set[int] = set()  # records whose parameters have no other use
+        self.tracker = provenance.Provenance()  # which example each value comes from
+        self.untraced: str | None = None  # why no record's rows can be attributed
 
     def run(self, inputs: batch.Inputs, target: Tensor) -> tuple[Tensor, dict]:
         handles = []
@@ -353,11 +395,8 @@ class _Forward:
                 )
             )
         try:
-            try:
-                output = batch.run(self.owner.model, inputs)
-            finally:
-                self.broadcasts.leave()
-            losses = checks.per_example_loss(self.owner.loss_fn(output, target), self.size)
+            losses, output = self._forward(inputs, target)
+            self._check_provenance(losses)
             if not self.owner.loss_checked:
                 checks.separable(self.owner.loss_fn, output, target, losses)
                 self.owner.loss_checked = self.size > 1
@@ -382,6 +421,47 @@ class _Forward:
             for hooked in self.hooked:
                 hooked.swap(self.params)
         return losses.detach(), dict(zip(self.params, grads))
+
+    def _forward(self, inputs: batch.Inputs, target: Tensor) -> tuple[Tensor, object]:
+        """The model and the loss under :attr:`tracker`, each input's row ``b`` example ``b``."""
+        given = [x for x in (*batch.tensors(inputs), target) if x.dim() and len(x) == self.size]
+        for x in given:
+            self.tracker.set(x, provenance.batch(x.dim(), self.size))
+        with self.tracker:
+            try:
+                output = batch.run(self.owner.model, inputs)
+            finally:
+                self.broadcasts.leave()
+            losses = checks.per_example_loss(self.owner.loss_fn(output, target), self.size)
+        return losses, output
+
+    def _check_provenance(self, losses: Tensor) -> None:
+        """Each example's loss must come from that example alone. Where it does not because
+        an operation combines examples, refuse; where pergrad cannot follow an operation, no
+        row can be attributed: every parameter goes to a whole-model mode.
+
+        Raises:
+            InputError: an operation of the model or the loss combines examples.
+        """
+        tag = self.tracker.tag(losses)
+        ids = provenance.table(tag, tuple(losses.shape)).expand(losses.shape)
+        own = (ids == torch.arange(self.size)) | (ids == provenance.NONE)
+        if bool(own.all()):
+            return
+        tracker = self.tracker
+        if not tracker.unknown:
+            raise checks.InputError(
+                f"the model or loss_fn combines examples: "
+                f"{', '.join(dict.fromkeys(tracker.mixing)) or 'an operation'} runs across "
+                f"the batch, so one example's loss depends on other examples' inputs and has "
+                f"no gradient of its own. Compute each example's loss from that example alone "
+                f"(a statistic over the batch, as BatchNorm in training mode takes, cannot be "
+                f"given per example)."
+            )
+        self.untraced = (
+            f"pergrad cannot follow which example each value comes from through "
+            f"{', '.join(dict.fromkeys(tracker.unknown[:3]))}"
+        )
 
     def _record_hook(self, hooked: Hooked):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output):
@@ -408,6 +488,7 @@ class _Forward:
             record.outputs = [leaves[i].detach() for i in floating]
             record.versions = [leaves[i]._version for i in floating]
             record.deltas = [None] * len(floating)
+            self._trace(record, leaves[floating[0]], args, kwargs)
             if not record.batched and record.problem is None:  # every input shared by the batch
                 if len(floating) == 1:
                     record.shared = self.broadcasts.track(leaves[floating[0]])
@@ -422,11 +503,27 @@ class _Forward:
                 for slot, i in enumerate(floating):
                     leaves[i].grad_fn.register_prehook(self._grad_hook(record, slot))
                 first = record.outputs[0]
-                if record.problem is None and (not first.dim() or first.shape[0] != self.size):
+                in_order = first.dim() and first.shape[0] == self.size
+                if record.problem is None and not in_order and record.moved is None:
                     record.problem = "its output does not carry the batch on dim 0"
             return _rebuild(leaves, spec)
 
         return hook
+
+    def _trace(self, record: _Record, output: Tensor, args: tuple, kwargs: dict) -> None:
+        """Where the output's rows are not the batch in order (flattened, routed or reordered
+        inside the model), mark the record :attr:`_Record.moved` and take the inputs that
+        carry examples from their tags, not from the one-example pass."""
+        tag = self.tracker.tag(output)
+        shape = tuple(output.shape)
+        if provenance.in_order(tag, shape, self.size):
+            return
+        record.moved = tag
+        record.batched = frozenset(
+            key for key, x in _tensors(args, kwargs) if not provenance.unmarked(self.tracker.tag(x))
+        )
+        if record.problem == _UNSEEN:
+            record.problem = None
 
     def _anchor(self, output: Tensor) -> Tensor:
         """The pass's zero anchor in ``output``'s dtype and device (one for all outputs)."""
@@ -454,7 +551,7 @@ class _Forward:
         record.input_versions = [x._version for _, x in _tensors(args, kwargs)]
         self.records.append(record)
         if batched is None:
-            record.problem = "the one-example forward pass did not see this call"
+            record.problem = _UNSEEN
         elif torch.nn.modules.module._global_forward_hooks:
             record.problem = "a global forward hook may change its output"
         return record
@@ -498,7 +595,7 @@ class _Forward:
         several: dict[str, list[tuple[_Record, str]]] = {}
         for name, p in self.params.items():
             found = uses.get(name, [])
-            reason = self._problem(name, found, others[name], owners.get(name))
+            reason = self.untraced or self._problem(name, found, others[name], owners.get(name))
             if reason is not None:
                 result.uncovered[name] = reason
             elif not found:  # never used: every g_b is zero
@@ -614,6 +711,9 @@ class _Forward:
             if self.per_example:
                 result.values[name] = torch.cat(result.values[name])
             result.sources[name] = "+".join(sorted({r.source for r, _ in found}))
+
+
+_UNSEEN = "the one-example forward pass did not see this call"
 
 
 def _detach_hook(hooked: Hooked, detached: dict[str, Tensor]):

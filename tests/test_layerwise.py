@@ -249,9 +249,10 @@ def test_sequence_first_layers_are_not_mistaken_for_batch_first(length):
     torch.manual_seed(0)
     model = SequenceFirst().double()
     x = torch.randn(5, length, 4, dtype=torch.float64)
-    with pytest.warns(pergrad.FallbackWarning, match="'layer.linear1.weight': "):
+    with pytest.warns(pergrad.FallbackWarning, match="'layer.self_attn.in_proj_weight': "):
         sources = statistics(model, MSE, x, torch.randn_like(x))
-    assert sources["layer.linear1.weight"] == "func"
+    assert sources["layer.linear1.weight"] == "Linear"  # its (T, B, E) rows regrouped
+    assert sources["layer.self_attn.in_proj_weight"] == "func"
 
 
 def test_in_place_activation_after_a_layer():

@@ -219,12 +219,12 @@ class Mixing(nn.Module):
         return (x - x.mean(0)) * self.weight
 
 
-def test_a_layer_that_mixes_examples_is_refused_by_the_local_path():
+def test_a_layer_that_mixes_examples_is_refused():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), Mixing(), nn.Linear(4, 3)).double()
     x = torch.randn(5, 4, dtype=torch.float64)
-    engine = pergrad.PerExample(model, CROSS_ENTROPY, verify=False)  # test_verify.py: the rest
-    with pytest.warns(pergrad.FallbackWarning, match="'1.weight': Mixing: its output for one"):
+    engine = pergrad.PerExample(model, CROSS_ENTROPY, verify=False)
+    with pytest.raises(pergrad.InputError, match="combines examples: aten.mean"):
         engine.grads(x, torch.randint(0, 3, (5,)))
 
 

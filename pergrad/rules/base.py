@@ -75,6 +75,11 @@ per-example gradients in chunks is cheaper for this call."""
 SupportsFn = Callable[[nn.Module], "str | None"]
 """``supports(layer) -> None`` if the rule applies to the layer as configured, else why not."""
 
+FeaturesFn = Callable[[nn.Module], int]
+"""``features(layer) -> k``: the layer treats every dimension of its output but the last ``k``
+as positions, each computed from the same position of its inputs alone (a ``Linear``: 1), so a
+call's positions may be regrouped into ``(B, positions, …)`` however the model ordered them."""
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -84,6 +89,7 @@ class Rule:
     moments: MomentsFn | None = None
     supports: SupportsFn | None = None
     norms: NormsFn | None = None
+    features: FeaturesFn | None = None
 
 
 RULES: dict[type[nn.Module] | str, Rule] = {}
@@ -98,6 +104,7 @@ def register_rule(
     moments: MomentsFn | None = None,
     supports: SupportsFn | None = None,
     norms: NormsFn | None = None,
+    features: FeaturesFn | None = None,
 ) -> Callable[[GradsFn], GradsFn]:
     """Register the decorated ``grads(layer, call)`` as the rule of ``layer_type``.
 
@@ -108,14 +115,18 @@ def register_rule(
     ``(δ²)ᵀ(a²)``), or ``None`` for a call where it has none; ``norms``, optional, gives each
     example's ``|g_b|²`` (``|δ_b|²·|a_b|²``), which per-example clipping
     (``max_example_norm``) needs, or ``None`` likewise; ``supports`` says why a layer's
-    configuration is outside the rule (``None``: inside). A rule covers exactly its type, not
+    configuration is outside the rule (``None``: inside); ``features``, optional, says how many
+    trailing dimensions of the layer's output are features where every other dimension is a
+    position the layer computes alone (``Linear``: 1): then a call whose rows the model moved
+    between examples (flattened tokens, tokens routed to an expert) is regrouped by example
+    for the rule. A rule covers exactly its type, not
     subclasses. ``layer_type`` may also be the type's qualified name,
     ``"package.module.Class"``, so that registering does not import the package. Check a new
     rule with :func:`pergrad.testing.check_rule`.
 
     Raises:
         TypeError: ``layer_type`` is neither an ``nn.Module`` subclass nor a qualified name,
-            or ``moments``, ``supports`` or ``norms`` is not a function.
+            or ``moments``, ``supports``, ``norms`` or ``features`` is not a function.
         ValueError: ``layer_type`` already has a rule.
 
     Example:
@@ -129,7 +140,12 @@ def register_rule(
             f"layer_type must be an nn.Module subclass or a qualified name "
             f"'package.module.Class', got {layer_type!r}"
         )
-    for name, fn in (("moments", moments), ("supports", supports), ("norms", norms)):
+    for name, fn in (
+        ("moments", moments),
+        ("supports", supports),
+        ("norms", norms),
+        ("features", features),
+    ):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be a function or None, got {type(fn).__name__}")
     if layer_type in RULES:
@@ -142,7 +158,7 @@ def register_rule(
     def decorator(grads: GradsFn) -> GradsFn:
         if not callable(grads):
             raise TypeError(f"register_rule decorates a function, got {type(grads).__name__}")
-        RULES[layer_type] = Rule(grads, moments, supports, norms)
+        RULES[layer_type] = Rule(grads, moments, supports, norms, features)
         return grads
 
     return decorator

@@ -56,7 +56,9 @@ def _supports(layer: nn.Embedding) -> str | None:
     return "sparse=True gives sparse gradients" if layer.sparse else None
 
 
-@register_rule(nn.Embedding, moments=_moments, supports=_supports, norms=_norms)
+@register_rule(
+    nn.Embedding, moments=_moments, supports=_supports, norms=_norms, features=lambda layer: 1
+)
 def embedding(layer: nn.Embedding, call: Call) -> dict[str, Tensor]:
     keys, delta = _rows(layer, call)
     batch, (vocabulary, width) = call.batch_size, layer.weight.shape

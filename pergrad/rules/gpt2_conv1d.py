@@ -22,7 +22,9 @@ def _norms(layer: nn.Module, call: Call) -> dict[str, Tensor] | None:
     return {"weight": weight, "bias": linear.bias_norms(call.output_grad)}
 
 
-@register_rule("transformers.pytorch_utils.Conv1D", moments=_moments, norms=_norms)
+@register_rule(
+    "transformers.pytorch_utils.Conv1D", moments=_moments, norms=_norms, features=lambda layer: 1
+)
 def conv1d(layer: nn.Module, call: Call) -> dict[str, Tensor]:
     return {
         "weight": linear.weight_grads(call.input, call.output_grad).mT,

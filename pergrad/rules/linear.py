@@ -97,7 +97,7 @@ def _norms(layer: nn.Linear, call: Call) -> dict[str, Tensor] | None:
     return found
 
 
-@register_rule(nn.Linear, moments=_moments, norms=_norms)
+@register_rule(nn.Linear, moments=_moments, norms=_norms, features=lambda layer: 1)
 def linear(layer: nn.Linear, call: Call) -> dict[str, Tensor]:
     found = {"weight": weight_grads(call.input, call.output_grad)}
     if layer.bias is not None:

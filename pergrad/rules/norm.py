@@ -21,14 +21,14 @@ def _affine(layer: nn.Module, normalized: Tensor, delta: Tensor, shape) -> dict[
     return found
 
 
-@register_rule(nn.LayerNorm)
+@register_rule(nn.LayerNorm, features=lambda layer: len(layer.normalized_shape))
 def layer_norm(layer: nn.LayerNorm, call: Call) -> dict[str, Tensor]:
     shape = layer.normalized_shape
     normalized = F.layer_norm(call.input, shape, eps=layer.eps)
     return _affine(layer, normalized, call.output_grad, shape)
 
 
-@register_rule(nn.RMSNorm)
+@register_rule(nn.RMSNorm, features=lambda layer: len(layer.normalized_shape))
 def rms_norm(layer: nn.RMSNorm, call: Call) -> dict[str, Tensor]:
     shape = layer.normalized_shape
     normalized = F.rms_norm(call.input, shape, eps=layer.eps)

@@ -1,0 +1,1040 @@
+"""Which example each element of each tensor comes from, followed through one forward pass.
+
+While the model and the loss run, a ``TorchDispatchMode`` gives every tensor an operation
+produces a *tag*: for each element, the example whose inputs it was computed from, ``NONE``
+(no example: parameters, constants) or ``MIXED`` (several, or unknown). Tags over-approximate
+the flow of values: if a value flows into another, the other's tag includes the first's. So
+when example ``c``'s loss is tagged ``c`` (or ``NONE``), a row of a layer's output tagged
+``b`` reaches no loss but ``ℓ_b``, and its part of the layer's gradient belongs to ``g_b``,
+whatever moved it (flattening tokens, routing them to experts, sorting the batch) on the way.
+
+A tag is either an :class:`Axis` (the example is a digit of the index along one dimension:
+the batch as the model received it, or flattened into tokens or windows, known without
+looking at any data) or a *table*: an ``int64`` CPU tensor broadcastable to the value (right
+aligned), for data-dependent moves such as routing or sorting. Operations pergrad does not
+know give ``MIXED`` to their outputs, and say so in :attr:`Provenance.unknown`.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+NONE = -1
+"""Tag of an element computed from no example's inputs."""
+MIXED = -2
+"""Tag of an element that may come from several examples."""
+
+_BIG = 1 << 62
+_NOTHING = torch.tensor(NONE)
+_ALL = torch.tensor(MIXED)
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Axis:
+    """Element ``i`` along dimension ``dim`` (negative: counted from the right) belongs to
+    example ``(i // stride) % size``, whatever its other indices; that dimension's length is a
+    multiple of ``stride · size``."""
+
+    dim: int
+    stride: int
+    size: int
+
+    def table(self, length: int) -> Tensor:
+        ids = torch.arange(length) // self.stride % self.size
+        return ids.view(length, *[1] * (-self.dim - 1))
+
+
+Tag = Axis | Tensor
+
+
+def batch(ndim: int, size: int) -> Axis:
+    """The tag of a model input: example ``i`` is row ``i``."""
+    return Axis(-ndim, 1, size)
+
+
+def table(tag: Tag, shape: tuple[int, ...]) -> Tensor:
+    """The tag as a table broadcastable to ``shape``."""
+    if isinstance(tag, Axis):
+        return tag.table(shape[tag.dim])
+    return tag
+
+
+def merge(a: Tensor, b: Tensor) -> Tensor:
+    """Element-wise union of two tables (broadcast)."""
+    same = a == b
+    return torch.where(same, a, torch.where(a == NONE, b, torch.where(b == NONE, a, MIXED)))
+
+
+def reduce(tag: Tag, shape: tuple[int, ...], dims, keepdim: bool = True) -> Tag:
+    """The union of the tag over ``dims`` of a value of ``shape``, as for a reduction."""
+    ndim = len(shape)
+    dims = sorted({d % ndim for d in dims}) if ndim else []
+    if isinstance(tag, Axis):
+        axis = tag.dim % ndim
+        if axis in dims:
+            ids = shape[axis] // tag.stride
+            if min(ids, tag.size) <= 1:  # one example along it
+                tag = tag.table(shape[axis])
+            else:
+                return _ALL
+        elif keepdim:
+            return tag
+        else:
+            return Axis(tag.dim + sum(d > axis for d in dims), tag.stride, tag.size)
+    t = _pad(tag, ndim)
+    over = [d for d in dims if t.shape[d] > 1]
+    if over:
+        mixed = (t == MIXED).to(torch.int64).amax(over, keepdim=True)
+        low = torch.where(t >= 0, t, _BIG).amin(over, keepdim=True)
+        high = t.amax(over, keepdim=True)
+        one = torch.where(low == high, high, MIXED)
+        t = torch.where(mixed > 0, MIXED, torch.where(high < 0, NONE, one))
+    if not keepdim and dims:
+        t = t.squeeze(dims)
+    return _compact(t)
+
+
+def single(tag: Tag, shape: tuple[int, ...]) -> int:
+    """The union of the tag over the whole value: an example, ``NONE`` or ``MIXED``."""
+    if not shape:
+        return int(tag) if isinstance(tag, Tensor) else MIXED
+    return int(reduce(tag, shape, range(len(shape)), keepdim=False))
+
+
+def _pad(t: Tensor, ndim: int) -> Tensor:
+    """A table with ``ndim`` dimensions (size-1 ones added on the left)."""
+    return t.view(*[1] * (ndim - t.dim()), *t.shape) if t.dim() < ndim else t
+
+
+def _compact(t: Tensor) -> Tensor:
+    """A table with no dimension to spare: a scalar where every element has one tag, length 1
+    along every dimension it was only expanded along."""
+    if t.numel() == 1 or bool((t == t.reshape(-1)[0]).all()):
+        value = int(t.reshape(-1)[0])
+        return _NOTHING if value == NONE else _ALL if value == MIXED else torch.tensor(value)
+    for d in range(t.dim()):
+        if t.stride(d) == 0 and t.shape[d] > 1:
+            t = t.narrow(d, 0, 1)
+    return t
+
+
+def _full(tag: Tag, shape) -> Tensor:
+    """The table expanded to ``shape`` (a view, no copy)."""
+    return _pad(table(tag, shape), len(shape)).expand(shape)
+
+
+def reshaped(tag: Tag, before: tuple[int, ...], after: tuple[int, ...]) -> Tag:
+    """The tag of a value of shape ``before`` viewed as ``after`` (same elements in order)."""
+    if isinstance(tag, Axis) and before:
+        d = tag.dim % len(before)
+        place = math.prod(before[d + 1 :]) * tag.stride  # the example's digit, in elements
+        inner = 1
+        for e in range(len(after) - 1, -1, -1):
+            length = after[e]
+            if inner <= place < inner * length or (length == 1 and place == inner):
+                stride = place // inner
+                if place % inner == 0 and length % (stride * tag.size) == 0:
+                    return Axis(e - len(after), stride, tag.size)
+                break
+            inner *= length
+    if isinstance(tag, Tensor) and tag.dim() == 0:
+        return tag
+    return _compact(_full(tag, before).reshape(after))
+
+
+def unmarked(tag: Tag) -> bool:
+    """Whether every element of a value with this tag comes from no example."""
+    return isinstance(tag, Tensor) and tag.dim() == 0 and int(tag) == NONE
+
+
+def in_order(tag: Tag, shape: tuple[int, ...], size: int) -> bool:
+    """Whether a value's rows are the batch as the model received it (row ``b`` example
+    ``b``), or it comes from no example."""
+    if isinstance(tag, Axis):
+        return tag == Axis(-len(shape), 1, size) and shape[0] == size
+    if unmarked(tag):
+        return True
+    if tag.dim() == 0:  # one example throughout
+        return size == 1 and int(tag) == 0 and bool(shape) and shape[0] == 1
+    if not shape or shape[0] != size or tag.dim() != len(shape) or tag.shape[0] != size:
+        return False
+    ids = rows(tag, shape, len(shape) - 1)
+    return ids is not None and torch.equal(ids, torch.arange(size))
+
+
+def rows(tag: Tag, shape: tuple[int, ...], features: int) -> Tensor | None:
+    """The example of each position of a value of ``shape`` whose last ``features``
+    dimensions are features, flattened: ``(positions,)``; ``None`` where a position's
+    features do not all come from the same single example."""
+    leading = shape[: len(shape) - features]
+    t = reduce(tag, shape, range(len(leading), len(shape)), keepdim=False)
+    ids = _full(t, leading).reshape(-1)
+    return ids if bool((ids >= 0).all()) else None
+
+
+class Provenance(TorchDispatchMode):
+    """Tags every tensor the operations run under it produce. Enter it around the forward
+    pass and the loss; tag the model's inputs with :meth:`set` first."""
+
+    def __init__(self):
+        super().__init__()
+        self.mixing: list[str] = []  # operations that combined several examples
+        self.unknown: list[str] = []  # operations pergrad does not follow
+        self.poisoned: set[int] = set()  # storages changed where an alias may read them
+        self._tags: dict[int, tuple] = {}  # id(tensor) -> (weak reference, tag, version)
+
+    # tags on tensors ------------------------------------------------------------------------
+
+    def tag(self, x: Tensor) -> Tag:
+        """The tag of ``x``; ``NONE`` for tensors this pass did not produce."""
+        found = self._tags.get(id(x))
+        if found is None or found[0]() is not x:
+            if self.poisoned and _storage(x) in self.poisoned:
+                return _ALL
+            return _NOTHING
+        if found[2] != x._version and _storage(x) in self.poisoned:
+            return _ALL
+        return found[1]
+
+    def set(self, x: Tensor, tag: Tag, writes: int = 0, version: int | None = None) -> None:
+        version = x._version if version is None else version
+        self._tags[id(x)] = (weakref.ref(x), tag, version + writes)
+
+    def _write(self, x: Tensor, tag: Tag) -> None:
+        """``x`` changed in place to ``tag``: its aliases' tags no longer hold. (Autograd
+        counts the change only after the operation returns to it.)"""
+        if not _same(tag, self.tag(x)):
+            self.poisoned.add(_storage(x))
+            base = x._base
+            if base is not None and base.layout == torch.strided and base.is_contiguous():
+                self._write_through(base, x, tag)
+        self.set(x, tag, writes=1)
+
+    def _write_through(self, base: Tensor, view: Tensor, tag: Tag) -> None:
+        """The base of a view written in place: the view's elements take the view's tag."""
+        whole = _full(self.tag(base), tuple(base.shape)).reshape(-1).clone()
+        offset = view.storage_offset() - base.storage_offset()
+        where = torch.arange(base.numel()).as_strided(view.shape, view.stride(), offset)
+        whole[where.reshape(-1)] = _full(tag, tuple(view.shape)).reshape(-1)
+        self.set(base, _compact(whole.view(base.shape)), writes=1)
+
+    # the dispatch ---------------------------------------------------------------------------
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        handler = _HANDLERS.get(func.overloadpacket)
+        if handler is None and torch.Tag.pointwise in func.tags:
+            handler = _pointwise
+        try:
+            try:
+                if handler is None:
+                    raise _Unknown
+                tags = handler(self, func, args, kwargs, out)
+            except _Unknown:
+                tags = self._unknown(func, args, kwargs)
+            self._assign(func, args, kwargs, out, tags)
+        except Exception as error:  # a case a handler does not cover: nothing is known
+            self.unknown.append(f"{func} ({type(error).__name__}: {error})")
+            self._assign(func, args, kwargs, out, _ALL)
+        return out
+
+    def _assign(self, func, args, kwargs, out, tags) -> None:
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        if not isinstance(tags, (tuple, list)):
+            tags = [tags] * len(outputs)
+        written = [] if func.overloadpacket in _RESHAPED_IN_PLACE else _written(func, args, kwargs)
+        # a view shares its input's count of changes, but only once the operation returns
+        version = args[0]._version if _is_view(func) and isinstance(args[0], Tensor) else None
+        for x, tag in zip(outputs, tags):
+            if isinstance(x, Tensor):
+                if any(x is w for w in written):
+                    self._write(x, tag)
+                else:
+                    self.set(x, tag, version=version)
+        for w in written:  # changed, not returned (a batch norm's running statistics)
+            if not any(w is x for x in outputs):
+                self._write(w, _ALL)
+
+    def _unknown(self, func, args, kwargs) -> Tensor:
+        """Outside what pergrad follows: the union of every input over everything."""
+        found = NONE
+        for x in _tensor_args(args, kwargs):
+            one = single(self.tag(x), tuple(x.shape))
+            found = one if found in (NONE, one) else MIXED
+        if found == MIXED:
+            self.unknown.append(str(func))
+        return torch.tensor(found)
+
+    def tags(self, args) -> list[Tag]:
+        return [self.tag(x) for x in args]
+
+
+class _Unknown(Exception):
+    pass
+
+
+def _same(a: Tag, b: Tag) -> bool:
+    if isinstance(a, Axis) or isinstance(b, Axis):
+        return a == b
+    return a is b or (a.shape == b.shape and bool((a == b).all()))
+
+
+def _storage(x: Tensor) -> int:
+    return x.untyped_storage().data_ptr()
+
+
+_WRITES: dict = {}
+
+
+def _written(func, args, kwargs) -> list[Tensor]:
+    """The tensors the operation changes in place."""
+    writes = _WRITES.get(func)
+    if writes is None:
+        schema = func._schema
+        writes = _WRITES[func] = [
+            (i, argument.name)
+            for i, argument in enumerate(schema.arguments)
+            if argument.alias_info is not None and argument.alias_info.is_write
+        ]
+    found = []
+    for i, name in writes:
+        value = args[i] if i < len(args) else kwargs.get(name)
+        found.extend(x for x in pytree.tree_leaves(value) if isinstance(x, Tensor))
+    return found
+
+
+_VIEWS: dict = {}
+
+
+def _is_view(func) -> bool:
+    """Whether the operation returns views of its first input."""
+    found = _VIEWS.get(func)
+    if found is None:
+        returns = func._schema.returns
+        found = _VIEWS[func] = bool(returns) and returns[0].alias_info is not None
+    return found
+
+
+def _tensor_args(args, kwargs) -> list[Tensor]:
+    return [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, Tensor)]
+
+
+# handlers: (mode, func, args, kwargs, out) -> tag, or a list of tags for several outputs ------
+
+_HANDLERS: dict = {}
+
+
+def _handles(*packets):
+    def register(handler):
+        for packet in packets:
+            _HANDLERS[packet] = handler
+        return handler
+
+    return register
+
+
+def _union(mode: Provenance, values: list[Tensor], shape) -> Tag:
+    """Element-wise union of the tags of ``values`` broadcast to ``shape``."""
+    found: Tag | None = None
+    for x in values:
+        tag = mode.tag(x)
+        if tag is _NOTHING:
+            continue
+        if isinstance(tag, Axis) and x.dim() and x.shape[tag.dim] != shape[tag.dim]:
+            tag = tag.table(x.shape[tag.dim])  # broadcast from length 1
+        if found is None or _same(found, tag):
+            found = tag
+        else:
+            found = _compact(merge(table(found, shape), table(tag, shape)))
+    return _NOTHING if found is None else found
+
+
+def _pointwise(mode, func, args, kwargs, out):
+    shape = tuple(_first(out).shape)
+    tag = _union(mode, _tensor_args(args, kwargs), shape)
+    return tag
+
+
+def _first(out) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@_handles(aten.masked_fill, aten.where, aten.clamp, aten.lerp, aten.addcmul, aten.addcdiv)
+def _also_pointwise(mode, func, args, kwargs, out):
+    return _pointwise(mode, func, args, kwargs, out)
+
+
+@_handles(
+    aten.arange, aten.zeros, aten.ones, aten.full, aten.scalar_tensor, aten.randn, aten.rand,
+    aten.randint, aten.randperm, aten.zeros_like, aten.ones_like, aten.full_like,
+    aten.rand_like, aten.randn_like, aten.randint_like, aten.linspace, aten.eye, aten.tril_indices,
+    aten.triu_indices, aten.fill, aten.fill_, aten.zero_, aten.normal_, aten.uniform_,
+    aten.random_, aten.exponential_, aten.sym_size, aten.sym_stride, aten.sym_numel,
+    aten._local_scalar_dense, aten.is_nonzero, aten.equal,
+)  # fmt: skip
+def _constant(mode, func, args, kwargs, out):
+    if func.overloadpacket in (aten.fill, aten.fill_) and isinstance(args[1], Tensor):
+        return _union(mode, [args[1]], tuple(out.shape))
+    return _NOTHING
+
+
+@_handles(aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided)
+def _uninitialized(mode, func, args, kwargs, out):
+    return _ALL  # whatever a kernel mode cannot see writes into it
+
+
+@_handles(aten.new_zeros, aten.new_ones, aten.new_full, aten.bernoulli_, aten.bernoulli)
+def _like(mode, func, args, kwargs, out):
+    if func.overloadpacket in (aten.bernoulli, aten.bernoulli_) and len(args) > 1:
+        if isinstance(args[1], Tensor):
+            return _union(mode, [args[1]], tuple(out.shape))
+    if func.overloadpacket is aten.bernoulli:
+        return _union(mode, [args[0]], tuple(out.shape))
+    return _NOTHING
+
+
+@_handles(
+    aten.alias, aten.detach, aten.clone, aten._to_copy, aten.lift_fresh, aten.lift_fresh_copy,
+    aten.contiguous, aten.resolve_conj, aten.resolve_neg, aten._conj, aten.expand, aten.to,
+    aten.native_dropout,
+)  # fmt: skip
+def _same_tag(mode, func, args, kwargs, out):
+    tag = mode.tag(args[0])
+    if func.overloadpacket is aten.native_dropout:
+        return [tag, tag]
+    return tag
+
+
+@_handles(aten.copy_, aten.copy)
+def _copy(mode, func, args, kwargs, out):
+    return _union(mode, [args[1]], tuple(args[0].shape))
+
+
+@_handles(aten.view, aten._unsafe_view, aten.reshape, aten._reshape_alias, aten.unsqueeze,
+          aten.squeeze, aten.flatten, aten.unflatten, aten.view_as)  # fmt: skip
+def _reshape(mode, func, args, kwargs, out):
+    return reshaped(mode.tag(args[0]), tuple(args[0].shape), tuple(out.shape))
+
+
+_RESHAPED_IN_PLACE = {aten.transpose_, aten.t_, aten.swapaxes_, aten.squeeze_, aten.unsqueeze_}
+"""In-place changes of a tensor's shape: no element changes, so no alias's tag does."""
+
+
+@_handles(aten.unsqueeze_)
+def _unsqueeze_in_place(mode, func, args, kwargs, out):
+    x = args[0]
+    before = list(x.shape)
+    del before[args[1] % x.dim()]
+    return reshaped(mode.tag(x), tuple(before), tuple(x.shape))
+
+
+@_handles(aten.permute, aten.transpose, aten.t, aten.movedim, aten.swapaxes, aten.numpy_T,
+          aten.transpose_, aten.t_, aten.swapaxes_)  # fmt: skip
+def _permute(mode, func, args, kwargs, out):
+    x = args[0]
+    ndim = x.dim()
+    if ndim < 2:
+        return mode.tag(x)
+    packet = func.overloadpacket
+    if packet is aten.permute:
+        order = [d % ndim for d in args[1]]
+    elif packet in (aten.t, aten.t_, aten.numpy_T):
+        order = list(range(ndim))[::-1]
+    elif packet in (aten.transpose, aten.swapaxes, aten.transpose_, aten.swapaxes_):
+        order = list(range(ndim))
+        a, b = args[1] % ndim, args[2] % ndim
+        order[a], order[b] = order[b], order[a]
+    else:
+        raise _Unknown
+    tag = mode.tag(x)
+    if isinstance(tag, Axis):
+        new = order.index(tag.dim % ndim)
+        return Axis(new - ndim, tag.stride, tag.size)
+    if tag.dim() == 0:
+        return tag
+    return _compact(_pad(tag, ndim).permute(order))
+
+
+@_handles(aten.select)
+def _select(mode, func, args, kwargs, out):
+    x, dim, index = args[0], args[1] % args[0].dim(), args[2]
+    tag = mode.tag(x)
+    if isinstance(tag, Axis):
+        axis = tag.dim % x.dim()
+        if axis == dim:
+            return torch.tensor(int(tag.table(x.shape[dim]).reshape(-1)[index]))
+        return tag if dim < axis else Axis(tag.dim + 1, tag.stride, tag.size)
+    t = _pad(tag, x.dim())
+    return _compact(t.select(dim, index if t.shape[dim] > 1 else 0))
+
+
+@_handles(aten.slice)
+def _slice(mode, func, args, kwargs, out):
+    x = args[0]
+    dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % x.dim()
+    start = args[2] if len(args) > 2 else kwargs.get("start")
+    end = args[3] if len(args) > 3 else kwargs.get("end")
+    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+    return _sliced(mode.tag(x), tuple(x.shape), dim, slice(start, end, step))
+
+
+def _sliced(tag: Tag, shape, dim: int, part: slice) -> Tag:
+    if isinstance(tag, Axis):
+        axis = tag.dim % len(shape)
+        if axis != dim:
+            return tag
+        tag = tag.table(shape[dim])
+    t = _pad(tag, len(shape))
+    if t.shape[dim] == 1:
+        return tag
+    index = [slice(None)] * len(shape)
+    index[dim] = part
+    return _compact(t[tuple(index)])
+
+
+@_handles(aten.split, aten.split_with_sizes, aten.unbind, aten.chunk, aten.unsafe_split,
+          aten.tensor_split, aten.split_with_sizes_copy, aten.unsafe_split_with_sizes)  # fmt: skip
+def _split(mode, func, args, kwargs, out):
+    x = args[0]
+    dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % x.dim()
+    if func.overloadpacket is aten.unbind:
+        dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % x.dim()
+    tag, shape, found, start = mode.tag(x), tuple(x.shape), [], 0
+    for piece in out:
+        if func.overloadpacket is aten.unbind:
+            found.append(_select(mode, aten.select.int, (x, dim, start), {}, piece))
+            start += 1
+            continue
+        length = piece.shape[dim]
+        found.append(_sliced(tag, shape, dim, slice(start, start + length)))
+        start += length
+    return found
+
+
+@_handles(aten.cat)
+def _cat(mode, func, args, kwargs, out):
+    values = [x for x in args[0] if not (x.dim() == 1 and x.numel() == 0)]
+    dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % out.dim()
+    tags = [mode.tag(x) for x in values]
+    known = [t for t in tags if t is not _NOTHING]
+    if not known:
+        return _NOTHING
+    if (
+        all(isinstance(t, Axis) and t == known[0] for t in known)
+        and known[0].dim % out.dim() != dim
+    ):
+        return known[0]  # a position without an example takes that of its neighbours
+    parts = []
+    for x, t in zip(values, tags):
+        full = _pad(table(t, tuple(x.shape)), out.dim())
+        sizes = [1 if s == 1 else n for s, n in zip(full.shape, out.shape)]
+        sizes[dim] = x.shape[dim]
+        parts.append(full.expand(sizes))
+    sizes = [max(p.shape[d] for p in parts) for d in range(out.dim())]
+    parts = [p.expand(*sizes[:dim], p.shape[dim], *sizes[dim + 1 :]) for p in parts]
+    return _compact(torch.cat(parts, dim))
+
+
+@_handles(aten.stack)
+def _stack(mode, func, args, kwargs, out):
+    dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % out.dim()
+    shapes = [(*x.shape[:dim], 1, *x.shape[dim:]) for x in args[0]]
+    tags = [reshaped(mode.tag(x), tuple(x.shape), s) for x, s in zip(args[0], shapes)]
+    if all(isinstance(t, Axis) and t == tags[0] for t in tags) and tags[0].dim % out.dim() != dim:
+        return tags[0]
+    return _compact(torch.cat([_full(t, s) for t, s in zip(tags, shapes)], dim))
+
+
+@_handles(aten.flip, aten.roll, aten.repeat, aten.constant_pad_nd, aten.unfold, aten.tile,
+          aten.diagonal, aten.tril, aten.triu)  # fmt: skip
+def _moves(mode, func, args, kwargs, out):
+    """Operations that move elements: the same operation on the table."""
+    x = args[0]
+    tag = mode.tag(x)
+    packet = func.overloadpacket
+    if packet in (aten.tril, aten.triu):  # zeros where the mask says: no new example
+        return tag
+    if isinstance(tag, Tensor) and tag.dim() == 0:
+        return tag
+    if isinstance(tag, Axis):
+        axis = tag.dim % x.dim()
+        untouched = {
+            aten.flip: lambda: axis not in [d % x.dim() for d in args[1]],
+            aten.roll: lambda: (
+                len(args) > 2 and len(args[2]) > 0 and axis not in [d % x.dim() for d in args[2]]
+            ),
+            aten.repeat: lambda: args[1][len(args[1]) - x.dim() + axis] == 1,
+            aten.constant_pad_nd: lambda: axis < x.dim() - len(args[1]) // 2,
+            aten.unfold: lambda: axis != args[1] % x.dim(),
+        }.get(packet)
+        if untouched is not None and untouched():
+            return tag if packet is not aten.unfold else Axis(tag.dim - 1, tag.stride, tag.size)
+    full = _full(tag, tuple(x.shape))
+    if packet is aten.constant_pad_nd:
+        return _compact(torch.constant_pad_nd(full, args[1], NONE))
+    rest = [a for a in args[1:]]
+    return _compact(func(full.contiguous(), *rest))
+
+
+_REDUCTIONS = {
+    # packet: (position of dims, position of keepdim); dims None means all
+    aten.sum: (1, 2), aten.mean: (1, 2), aten.amax: (1, 2), aten.amin: (1, 2),
+    aten.prod: (1, 2), aten.logsumexp: (1, 2), aten.any: (1, 2), aten.all: (1, 2),
+    aten.nansum: (1, 2), aten.argmax: (1, 2), aten.argmin: (1, 2), aten.max: (1, 2),
+    aten.min: (1, 2), aten.linalg_vector_norm: (2, 3), aten.norm: (2, 3), aten.var: (1, 3),
+    aten.std: (1, 3), aten.var_mean: (1, 3), aten.std_mean: (1, 3), aten.count_nonzero: (1, None),
+    aten.median: (1, 2), aten.aminmax: (1, 2), aten.nanmedian: (1, 2), aten.mode: (1, 2),
+    aten.kthvalue: (2, 3),
+}  # fmt: skip
+
+
+@_handles(*_REDUCTIONS)
+def _reduction(mode, func, args, kwargs, out):
+    x = args[0]
+    shape = tuple(x.shape)
+    at, keep_at = _REDUCTIONS[func.overloadpacket]
+    names = [a.name for a in func._schema.arguments]
+    dims = _argument(args, kwargs, names, at, ("dim",))
+    keepdim = bool(_argument(args, kwargs, names, keep_at, ("keepdim",)) or False)
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        dims, keepdim = range(x.dim()), keepdim and dims is not None
+    elif isinstance(dims, int):
+        dims = [dims]
+    if not shape:
+        return mode.tag(x)
+    tag = reduce(mode.tag(x), shape, dims, keepdim)
+    _note_mixing(mode, func, x, tag)
+    return tag
+
+
+def _argument(args, kwargs, names, at, keys):
+    """The argument at position ``at`` (checked against the schema's names) or by keyword."""
+    if at is not None and at < len(args) and at < len(names) and names[at] in keys + ("dims",):
+        return args[at]
+    for key in keys + ("dims",):
+        if key in kwargs:
+            return kwargs[key]
+    return None
+
+
+def _note_mixing(mode, func, x, tag) -> None:
+    if isinstance(tag, Tensor) and bool((tag == MIXED).any()):
+        before = mode.tag(x)
+        if isinstance(before, Axis) or not bool((before == MIXED).any()):
+            mode.mixing.append(str(func))
+
+
+@_handles(aten._softmax, aten._log_softmax, aten._safe_softmax, aten.cumsum, aten.cumprod,
+          aten.logcumsumexp, aten.cummax, aten.cummin, aten.softmax, aten.log_softmax,
+          aten.glu)  # fmt: skip
+def _along(mode, func, args, kwargs, out):
+    x, dim = args[0], args[1]
+    tag = reduce(mode.tag(x), tuple(x.shape), [dim]) if x.dim() else mode.tag(x)
+    _note_mixing(mode, func, x, tag)
+    return [tag, tag] if isinstance(out, (tuple, list)) else tag
+
+
+@_handles(aten.sort, aten.topk, aten.argsort)
+def _sort(mode, func, args, kwargs, out):
+    """Values and indices point at the elements they came from (topk's choice of elements
+    along a dimension with several examples depends on all of them: mixed)."""
+    x = args[0]
+    names = [a.name for a in func._schema.arguments]
+    dim = _argument(args, kwargs, names, names.index("dim"), ("dim",))
+    dim = -1 if dim is None else dim
+    if not x.dim():
+        return mode.tag(x)
+    tag = mode.tag(x)
+    along = reduce(tag, tuple(x.shape), [dim])
+    if (
+        isinstance(along, Tensor)
+        and bool((along == MIXED).any())
+        and func.overloadpacket is aten.topk
+    ):
+        mode.mixing.append(str(func))
+        return [_ALL, _ALL]
+    indices = out if func.overloadpacket is aten.argsort else out[1]
+    picked = _full(tag, tuple(x.shape)).gather(dim, indices.cpu())
+    picked = (
+        _compact(picked) if not isinstance(tag, Axis) or tag.dim % x.dim() == dim % x.dim() else tag
+    )
+    return picked if func.overloadpacket is aten.argsort else [picked, picked]
+
+
+@_handles(aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.dot, aten.vdot, aten.mv,
+          aten.addmv, aten.matmul, aten._int_mm)  # fmt: skip
+def _matmul(mode, func, args, kwargs, out):
+    if func.overloadpacket in (aten.addmm, aten.baddbmm, aten.addmv):
+        bias, a, b = args[0], args[1], args[2]
+    else:
+        bias, a, b = None, args[0], args[1]
+    shape = tuple(out.shape)
+    if a.dim() == 1:
+        rows: Tag = torch.tensor(single(mode.tag(a), tuple(a.shape)))
+    else:
+        rows = reduce(mode.tag(a), tuple(a.shape), [-1], keepdim=b.dim() != 1)
+    if b.dim() == 1:
+        columns: Tag = torch.tensor(single(mode.tag(b), tuple(b.shape)))
+    else:
+        columns = reduce(mode.tag(b), tuple(b.shape), [-2], keepdim=a.dim() != 1)
+    tags = [rows, columns]
+    if bias is not None:
+        tags.append(_union(mode, [bias], shape))
+    found = _combine(tags, shape)
+    if not isinstance(found, Axis):
+        _note_mixing(mode, func, a, found)
+    return found
+
+
+def _combine(tags: list[Tag], shape: tuple[int, ...]) -> Tag:
+    """The element-wise union of tags of values broadcast to ``shape``."""
+    found: Tag = _NOTHING
+    for tag in tags:
+        if isinstance(tag, Tensor) and tag.dim() == 0 and int(tag) == NONE:
+            continue
+        if found is _NOTHING or _same(found, tag):
+            found = tag
+        else:
+            found = _compact(merge(table(found, shape), table(tag, shape)))
+    return found
+
+
+@_handles(
+    aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention,
+    aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention,
+    aten._scaled_dot_product_attention_math, aten._flash_attention_forward,
+    aten._efficient_attention_forward, aten.scaled_dot_product_attention,
+)  # fmt: skip
+def _attention(mode, func, args, kwargs, out):
+    """A query's output comes from its own row, every key and value, and its mask row."""
+    q, k, v = args[:3]
+    first = _first(out)
+    shape = tuple(first.shape)
+    names = [a.name for a in func._schema.arguments]
+    mask = None
+    for key in ("attn_mask", "attn_bias"):
+        if key in names:
+            at = names.index(key)
+            mask = args[at] if at < len(args) else kwargs.get(key)
+    tags = [reduce(mode.tag(q), tuple(q.shape), [-1])]
+    tags += [reduce(mode.tag(x), tuple(x.shape), [-2, -1]) for x in (k, v)]
+    if isinstance(mask, Tensor):
+        tags.append(reduce(mode.tag(mask), tuple(mask.shape), [-1]))
+    found = _combine(tags, shape)
+    if isinstance(out, (tuple, list)):
+        return [found] + [_ALL] * (len(out) - 1)
+    return found
+
+
+@_handles(aten.convolution, aten._convolution, aten.convolution_overrideable,
+          aten.mkldnn_convolution, aten.cudnn_convolution)  # fmt: skip
+def _convolution(mode, func, args, kwargs, out):
+    x, weight = args[0], args[1]
+    bias = args[2] if len(args) > 2 and isinstance(args[2], Tensor) else None
+    tag = reduce(mode.tag(x), tuple(x.shape), range(1, x.dim()))
+    for param in (weight, bias):
+        if param is not None and single(mode.tag(param), tuple(param.shape)) != NONE:
+            raise _Unknown
+    _note_mixing(mode, func, x, tag)
+    return tag
+
+
+@_handles(aten.native_layer_norm, aten.native_group_norm, aten._fused_rms_norm)
+def _norm(mode, func, args, kwargs, out):
+    x = args[0]
+    packet = func.overloadpacket
+    if packet is aten.native_group_norm:
+        dims = range(1, x.dim())
+    else:
+        dims = range(x.dim() - len(args[1]), x.dim())
+    tag = reduce(mode.tag(x), tuple(x.shape), dims)
+    for extra in args[2:4] if packet is not aten.native_group_norm else args[1:3]:
+        if isinstance(extra, Tensor) and mode.tag(extra) is not _NOTHING:
+            raise _Unknown
+    if packet is aten.native_group_norm:
+        per_example = reduce(tag, tuple(x.shape), range(1, x.dim()), keepdim=False)
+        stats = (
+            per_example.unsqueeze(-1)
+            if isinstance(per_example, Tensor) and per_example.dim()
+            else (
+                Axis(-2, per_example.stride, per_example.size)
+                if isinstance(per_example, Axis)
+                else per_example
+            )
+        )
+        return [tag, stats, stats]
+    return [tag] * len(out) if isinstance(out, (tuple, list)) else tag
+
+
+@_handles(aten._native_batch_norm_legit, aten.native_batch_norm,
+          aten._native_batch_norm_legit_functional, aten._native_batch_norm_legit_no_training,
+          aten.cudnn_batch_norm, aten.miopen_batch_norm)  # fmt: skip
+def _batch_norm(mode, func, args, kwargs, out):
+    x = args[0]
+    names = [a.name for a in func._schema.arguments]
+    training = func.overloadpacket is not aten._native_batch_norm_legit_no_training and bool(
+        args[names.index("training")] if "training" in names else True
+    )
+    dims = [d for d in range(x.dim()) if d != 1] if training else []
+    tag = reduce(mode.tag(x), tuple(x.shape), dims)
+    _note_mixing(mode, func, x, tag)
+    return [tag] + [_ALL] * (len(out) - 1)
+
+
+@_handles(aten.embedding)
+def _embedding(mode, func, args, kwargs, out):
+    weight, indices = args[0], args[1]
+    if single(mode.tag(weight), tuple(weight.shape)) != NONE:
+        raise _Unknown
+    tag = mode.tag(indices)
+    if isinstance(tag, Axis):
+        return Axis(tag.dim - 1, tag.stride, tag.size)
+    return tag.unsqueeze(-1) if tag.dim() else tag
+
+
+@_handles(aten.nonzero, aten.argwhere)
+def _nonzero(mode, func, args, kwargs, out):
+    """Each coordinate points at an element of the mask: that element's example."""
+    x = args[0]
+    ids = _full(mode.tag(x), tuple(x.shape))[x.cpu() != 0]
+    return _compact(ids.unsqueeze(-1))
+
+
+@_handles(aten.masked_select)
+def _masked_select(mode, func, args, kwargs, out):
+    x, mask = args[0], args[1]
+    shape = torch.broadcast_shapes(x.shape, mask.shape)
+    tag = _union(mode, [x, mask], tuple(shape))
+    return _compact(_full(tag, tuple(shape))[mask.cpu().expand(shape)])
+
+
+def _advanced(mode: Provenance, shape, indices) -> tuple[tuple, Tensor | None, int, tuple]:
+    """For ``value[indices]`` (advanced indexing, as ``aten.index`` takes it): the indices on
+    the CPU (masks as coordinates), the union of the index tensors' own tags laid out as the
+    indexed dimensions of the result (``None``: all ``NONE``), where those dimensions start in
+    the result, and their shape."""
+    cpu, entries, d = [], [], 0
+    for i in indices:
+        if i is None:  # this dimension whole (in Python's indexing, None adds one)
+            cpu.append(slice(None))
+            d += 1
+            continue
+        tag = mode.tag(i)
+        if i.dtype in (torch.bool, torch.uint8):
+            mask = i.cpu().bool()
+            coordinates = mask.nonzero(as_tuple=True)
+            picked = None if tag is _NOTHING else _full(tag, tuple(i.shape))[mask]
+            for c in coordinates:
+                cpu.append(c)
+                entries.append((d, c, picked))
+                d += 1
+        else:
+            c = i.cpu()
+            cpu.append(c)
+            entries.append((d, c, None if tag is _NOTHING else _full(tag, tuple(i.shape))))
+            d += 1
+    dims = [e[0] for e in entries]
+    start = dims[0] if dims == list(range(dims[0], dims[0] + len(dims))) else 0
+    index_shape = tuple(torch.broadcast_shapes(*[c.shape for _, c, _ in entries]))
+    trailing = len(shape) - len(dims)
+    tags = None
+    for _, _, t in entries:
+        if t is not None:
+            t = t.expand(index_shape).reshape(*[1] * start, *index_shape, *[1] * (trailing - start))
+            tags = t if tags is None else merge(tags, t)
+    return tuple(cpu), tags, start, index_shape
+
+
+@_handles(aten.index, aten._unsafe_index)
+def _index(mode, func, args, kwargs, out):
+    x = args[0]
+    cpu, tags, _, _ = _advanced(mode, tuple(x.shape), args[1])
+    found = _full(mode.tag(x), tuple(x.shape))[cpu]
+    return _compact(found if tags is None else merge(found, tags))
+
+
+@_handles(aten.index_select)
+def _index_select(mode, func, args, kwargs, out):
+    x, dim, index = args[0], args[1] % max(1, args[0].dim()), args[2]
+    tag = mode.tag(x)
+    if mode.tag(index) is _NOTHING and isinstance(tag, Axis) and tag.dim % x.dim() != dim:
+        return tag
+    if isinstance(tag, Tensor) and tag.dim() == 0 and mode.tag(index) is _NOTHING:
+        return tag
+    picked = _full(tag, tuple(x.shape)).index_select(dim, index.cpu())
+    index_tag = mode.tag(index)
+    if index_tag is not _NOTHING:
+        t = _full(index_tag, tuple(index.shape)).reshape(*[1] * dim, -1, *[1] * (x.dim() - dim - 1))
+        picked = merge(picked, t)
+    return _compact(picked.contiguous())
+
+
+@_handles(aten.gather)
+def _gather(mode, func, args, kwargs, out):
+    x, dim, index = args[0], args[1] % max(1, args[0].dim()), args[2]
+    tag = mode.tag(x)
+    index_tag = mode.tag(index)
+    if (
+        isinstance(tag, Axis)
+        and tag.dim % x.dim() != dim
+        and (index_tag is _NOTHING or index_tag == tag)
+    ):
+        if index.shape[tag.dim] == x.shape[tag.dim]:
+            return tag
+    picked = _full(tag, tuple(x.shape)).gather(dim, index.cpu())
+    if index_tag is not _NOTHING:
+        picked = merge(picked, _full(index_tag, tuple(index.shape)))
+    return _compact(picked)
+
+
+@_handles(aten.index_add, aten.index_add_, aten.index_copy, aten.index_copy_, aten.index_fill,
+          aten.index_fill_, aten.scatter, aten.scatter_, aten.scatter_add, aten.scatter_add_,
+          aten.scatter_reduce, aten.scatter_reduce_, aten.index_put, aten.index_put_,
+          aten._index_put_impl_, aten.masked_scatter, aten.masked_scatter_)  # fmt: skip
+def _scatter(mode, func, args, kwargs, out):
+    """Element-wise union, at every position written, of what was there and what is
+    written (and of the index that chose the position)."""
+    x = args[0]
+    shape = tuple(x.shape)
+    positions = torch.arange(x.numel()).view(shape) if shape else torch.arange(1).view(())
+    packet = func.overloadpacket
+    source: Tensor | None = None
+    if packet in (aten.index_add, aten.index_add_, aten.index_copy, aten.index_copy_,
+                  aten.index_fill, aten.index_fill_):  # fmt: skip
+        dim, index = args[1] % max(1, x.dim()), args[2]
+        source = args[3] if len(args) > 3 and isinstance(args[3], Tensor) else None
+        where = positions.index_select(dim, index.cpu()) if x.dim() else positions
+        chosen = [(index, dim)]
+    elif packet in (aten.scatter, aten.scatter_, aten.scatter_add, aten.scatter_add_,
+                    aten.scatter_reduce, aten.scatter_reduce_):  # fmt: skip
+        dim, index = args[1] % max(1, x.dim()), args[2]
+        source = args[3] if len(args) > 3 and isinstance(args[3], Tensor) else None
+        where = positions.gather(dim, index.cpu())
+        chosen = [(index, None)]
+    elif packet in (aten.masked_scatter, aten.masked_scatter_):
+        mask = args[1].cpu().expand(shape)
+        where = positions[mask]
+        source = args[2]
+        chosen = [(args[1], "mask")]
+    else:  # index_put
+        cpu, tags, _, _ = _advanced(mode, shape, args[1])
+        where, source, chosen = positions[cpu], args[2], []
+    old = _full(mode.tag(x), shape).reshape(-1) if shape else table(mode.tag(x), shape).reshape(1)
+    new = torch.full(where.shape, NONE, dtype=torch.int64)
+    if source is not None:
+        written = _full(mode.tag(source), tuple(source.shape))
+        if packet in (aten.masked_scatter, aten.masked_scatter_):
+            written = written.reshape(-1)[: where.numel()]
+        elif written.shape != where.shape:
+            written = (
+                written[tuple(slice(0, n) for n in where.shape)]
+                if written.dim() == where.dim()
+                else written.expand(where.shape)
+            )
+        new = merge(new, written)
+    if packet in (aten.index_put, aten.index_put_, aten._index_put_impl_) and tags is not None:
+        new = merge(new, tags)
+    for index, how in chosen:
+        index_tag = mode.tag(index)
+        if index_tag is _NOTHING:
+            continue
+        if how == "mask":
+            t = _full(index_tag, tuple(index.shape)).expand(shape)[args[1].cpu().expand(shape)]
+        elif isinstance(how, int):
+            t = _full(index_tag, tuple(index.shape)).reshape(
+                *[1] * how, -1, *[1] * (x.dim() - how - 1)
+            )
+        else:
+            t = _full(index_tag, tuple(index.shape))
+        new = merge(new, t)
+    found = _scatter_union(old, where.reshape(-1), new.expand(where.shape).reshape(-1))
+    return _compact(found.view(shape))
+
+
+def _scatter_union(old: Tensor, where: Tensor, new: Tensor) -> Tensor:
+    """``old`` (flat) with the union of ``new[i]`` taken in at ``old[where[i]]``, for every
+    ``i``: each tag as the lowest and highest example it may hold."""
+    low = torch.where(old >= 0, old, torch.where(old == NONE, _BIG, -1))
+    high = torch.where(old == MIXED, _BIG, old)
+    new_low = torch.where(new >= 0, new, torch.where(new == NONE, _BIG, -1))
+    new_high = torch.where(new == MIXED, _BIG, new)
+    low = low.scatter_reduce(0, where, new_low, "amin")
+    high = high.scatter_reduce(0, where, new_high, "amax")
+    one = torch.where(high < 0, NONE, torch.where(low == high, high, MIXED))
+    return torch.where((low == -1) | (high == _BIG), MIXED, one)
+
+
+@_handles(aten._embedding_bag, aten._embedding_bag_forward_only)
+def _embedding_bag(mode, func, args, kwargs, out):
+    """Each bag from its indices (and their weights): the union over them."""
+    weight, indices, offsets = args[:3]
+    if single(mode.tag(weight), tuple(weight.shape)) != NONE or indices.dim() != 1:
+        raise _Unknown
+    weights = args[6] if len(args) > 6 else kwargs.get("per_sample_weights")
+    ids = _full(mode.tag(indices), tuple(indices.shape))
+    if isinstance(weights, Tensor):
+        ids = merge(ids, _full(mode.tag(weights), tuple(weights.shape)))
+    if single(mode.tag(offsets), tuple(offsets.shape)) != NONE:
+        raise _Unknown
+    bags = len(out[0])
+    starts = offsets.cpu()[:bags]
+    bag = torch.searchsorted(starts, torch.arange(len(indices)), right=True) - 1
+    found = _scatter_union(torch.full((bags,), NONE), bag, ids.reshape(-1))
+    return [_compact(found.unsqueeze(-1))] + [_ALL] * (len(out) - 1)
+
+
+@_handles(
+    aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.max_pool1d, aten.max_pool2d,
+    aten.max_pool2d_with_indices, aten.max_pool3d_with_indices, aten.adaptive_avg_pool1d,
+    aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.adaptive_avg_pool3d,
+    aten._adaptive_avg_pool3d, aten.adaptive_max_pool1d, aten.adaptive_max_pool2d,
+    aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_bilinear2d,
+    aten.upsample_bicubic2d, aten.upsample_linear1d, aten._upsample_nearest_exact2d,
+    aten.reflection_pad1d, aten.reflection_pad2d, aten.replication_pad1d, aten.replication_pad2d,
+    aten.im2col, aten.col2im, aten.pixel_shuffle, aten.pixel_unshuffle, aten.channel_shuffle,
+    aten.grid_sampler_2d,
+)  # fmt: skip
+def _per_sample(mode, func, args, kwargs, out):
+    """Layers of images and signals: each output sample from its own input sample."""
+    tensors = [x for x in args if isinstance(x, Tensor)]
+    tags = [reduce(mode.tag(x), tuple(x.shape), range(1, x.dim())) for x in tensors if x.dim()]
+    found = _combine(tags, tuple(_first(out).shape))
+    if isinstance(found, Axis) and found.dim != -_first(out).dim():
+        raise _Unknown
+    return [found] * len(out) if isinstance(out, (tuple, list)) else found
+
+
+@_handles(aten.nll_loss_forward, aten.nll_loss2d_forward, aten.mse_loss, aten.l1_loss,
+          aten.binary_cross_entropy, aten.binary_cross_entropy_with_logits, aten.huber_loss,
+          aten.smooth_l1_loss, aten.soft_margin_loss, aten.kl_div)  # fmt: skip
+def _loss(mode, func, args, kwargs, out):
+    """Per element (``reduction="none"``): the input's classes, or its element, and the
+    target's; reduced: all of them."""
+    x, target = args[0], args[1]
+    names = [a.name for a in func._schema.arguments]
+    reduction = _argument(args, kwargs, names, names.index("reduction"), ("reduction",))
+    nll = func.overloadpacket in (aten.nll_loss_forward, aten.nll_loss2d_forward)
+    if nll:
+        rows = reduce(mode.tag(x), tuple(x.shape), [1 if x.dim() > 1 else 0], keepdim=False)
+        if x.dim() > 1 and isinstance(rows, Axis) and rows.dim < -target.dim():
+            raise _Unknown
+        tags = [rows, mode.tag(target)]
+    else:
+        tags = [mode.tag(x), mode.tag(target)]
+    shape = tuple(target.shape) if nll else tuple(torch.broadcast_shapes(x.shape, target.shape))
+    found = _combine(tags, shape)
+    if reduction not in (0, None):
+        found = torch.tensor(single(found, shape)) if shape else found
+        _note_mixing(mode, func, x, found)
+    if nll:
+        return [found, torch.tensor(single(found, shape)) if shape else found]
+    return found
