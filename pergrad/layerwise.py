@@ -234,12 +234,9 @@ class _Record:
         found = self._by_rule(lambda rule, layer, call: rule.grads(layer, call.narrow(start, stop)))
         if found is not None:
             return found
-        if self.moved is not None:
-            raise local.LocalError(
-                "the model moved its rows between examples (flattened, routed or reordered "
-                "them), which only a rule with positions regroups"
-            )
         module, names = self.hooked.module, list(self.hooked.params)
+        if self.moved is not None:
+            return self._grads_by_rows(start, stop)
         if self.shared is not None:
             delta = self._scaled(self.shared.per_example_grad(self.size))[start:stop]
             return local.shared_grads(
@@ -256,6 +253,30 @@ class _Record:
             self.batched,
             [o[start:stop] for o in self._batch_outputs()],
             [self._scaled(g)[start:stop] for g in self.all_deltas()],
+        )
+
+    def _grads_by_rows(self, start: int, stop: int) -> dict[str, Tensor]:
+        """Per-example gradients of a layer without a rule whose rows the model moved: the
+        layer replayed on each example's rows (:func:`pergrad.local.grads_by_rows`)."""
+        first = self.outputs[0]
+        ids = provenance.rows(self.moved, tuple(first.shape), first.dim() - 1)
+        if ids is None:
+            raise local.LocalError("a row of its output comes from several examples or none")
+        ids = ids.to(first.device)
+        deltas = self.all_deltas()
+        if self.scale is not None:  # c_b on each of example b's rows
+            factors = self.scale.to(first.device)[ids]
+            deltas = [g * factors.to(g.dtype).view(-1, *[1] * (g.dim() - 1)) for g in deltas]
+        return local.grads_by_rows(
+            self.hooked.module,
+            list(self.hooked.params),
+            tuple(_detached(self.args)),
+            _detached(self.kwargs),
+            self.batched,
+            ids,
+            self._batch_outputs(),
+            deltas,
+            range(start, stop),
         )
 
     def _batch_outputs(self) -> list[Tensor]:
@@ -562,6 +583,7 @@ class _Forward:
                 return
             record.deltas[slot] = grads[0]
             eager = self.clip is None and len(record.deltas) == 1 and record.problem is None
+            eager = eager and (record.moved is None or record._use_rule)  # no autograd in here
             if eager and id(record) in self.single_use:
                 try:
                     record.values = record.compute(self.per_example)

@@ -92,6 +92,54 @@ def per_example_grads(
     return grads
 
 
+def grads_by_rows(
+    module: nn.Module,
+    names: Sequence[str],
+    args: tuple,
+    kwargs: dict,
+    batched: frozenset,
+    ids: Tensor,
+    outputs: Sequence[Tensor],
+    output_grads: Sequence[Tensor],
+    examples: range,
+) -> dict[str, Tensor]:
+    """``g_b`` for examples ``examples`` of a call whose rows (dim 0 of the inputs keyed in
+    ``batched``, of the outputs and of ``δ``) belong to the examples ``ids`` names: the layer
+    run on example ``b``'s rows alone, one example at a time, with autograd (so data-dependent
+    code, such as routing tokens to experts, replays too). An example with no rows gets zeros.
+
+    Raises:
+        LocalError: the layer fails on an example's rows, or its outputs for them differ from
+            those rows of the batch's.
+    """
+    theta = {name: module.get_parameter(name).detach().requires_grad_() for name in names}
+    found: dict[str, list[Tensor]] = {name: [] for name in names}
+    for b in examples:
+        rows = (ids == b).nonzero().squeeze(1)
+        a, k = list(args), dict(kwargs)
+        for key in batched:
+            put(a, k, key, get(args, kwargs, key)[rows])
+        with _replaying(), torch.enable_grad():
+            replayed = forward(module, theta, tuple(a), k)
+            if len(replayed) != len(outputs):
+                raise LocalError("its outputs differ in number for an example's rows")
+            _check([o[rows] for o in outputs], replayed)
+            pairs = [(o, d[rows]) for o, d in zip(replayed, output_grads) if o.requires_grad]
+            grads = (
+                torch.autograd.grad(
+                    [o for o, _ in pairs],
+                    list(theta.values()),
+                    [d.to(o.dtype) for o, d in pairs],
+                    allow_unused=True,
+                )
+                if pairs
+                else [None] * len(theta)
+            )
+        for (name, p), g in zip(theta.items(), grads):
+            found[name].append(torch.zeros_like(p) if g is None else g)
+    return {name: torch.stack(gs) for name, gs in found.items()}
+
+
 def shared_grads(
     module: nn.Module,
     names: Sequence[str],

@@ -189,6 +189,7 @@ class Provenance(TorchDispatchMode):
         self.mixing: list[str] = []  # operations that combined several examples
         self.unknown: list[str] = []  # operations pergrad does not follow
         self.poisoned: set[int] = set()  # storages changed where an alias may read them
+        self.before: tuple = ()  # the layout of a tensor whose layout an operation changes
         self._tags: dict[int, tuple] = {}  # id(tensor) -> (weak reference, tag, version)
 
     # tags on tensors ------------------------------------------------------------------------
@@ -230,6 +231,9 @@ class Provenance(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.overloadpacket in _RESHAPED_IN_PLACE:  # its layout, before the change
+            x = args[0]
+            self.before = (tuple(x.shape), x.stride(), x.storage_offset())
         out = func(*args, **kwargs)
         handler = _HANDLERS.get(func.overloadpacket)
         if handler is None and torch.Tag.pointwise in func.tags:
@@ -425,16 +429,33 @@ def _reshape(mode, func, args, kwargs, out):
     return reshaped(mode.tag(args[0]), tuple(args[0].shape), tuple(out.shape))
 
 
-_RESHAPED_IN_PLACE = {aten.transpose_, aten.t_, aten.swapaxes_, aten.squeeze_, aten.unsqueeze_}
-"""In-place changes of a tensor's shape: no element changes, so no alias's tag does."""
+_RESHAPED_IN_PLACE = {
+    aten.transpose_, aten.t_, aten.swapaxes_, aten.squeeze_, aten.unsqueeze_, aten.as_strided_,
+}  # fmt: skip
+"""In-place changes of a tensor's layout: no element changes, so no alias's tag does."""
 
 
-@_handles(aten.unsqueeze_)
-def _unsqueeze_in_place(mode, func, args, kwargs, out):
+@_handles(aten.unsqueeze_, aten.squeeze_)
+def _reshape_in_place(mode, func, args, kwargs, out):
+    return reshaped(mode.tag(args[0]), mode.before[0], tuple(args[0].shape))
+
+
+@_handles(aten.as_strided, aten.as_strided_)
+def _as_strided(mode, func, args, kwargs, out):
+    """Elements read at any offsets of the storage: the tags laid out in the storage (those of
+    elements the input does not cover unknown), read at the same offsets."""
     x = args[0]
-    before = list(x.shape)
-    del before[args[1] % x.dim()]
-    return reshaped(mode.tag(x), tuple(before), tuple(x.shape))
+    if func.overloadpacket is aten.as_strided_:
+        shape, stride, offset = mode.before
+    else:
+        shape, stride, offset = tuple(x.shape), x.stride(), x.storage_offset()
+    length = x.untyped_storage().nbytes() // x.element_size()
+    storage = torch.full((length,), MIXED, dtype=torch.int64)
+    where = torch.arange(length).as_strided(shape, stride, offset)
+    storage[where.reshape(-1)] = _full(mode.tag(x), shape).reshape(-1)
+    size, new_stride = args[1], args[2]
+    new_offset = args[3] if len(args) > 3 and args[3] is not None else out.storage_offset()
+    return _compact(storage.as_strided(size, new_stride, new_offset))
 
 
 @_handles(aten.permute, aten.transpose, aten.t, aten.movedim, aten.swapaxes, aten.numpy_T,
