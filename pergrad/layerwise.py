@@ -465,6 +465,8 @@ class _Forward:
             InputError: an operation of the model or the loss combines examples.
         """
         tag = self.tracker.tag(losses)
+        if isinstance(tag, provenance.Axis) and tag == provenance.batch(1, self.size):
+            return
         ids = provenance.table(tag, tuple(losses.shape)).expand(losses.shape)
         own = (ids == torch.arange(self.size)) | (ids == provenance.NONE)
         if bool(own.all()):
@@ -498,15 +500,20 @@ class _Forward:
             ]
             # a zero anchor makes δ reach the outputs even where nothing before needs it; a
             # recomputation (activation checkpointing) adds it too, to save what this did
-            for i in floating:
-                leaves[i] = leaves[i] + self._anchor(leaves[i])
+            tracker = self.tracker
+            with tracker.paused():
+                for i in floating:
+                    tag = tracker.tag(leaves[i])
+                    leaves[i] = leaves[i] + self._anchor(leaves[i])
+                    tracker.set(leaves[i], tag)
             if not _recording():
                 return _rebuild(leaves, spec)
             record = self._record(hooked, module, args, kwargs)
             if not floating:
                 record.problem = record.problem or "it returns no floating-point tensor"
                 return None
-            record.outputs = [leaves[i].detach() for i in floating]
+            with tracker.paused():
+                record.outputs = [leaves[i].detach() for i in floating]
             record.versions = [leaves[i]._version for i in floating]
             record.deltas = [None] * len(floating)
             self._trace(record, leaves[floating[0]], args, kwargs)

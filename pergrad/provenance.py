@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import math
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _get_current_dispatch_mode,
+    _pop_mode_temporarily,
+)
 
 NONE = -1
 """Tag of an element computed from no example's inputs."""
@@ -77,6 +82,8 @@ def reduce(tag: Tag, shape: tuple[int, ...], dims, keepdim: bool = True) -> Tag:
     """The union of the tag over ``dims`` of a value of ``shape``, as for a reduction."""
     ndim = len(shape)
     dims = sorted({d % ndim for d in dims}) if ndim else []
+    if tag is _NOTHING or tag is _ALL:
+        return tag
     if isinstance(tag, Axis):
         axis = tag.dim % ndim
         if axis in dims:
@@ -209,6 +216,16 @@ class Provenance(TorchDispatchMode):
         version = x._version if version is None else version
         self._tags[id(x)] = (weakref.ref(x), tag, version + writes)
 
+    @contextmanager
+    def paused(self):
+        """Operations not followed (bookkeeping whose results the model never sees, or whose
+        tags the caller sets)."""
+        if _get_current_dispatch_mode() is self:
+            with _pop_mode_temporarily():
+                yield
+        else:
+            yield
+
     def _write(self, x: Tensor, tag: Tag) -> None:
         """``x`` changed in place to ``tag``: its aliases' tags no longer hold. (Autograd
         counts the change only after the operation returns to it.)"""
@@ -231,33 +248,36 @@ class Provenance(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.overloadpacket in _RESHAPED_IN_PLACE:  # its layout, before the change
+        plan = _PLANS.get(func) or _plan(func)
+        if plan.layout:  # its layout, before the change
             x = args[0]
             self.before = (tuple(x.shape), x.stride(), x.storage_offset())
         out = func(*args, **kwargs)
-        handler = _HANDLERS.get(func.overloadpacket)
-        if handler is None and torch.Tag.pointwise in func.tags:
-            handler = _pointwise
         try:
             try:
-                if handler is None:
+                if plan.handler is None:
                     raise _Unknown
-                tags = handler(self, func, args, kwargs, out)
+                tags = plan.handler(self, func, args, kwargs, out)
             except _Unknown:
                 tags = self._unknown(func, args, kwargs)
-            self._assign(func, args, kwargs, out, tags)
+            if type(out) is Tensor and not plan.writes and not isinstance(tags, list):
+                # the common case: one new tensor (a view counts its input's changes, but only
+                # once the operation returns)
+                version = args[0]._version if plan.view else out._version
+                self._tags[id(out)] = (weakref.ref(out), tags, version)
+            else:
+                self._assign(plan, args, kwargs, out, tags)
         except Exception as error:  # a case a handler does not cover: nothing is known
             self.unknown.append(f"{func} ({type(error).__name__}: {error})")
-            self._assign(func, args, kwargs, out, _ALL)
+            self._assign(plan, args, kwargs, out, _ALL)
         return out
 
-    def _assign(self, func, args, kwargs, out, tags) -> None:
+    def _assign(self, plan: _Plan, args, kwargs, out, tags) -> None:
         outputs = out if isinstance(out, (tuple, list)) else (out,)
         if not isinstance(tags, (tuple, list)):
             tags = [tags] * len(outputs)
-        written = [] if func.overloadpacket in _RESHAPED_IN_PLACE else _written(func, args, kwargs)
-        # a view shares its input's count of changes, but only once the operation returns
-        version = args[0]._version if _is_view(func) and isinstance(args[0], Tensor) else None
+        written = [] if plan.layout else _written(plan, args, kwargs)
+        version = args[0]._version if plan.view and isinstance(args[0], Tensor) else None
         for x, tag in zip(outputs, tags):
             if isinstance(x, Tensor):
                 if any(x is w for w in written):
@@ -296,40 +316,51 @@ def _storage(x: Tensor) -> int:
     return x.untyped_storage().data_ptr()
 
 
-_WRITES: dict = {}
+@dataclass(frozen=True)
+class _Plan:
+    """What the dispatch does for one operation, found once."""
+
+    handler: object  # (mode, func, args, kwargs, out) -> tag(s); None: not followed
+    writes: tuple  # (position, name) of the arguments it changes in place
+    view: bool  # it returns views of its first input
+    layout: bool  # it changes its first input's layout in place
 
 
-def _written(func, args, kwargs) -> list[Tensor]:
+_PLANS: dict = {}
+
+
+def _plan(func) -> _Plan:
+    handler = _HANDLERS.get(func.overloadpacket)
+    if handler is None and torch.Tag.pointwise in func.tags:
+        handler = _pointwise
+    schema = func._schema
+    writes = tuple(
+        (i, argument.name)
+        for i, argument in enumerate(schema.arguments)
+        if argument.alias_info is not None and argument.alias_info.is_write
+    )
+    view = bool(schema.returns) and schema.returns[0].alias_info is not None
+    plan = _PLANS[func] = _Plan(handler, writes, view, func.overloadpacket in _RESHAPED_IN_PLACE)
+    return plan
+
+
+def _written(plan: _Plan, args, kwargs) -> list[Tensor]:
     """The tensors the operation changes in place."""
-    writes = _WRITES.get(func)
-    if writes is None:
-        schema = func._schema
-        writes = _WRITES[func] = [
-            (i, argument.name)
-            for i, argument in enumerate(schema.arguments)
-            if argument.alias_info is not None and argument.alias_info.is_write
-        ]
     found = []
-    for i, name in writes:
+    for i, name in plan.writes:
         value = args[i] if i < len(args) else kwargs.get(name)
         found.extend(x for x in pytree.tree_leaves(value) if isinstance(x, Tensor))
     return found
 
 
-_VIEWS: dict = {}
-
-
-def _is_view(func) -> bool:
-    """Whether the operation returns views of its first input."""
-    found = _VIEWS.get(func)
-    if found is None:
-        returns = func._schema.returns
-        found = _VIEWS[func] = bool(returns) and returns[0].alias_info is not None
-    return found
-
-
 def _tensor_args(args, kwargs) -> list[Tensor]:
-    return [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, Tensor)]
+    found = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(x for x in a if isinstance(x, Tensor))
+    return found
 
 
 # handlers: (mode, func, args, kwargs, out) -> tag, or a list of tags for several outputs ------
@@ -363,9 +394,25 @@ def _union(mode: Provenance, values: list[Tensor], shape) -> Tag:
 
 
 def _pointwise(mode, func, args, kwargs, out):
-    shape = tuple(_first(out).shape)
-    tag = _union(mode, _tensor_args(args, kwargs), shape)
-    return tag
+    found = _NOTHING
+    for a in args:  # the common case first: one tag, or one tag and constants
+        if isinstance(a, Tensor):
+            tag = mode.tag(a)
+            if tag is _NOTHING:
+                continue
+            if (
+                type(tag) is not Axis
+                or a.shape != out.shape
+                or not (found is _NOTHING or tag == found)
+            ):
+                break
+            found = tag
+        elif isinstance(a, (list, tuple)):
+            break
+    else:
+        if not kwargs:
+            return found
+    return _union(mode, _tensor_args(args, kwargs), tuple(_first(out).shape))
 
 
 def _first(out) -> Tensor:
@@ -698,6 +745,15 @@ def _matmul(mode, func, args, kwargs, out):
         bias, a, b = args[0], args[1], args[2]
     else:
         bias, a, b = None, args[0], args[1]
+    rows = mode.tag(a)
+    if (  # the common case: a layer's rows times a parameter
+        type(rows) is Axis
+        and rows.dim != -1
+        and b.dim() == 2
+        and mode.tag(b) is _NOTHING
+        and (bias is None or mode.tag(bias) is _NOTHING)
+    ):
+        return rows
     shape = tuple(out.shape)
     if a.dim() == 1:
         rows: Tag = torch.tensor(single(mode.tag(a), tuple(a.shape)))
