@@ -1,6 +1,7 @@
 """Randomly initialised versions of models people actually train, each wrapped so that
 ``model(*inputs)`` returns a plain Tensor and paired with a per-example loss: how to hand
-Hugging Face models (GPT-2, BERT, Llama, Falcon, ViT), nanoGPT and a ResNet to ``pergrad``.
+Hugging Face models (GPT-2, BERT, Llama, Falcon, OPT, Mixtral, Qwen2-MoE, ViT), nanoGPT and a
+ResNet to ``pergrad``.
 
 Every builder takes the batch size ``B``, ``dtype`` (float64 unless told) and ``size``
 (:data:`SIZES`: ``"test"``, tiny, for the tests; ``"bench"``, small but not tiny, for the
@@ -127,6 +128,59 @@ def falcon(b: int, *, dtype: torch.dtype = torch.float64, size: str = "test") ->
     model = _finish(Logits(FalconForCausalLM(config), "input_ids", use_cache=False), dtype)
     tokens = _tokens(b, s)
     return model, tokens, tokens, next_token_loss
+
+
+def opt(b: int, *, dtype: torch.dtype = torch.float64, size: str = "test") -> Built:
+    """OPT language model: its feed-forward layers run on the batch's tokens flattened,
+    ``(B·T, width)``."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    s = SIZES[size]
+    torch.manual_seed(0)
+    config = OPTConfig(
+        num_hidden_layers=2, hidden_size=s["width"], num_attention_heads=s["heads"],
+        ffn_dim=2 * s["width"], word_embed_proj_dim=s["width"], vocab_size=s["vocab"],
+        max_position_embeddings=s["length"], dropout=0.0, attention_dropout=0.0,
+        bos_token_id=s["vocab"] - 1, eos_token_id=s["vocab"] - 1, pad_token_id=0,
+    )  # fmt: skip
+    model = _finish(Logits(OPTForCausalLM(config), "input_ids", use_cache=False), dtype)
+    tokens = _tokens(b, s)
+    return model, tokens, tokens, next_token_loss
+
+
+def _mixture(family: str):
+    def build(b: int, *, dtype: torch.dtype = torch.float64, size: str = "test") -> Built:
+        """A mixture-of-experts language model (4 experts, 2 per token) whose experts run on
+        the tokens routed to them, one expert at a time (``experts_implementation="eager"``)."""
+        import transformers
+
+        s = SIZES[size]
+        torch.manual_seed(0)
+        common = dict(
+            num_hidden_layers=2, hidden_size=s["width"], num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=s["vocab"], max_position_embeddings=s["length"],
+            num_experts_per_tok=2, bos_token_id=s["vocab"] - 1, eos_token_id=s["vocab"] - 1,
+        )  # fmt: skip
+        if family == "mixtral":
+            config = transformers.MixtralConfig(
+                **common, intermediate_size=s["width"], num_local_experts=4
+            )
+        else:
+            config = transformers.Qwen2MoeConfig(
+                **common, intermediate_size=s["width"], moe_intermediate_size=s["width"] // 2,
+                shared_expert_intermediate_size=s["width"] // 2, num_experts=4,
+            )  # fmt: skip
+        config._experts_implementation = "eager"
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = _finish(Logits(model, "input_ids", use_cache=False), dtype)
+        tokens = _tokens(b, s)
+        return model, tokens, tokens, next_token_loss
+
+    return build
+
+
+mixtral = _mixture("mixtral")
+qwen2_moe = _mixture("qwen2_moe")
 
 
 def vit(b: int, *, dtype: torch.dtype = torch.float64, size: str = "test") -> Built:
@@ -343,6 +397,9 @@ REAL_MODELS: dict[str, Callable[..., Built]] = {
     "bert": bert,
     "llama": llama,
     "falcon": falcon,
+    "opt": opt,
+    "mixtral": mixtral,
+    "qwen2_moe": qwen2_moe,
     "vit": vit,
     "nanogpt": nanogpt,
     "resnet18_gn": resnet18_gn,

@@ -245,39 +245,3 @@ def test_the_token_losses_in_the_modes_that_take_one_example_at_a_time(mode, los
     ids, mask = _padded()
     labels = ids.masked_fill(mask == 0, -100) if loss_fn is losses.causal_lm else ids % 3
     statistics(model, loss_fn, {"input_ids": ids}, labels, mode=mode)
-
-
-def _moved(family: str):
-    """Families whose layers see the batch flattened into tokens (OPT's feed-forward) or
-    routed to experts (one loop over experts, ``experts_implementation="eager"``)."""
-    small = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1}
-    moe = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": T}
-    config = {
-        "opt": lambda: transformers.OPTConfig(
-            num_hidden_layers=2, hidden_size=16, ffn_dim=32, num_attention_heads=2,
-            max_position_embeddings=T, word_embed_proj_dim=16, dropout=0.0, **small,
-        ),
-        "mixtral": lambda: transformers.MixtralConfig(
-            num_hidden_layers=1, hidden_size=16, intermediate_size=16, num_local_experts=4,
-            num_experts_per_tok=2, **moe, **small,
-        ),
-        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
-            num_hidden_layers=1, hidden_size=16, intermediate_size=16, moe_intermediate_size=8,
-            shared_expert_intermediate_size=8, num_experts=4, num_experts_per_tok=2, **moe,
-            **small,
-        ),
-    }[family]()  # fmt: skip
-    config._experts_implementation = "eager"
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).double().train()
-
-
-@pytest.mark.parametrize("family", ["opt", "mixtral", "qwen2_moe"])
-def test_tokens_flattened_or_routed_to_experts_stay_on_the_per_layer_path(family):
-    model = _moved(family)
-    ids, mask = _padded()
-    labels = ids.masked_fill(mask == 0, -100)
-    sources = statistics(
-        model, losses.causal_lm, {"input_ids": ids, "attention_mask": mask}, labels
-    )
-    assert not {n: s for n, s in sources.items() if s in {"func", "hooks", "loop"}}
