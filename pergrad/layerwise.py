@@ -163,21 +163,31 @@ class _Record:
                 output's, or (a layer without positions) an example has several rows.
         """
         rule, layer, output = self.hooked.rule, self.hooked.module, self.outputs[0]
+        shape, dim = tuple(output.shape), 0
+        if rule.features is None:  # examples along one dimension: moved to the front
+            dim = provenance.example_dim(self.moved, shape)
+            if dim < 0:
+                raise local.LocalError("its output holds examples along several dimensions")
         features = rule.features(layer) if rule.features is not None else output.dim() - 1
-        leading = tuple(output.shape[: output.dim() - features])
-        ids = provenance.rows(self.moved, tuple(output.shape), features)
+        front = lambda x: x.movedim(dim, 0)  # noqa: E731
+        tag = provenance.moved_to_front(self.moved, shape, dim)
+        ids = provenance.rows(tag, tuple(front(output).shape), features)
         if ids is None:
             raise local.LocalError("a row of its output comes from several examples or none")
+        leading = tuple(front(output).shape[: output.dim() - features])
         regroup = Regroup(ids, self.size, leading, output.device)
         if rule.features is None and regroup.per_example > 1:
             raise local.LocalError(
-                f"several rows of one example reach it on dim 0 (no {self.hooked.kind} positions)"
+                f"several rows of one example reach it on dim {dim} (no {self.hooked.kind} "
+                f"positions)"
             )
-        if not all(
-            regroup.aligned(x) for k, x in _tensors(self.args, self.kwargs) if k in self.batched
-        ):
+        batched = [x for k, x in _tensors(self.args, self.kwargs) if k in self.batched]
+        if not all(x.dim() > dim and regroup.aligned(front(x)) for x in batched):
             raise local.LocalError("an input's rows are not those of its output")
-        move = regroup if rule.features is not None else lambda x: regroup(x).squeeze(1)
+        if rule.features is not None:
+            move = regroup
+        else:
+            move = lambda x: regroup(front(x)).squeeze(1)  # noqa: E731
         args = tuple(move(x) if i in self.batched else x for i, x in enumerate(self.args))
         kwargs = {k: move(x) if k in self.batched else x for k, x in self.kwargs.items()}
         return Call(

@@ -177,6 +177,26 @@ def in_order(tag: Tag, shape: tuple[int, ...], size: int) -> bool:
     return ids is not None and torch.equal(ids, torch.arange(size))
 
 
+def example_dim(tag: Tag, shape: tuple[int, ...]) -> int:
+    """The dimension along which a value's examples vary (0 where none does); ``-1`` where
+    they vary along several."""
+    if isinstance(tag, Axis):
+        return tag.dim % len(shape)
+    varying = [d for d, n in enumerate(_pad(tag, len(shape)).shape) if n > 1]
+    return varying[0] if len(varying) == 1 else 0 if not varying else -1
+
+
+def moved_to_front(tag: Tag, shape: tuple[int, ...], dim: int) -> Tag:
+    """The tag of ``value.movedim(dim, 0)``."""
+    if dim == 0:
+        return tag
+    if isinstance(tag, Axis):
+        axis = tag.dim % len(shape)
+        moved = 0 if axis == dim else axis + 1 if axis < dim else axis
+        return Axis(moved - len(shape), tag.stride, tag.size)
+    return _compact(_pad(tag, len(shape)).movedim(dim, 0)) if tag.dim() else tag
+
+
 def rows(tag: Tag, shape: tuple[int, ...], features: int) -> Tensor | None:
     """The example of each position of a value of ``shape`` whose last ``features``
     dimensions are features, flattened: ``(positions,)``; ``None`` where a position's

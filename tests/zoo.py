@@ -128,6 +128,23 @@ class Recurrent(nn.Module):
         return self.out(self.rnn(self.embed(tokens.T))[0][-1])
 
 
+class Packed(nn.Module):
+    """A GRU on packed sequences of different lengths, in no order."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.rnn = nn.GRU(6, 7, batch_first=True)
+        self.out = nn.Linear(7, 3)
+
+    def forward(self, tokens):
+        lengths = 1 + torch.arange(len(tokens)) % tokens.shape[1]
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.embed(tokens), lengths, batch_first=True, enforce_sorted=False
+        )
+        return self.out(self.rnn(packed)[1][0])
+
+
 class Transformer(nn.Module):
     def __init__(self):
         super().__init__()
@@ -272,10 +289,11 @@ CASES = {
     # vmap runs a float32 LSTM on CPU, not a float64 one
     "lstm": Case(lambda: Recurrent(nn.LSTM), _tokens, frozenset({"loop"}), "layerwise"),
     "gru": Case(lambda: Recurrent(nn.GRU), _tokens, frozenset({"loop"}), "layerwise"),
-    # time first: outside the recurrent rule, and vmap cannot replay the layer
     "gru_time_first": Case(
-        lambda: Recurrent(nn.GRU, batch_first=False), _tokens, frozenset({"loop"}), "loop"
+        lambda: Recurrent(nn.GRU, batch_first=False), _tokens, frozenset({"loop"}), "layerwise"
     ),
+    # packed: pergrad does not follow the packing, and vmap cannot pack
+    "gru_packed": Case(Packed, _tokens, frozenset({"loop"}), "loop"),
     "item": Case(ItemControlFlow, _features, frozenset({"hooks", "loop"}), "layerwise"),
     "custom_function": Case(CustomFunction, _features, frozenset({"hooks", "loop"}), "layerwise"),
 }

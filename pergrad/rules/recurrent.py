@@ -1,4 +1,5 @@
-"""``nn.RNN``, ``nn.GRU``, ``nn.LSTM`` on batch-first sequences ``(B, T, in)``.
+"""``nn.RNN``, ``nn.GRU``, ``nn.LSTM``, the call's sequences ``(B, T, in)`` (a
+``batch_first=False`` layer's ``(T, B, in)`` come with the batch moved to the front).
 
 Every step of every layer and direction forms an input part ``u_t = W_ih x_t + b_ih`` and a
 hidden part ``v_t = W_hh h_{t-1} + b_hh`` of its gates, so, with ``δu_t`` and ``δv_t`` the
@@ -15,7 +16,7 @@ sums above. The unrolled output is compared with the layer's own on every call; 
 differ, the rule steps aside.
 
 Outside the rule, and so computed by another path: an initial state passed in, packed
-sequences, ``batch_first=False``, LSTM's ``proj_size``, dropout between layers in training
+sequences, LSTM's ``proj_size``, dropout between layers in training
 mode, and a final state ``h_n`` (or ``c_n``) that reaches the loss (a rule sees the gradient
 of the output sequence only).
 """
@@ -30,8 +31,6 @@ from pergrad.rules.base import Call, register_rule
 
 
 def _supports(layer: nn.RNNBase) -> str | None:
-    if not layer.batch_first:
-        return "batch_first=False: the batch is not on dim 0"
     if getattr(layer, "proj_size", 0):
         return "proj_size > 0"
     if layer.dropout and layer.training:
@@ -122,7 +121,10 @@ def recurrent(layer: nn.RNNBase, call: Call) -> dict[str, Tensor]:
         tensors = [t for run in runs for t in (run.inputs, *run.hidden_parts)]
         found = torch.autograd.grad(sequence, tensors, call.output_grad, allow_unused=True)
     with torch.no_grad():  # the layer's own output (its forward alone, no hooks)
-        expected = type(layer).forward(layer, call.input)[0]
+        if layer.batch_first:
+            expected = type(layer).forward(layer, call.input)[0]
+        else:  # the call has the batch on dim 0, as every call a rule reads
+            expected = type(layer).forward(layer, call.input.transpose(0, 1))[0].transpose(0, 1)
     if not agree(sequence.detach(), expected):
         raise ValueError("the unrolled recurrence differs from the layer's output")
     grads, offset = {}, 0
