@@ -105,6 +105,8 @@ class _Record:
     values: Values | None = None  # computed during the backward pass, where that is safe
     scale: Tensor | None = None  # per-example factors c_b on δ (clipping), once known
     moved: provenance.Tag | None = None  # the first output's, where rows are not the batch
+    input_tags: dict = field(default_factory=dict)  # where moved: of each batched input
+    output_tags: list = field(default_factory=list)  # and of each floating output
     _recomputed: list[Tensor] | None = None  # outputs computed again (see _batch_outputs)
 
     @property
@@ -267,24 +269,30 @@ class _Record:
 
     def _grads_by_rows(self, start: int, stop: int) -> dict[str, Tensor]:
         """Per-example gradients of a layer without a rule whose rows the model moved: the
-        layer replayed on each example's rows (:func:`pergrad.local.grads_by_rows`)."""
-        first = self.outputs[0]
-        ids = provenance.rows(self.moved, tuple(first.shape), first.dim() - 1)
-        if ids is None:
-            raise local.LocalError("a row of its output comes from several examples or none")
-        ids = ids.to(first.device)
+        layer replayed on each example's rows (:func:`pergrad.local.grads_by_rows`), taken
+        along the dimension that carries examples in each input and output (a sequence-first
+        layer's dim 1)."""
+        args, kwargs = tuple(_detached(self.args)), _detached(self.kwargs)
+        inputs = {
+            key: _examples(tag, local.get(args, kwargs, key))
+            for key, tag in self.input_tags.items()
+        }
+        outputs = self._batch_outputs()
+        found = [_examples(tag, o) for tag, o in zip(self.output_tags, outputs)]
         deltas = self.all_deltas()
         if self.scale is not None:  # c_b on each of example b's rows
-            factors = self.scale.to(first.device)[ids]
-            deltas = [g * factors.to(g.dtype).view(-1, *[1] * (g.dim() - 1)) for g in deltas]
+            deltas = [
+                g * self.scale.to(g)[ids].view(-1, *[1] * (g.dim() - 1 - dim))
+                for g, (dim, ids) in zip(deltas, found)
+            ]
         return local.grads_by_rows(
             self.hooked.module,
             list(self.hooked.params),
-            tuple(_detached(self.args)),
-            _detached(self.kwargs),
-            self.batched,
-            ids,
-            self._batch_outputs(),
+            args,
+            kwargs,
+            inputs,
+            outputs,
+            found,
             deltas,
             range(start, stop),
         )
@@ -526,7 +534,7 @@ class _Forward:
                 record.outputs = [leaves[i].detach() for i in floating]
             record.versions = [leaves[i]._version for i in floating]
             record.deltas = [None] * len(floating)
-            self._trace(record, leaves[floating[0]], args, kwargs)
+            self._trace(record, [leaves[i] for i in floating], args, kwargs)
             if not record.batched and record.problem is None:  # every input shared by the batch
                 if len(floating) == 1:
                     record.shared = self.broadcasts.track(leaves[floating[0]])
@@ -548,18 +556,20 @@ class _Forward:
 
         return hook
 
-    def _trace(self, record: _Record, output: Tensor, args: tuple, kwargs: dict) -> None:
+    def _trace(self, record: _Record, outputs: list[Tensor], args: tuple, kwargs: dict) -> None:
         """Where the output's rows are not the batch in order (flattened, routed or reordered
-        inside the model), mark the record :attr:`_Record.moved` and take the inputs that
-        carry examples from their tags, not from the one-example pass."""
-        tag = self.tracker.tag(output)
-        shape = tuple(output.shape)
+        inside the model), mark the record :attr:`_Record.moved`, take the inputs that carry
+        examples from their tags, not from the one-example pass, and keep those tags."""
+        tag = self.tracker.tag(outputs[0])
+        shape = tuple(outputs[0].shape)
         if provenance.in_order(tag, shape, self.size):
             return
         record.moved = tag
-        record.batched = frozenset(
-            key for key, x in _tensors(args, kwargs) if not provenance.unmarked(self.tracker.tag(x))
-        )
+        record.output_tags = [self.tracker.tag(o) for o in outputs]
+        for key, x in _tensors(args, kwargs):
+            if not provenance.unmarked(found := self.tracker.tag(x)):
+                record.input_tags[key] = found
+        record.batched = frozenset(record.input_tags)
         if record.problem == _UNSEEN:
             record.problem = None
 
@@ -780,6 +790,19 @@ def _tensors(args: tuple, kwargs: dict):
     """``(key, tensor)`` for the tensors among the positional and keyword inputs."""
     yield from ((i, x) for i, x in enumerate(args) if isinstance(x, Tensor))
     yield from ((k, x) for k, x in kwargs.items() if isinstance(x, Tensor))
+
+
+def _examples(tag: provenance.Tag, x: Tensor) -> tuple[int, Tensor]:
+    """The dimension of ``x`` that carries examples and the example of each index along it.
+
+    Raises:
+        LocalError: no dimension does, one index holds several examples or none.
+    """
+    dim = provenance.example_dim(tag, tuple(x.shape))
+    ids = provenance.along(tag, tuple(x.shape), dim) if dim >= 0 else None
+    if ids is None:
+        raise local.LocalError("a row of its inputs or outputs holds several examples or none")
+    return dim, ids.to(x.device)
 
 
 def _detached(inputs):

@@ -97,16 +97,17 @@ def grads_by_rows(
     names: Sequence[str],
     args: tuple,
     kwargs: dict,
-    batched: frozenset,
-    ids: Tensor,
+    inputs: dict,
     outputs: Sequence[Tensor],
+    output_rows: Sequence[tuple[int, Tensor]],
     output_grads: Sequence[Tensor],
     examples: range,
 ) -> dict[str, Tensor]:
-    """``g_b`` for examples ``examples`` of a call whose rows (dim 0 of the inputs keyed in
-    ``batched``, of the outputs and of ``δ``) belong to the examples ``ids`` names: the layer
-    run on example ``b``'s rows alone, one example at a time, with autograd (so data-dependent
-    code, such as routing tokens to experts, replays too). An example with no rows gets zeros.
+    """``g_b`` for examples ``examples`` of a call whose inputs keyed in ``inputs``, outputs
+    and ``δ`` hold examples along one dimension each, ``(dim, example of each index)``: the
+    layer run on example ``b``'s rows alone, one example at a time, with autograd (so
+    data-dependent code, such as routing tokens to experts, replays too). An example with no
+    rows gets zeros.
 
     Raises:
         LocalError: the layer fails on an example's rows, or its outputs for them differ from
@@ -114,17 +115,19 @@ def grads_by_rows(
     """
     theta = {name: module.get_parameter(name).detach().requires_grad_() for name in names}
     found: dict[str, list[Tensor]] = {name: [] for name in names}
+    pick = lambda x, dim, ids, b: x.index_select(dim, (ids == b).nonzero().squeeze(1))  # noqa: E731
     for b in examples:
-        rows = (ids == b).nonzero().squeeze(1)
         a, k = list(args), dict(kwargs)
-        for key in batched:
-            put(a, k, key, get(args, kwargs, key)[rows])
+        for key, (dim, ids) in inputs.items():
+            put(a, k, key, pick(get(args, kwargs, key), dim, ids, b))
+        expected = [pick(o, dim, ids, b) for o, (dim, ids) in zip(outputs, output_rows)]
+        deltas = [pick(d, dim, ids, b) for d, (dim, ids) in zip(output_grads, output_rows)]
         with _replaying(), torch.enable_grad():
             replayed = forward(module, theta, tuple(a), k)
             if len(replayed) != len(outputs):
                 raise LocalError("its outputs differ in number for an example's rows")
-            _check([o[rows] for o in outputs], replayed)
-            pairs = [(o, d[rows]) for o, d in zip(replayed, output_grads) if o.requires_grad]
+            _check(expected, replayed)
+            pairs = [(o, d) for o, d in zip(replayed, deltas) if o.requires_grad]
             grads = (
                 torch.autograd.grad(
                     [o for o, _ in pairs],

@@ -123,12 +123,12 @@ def _pad(t: Tensor, ndim: int) -> Tensor:
 
 def _compact(t: Tensor) -> Tensor:
     """A table with no dimension to spare: a scalar where every element has one tag, length 1
-    along every dimension it was only expanded along."""
+    along every dimension its tags do not vary along."""
     if t.numel() == 1 or bool((t == t.reshape(-1)[0]).all()):
         value = int(t.reshape(-1)[0])
         return _NOTHING if value == NONE else _ALL if value == MIXED else torch.tensor(value)
-    for d in range(t.dim()):
-        if t.stride(d) == 0 and t.shape[d] > 1:
+    for d in range(t.dim()):  # a dimension along which every tag repeats: length 1
+        if t.shape[d] > 1 and (t.stride(d) == 0 or bool((t == t.narrow(d, 0, 1)).all())):
             t = t.narrow(d, 0, 1)
     return t
 
@@ -195,6 +195,14 @@ def moved_to_front(tag: Tag, shape: tuple[int, ...], dim: int) -> Tag:
         moved = 0 if axis == dim else axis + 1 if axis < dim else axis
         return Axis(moved - len(shape), tag.stride, tag.size)
     return _compact(_pad(tag, len(shape)).movedim(dim, 0)) if tag.dim() else tag
+
+
+def along(tag: Tag, shape: tuple[int, ...], dim: int) -> Tensor | None:
+    """The example of each index along ``dim`` of a value of ``shape``, ``(shape[dim],)``;
+    ``None`` where an index holds several examples, or none."""
+    others = [d for d in range(len(shape)) if d != dim]
+    ids = _full(reduce(tag, shape, others, keepdim=False), (shape[dim],)).reshape(-1)
+    return ids if bool((ids >= 0).all()) else None
 
 
 def rows(tag: Tag, shape: tuple[int, ...], features: int) -> Tensor | None:

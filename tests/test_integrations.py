@@ -16,12 +16,24 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SAME = "identical parameters on all 2 ranks: True"
 
 
-def _run(command: list[str]) -> str:
+TEARDOWN_ABORT = "terminate called without an active exception"
+"""What a gloo rank sometimes prints when its worker threads outlive the interpreter's
+teardown, after the example's work is done (pytorch/pytorch#179291)."""
+
+
+def _run(command) -> str:
+    """Run ``command(port)`` once; again, on a fresh port, only where the first try did all its
+    work and a rank aborted in the interpreter's teardown."""
     environment = {**os.environ, "PYTHONPATH": str(EXAMPLES)}
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, cwd=EXAMPLES, env=environment
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    for _ in range(2):
+        done = subprocess.run(
+            command(str(_free_port())), capture_output=True, text=True, timeout=300,
+            cwd=EXAMPLES, env=environment,
+        )  # fmt: skip
+        output = done.stdout + done.stderr
+        if done.returncode == 0 or not (SAME in done.stdout and TEARDOWN_ABORT in output):
+            break
+    assert done.returncode == 0, output[-3000:]
     return done.stdout
 
 
@@ -32,10 +44,10 @@ def test_an_example_under_accelerate_launch_keeps_the_ranks_identical(example):
     launcher = shutil.which("accelerate")
     if launcher is None:
         pytest.skip("the accelerate command is not on PATH")
-    stdout = _run([
+    stdout = _run(lambda port: [
         launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(EXAMPLES / example), "--steps", "3",
+        "--main_process_port", port, str(EXAMPLES / example), "--steps", "3",
     ])  # fmt: skip
     assert SAME in stdout
 
@@ -44,5 +56,5 @@ def test_the_lightning_example_keeps_the_ranks_identical():
     pytest.importorskip("lightning")
     pytest.importorskip("transformers")
     command = [sys.executable, str(EXAMPLES / "lightning_module.py"), "--steps", "3"]
-    stdout = _run([*command, "--devices", "2"])
+    stdout = _run(lambda port: [*command, "--devices", "2"])  # Lightning picks its own port
     assert SAME in stdout
