@@ -490,7 +490,7 @@ class _Forward:
         if bool(own.all()):
             return
         tracker = self.tracker
-        if not tracker.unknown:
+        if tracker.mixing and not tracker.unknown:
             raise checks.InputError(
                 f"the model or loss_fn combines examples: "
                 f"{', '.join(dict.fromkeys(tracker.mixing)) or 'an operation'} runs across "
@@ -499,9 +499,9 @@ class _Forward:
                 f"(a statistic over the batch, as BatchNorm in training mode takes, cannot be "
                 f"given per example)."
             )
+        through = ", ".join(dict.fromkeys(tracker.unknown[:3])) or "the model's operations"
         self.untraced = (
-            f"pergrad cannot follow which example each value comes from through "
-            f"{', '.join(dict.fromkeys(tracker.unknown[:3]))}"
+            f"pergrad cannot follow which example each value comes from through {through}"
         )
 
     def _record_hook(self, hooked: Hooked):

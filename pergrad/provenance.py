@@ -223,26 +223,71 @@ class Provenance(TorchDispatchMode):
         super().__init__()
         self.mixing: list[str] = []  # operations that combined several examples
         self.unknown: list[str] = []  # operations pergrad does not follow
-        self.poisoned: set[int] = set()  # storages changed where an alias may read them
         self.before: tuple = ()  # the layout of a tensor whose layout an operation changes
-        self._tags: dict[int, tuple] = {}  # id(tensor) -> (weak reference, tag, version)
+        self._tags: dict[int, tuple] = {}  # id(tensor) -> (weak reference, tag, writes seen)
+        self._pointers: dict[int, tuple] = {}  # id(indices) -> (weak reference, tag)
+        self._pointing = False  # whether tag() reads indices' pointer tags
+        self._writes = 0  # changes in place that changed a tag, so far
+        self._changed: dict[int, int] = {}  # storage -> the count at its last such change
+        self._memory: dict[int, tuple] = {}  # storage -> (count, tag) per element, element size
+        self._lost = False  # a change in place that could not be followed: nothing is known
 
     # tags on tensors ------------------------------------------------------------------------
 
     def tag(self, x: Tensor) -> Tag:
-        """The tag of ``x``; ``NONE`` for tensors this pass did not produce."""
-        found = self._tags.get(id(x))
-        if found is None or found[0]() is not x:
-            if self.poisoned and _storage(x) in self.poisoned:
-                return _ALL
-            return _NOTHING
-        if found[2] != x._version and _storage(x) in self.poisoned:
+        """The tag of ``x``; ``NONE`` for tensors this pass did not produce. A tensor whose
+        storage changed in place since it was tagged (through an alias, ``.data``) is
+        ``MIXED``."""
+        if self._lost:
             return _ALL
-        return found[1]
+        if self._pointing and (found := self._pointers.get(id(x))) and found[0]() is x:
+            return found[1]
+        found = self._tags.get(id(x))
+        alive = found is not None and found[0]() is x
+        if self._changed:
+            key = _storage(x)
+            last = self._writes if key == -1 else self._changed.get(key, 0)
+            if last and (not alive or found[2] < last):
+                return self._refreshed(x, last)
+        return found[1] if alive else _NOTHING
 
-    def set(self, x: Tensor, tag: Tag, writes: int = 0, version: int | None = None) -> None:
-        version = x._version if version is None else version
-        self._tags[id(x)] = (weakref.ref(x), tag, version + writes)
+    def _refreshed(self, x: Tensor, last: int) -> Tag:
+        """The tag of a tensor whose memory changed since it was tagged (through a view, a
+        chunk, ``.data``): the tags written since at its elements, its own elsewhere."""
+        written = self._memory.get(_storage(x))
+        entry = self._tags.get(id(x))
+        alive = entry is not None and entry[0]() is x
+        if written is None or written[2] != x.element_size() or x.layout != torch.strided:
+            return self._untraceable()
+        counts, tags = written[0], written[1]
+        where = _positions(x)
+        own = _full(entry[1], tuple(x.shape)) if alive else _full(_NOTHING, tuple(x.shape))
+        newer = counts[where] > (entry[2] if alive else 0)
+        tag = _compact(torch.where(newer, tags[where], own))
+        self.set(x, tag)
+        return tag
+
+    def _untraceable(self) -> Tag:
+        if not self.unknown or self.unknown[-1] != _ALIASED:
+            self.unknown.append(_ALIASED)
+        return _ALL
+
+    def index_tag(self, x: Tensor) -> Tag:
+        """The tag of ``x`` used as indices: for those a sort or ``nonzero`` returned, the
+        example of the element each points at (as data, their values depend on every element
+        they were chosen among)."""
+        self._pointing = True
+        try:
+            return self.tag(x)
+        finally:
+            self._pointing = False
+
+    def set(self, x: Tensor, tag: Tag) -> None:
+        self._tags[id(x)] = (weakref.ref(x), tag, self._writes)
+
+    def point(self, x: Tensor, tag: Tag) -> None:
+        """Give indices ``x`` their pointer tag (see :meth:`index_tag`)."""
+        self._pointers[id(x)] = (weakref.ref(x), tag)
 
     @contextmanager
     def paused(self):
@@ -255,22 +300,45 @@ class Provenance(TorchDispatchMode):
             yield
 
     def _write(self, x: Tensor, tag: Tag) -> None:
-        """``x`` changed in place to ``tag``: its aliases' tags no longer hold. (Autograd
-        counts the change only after the operation returns to it.)"""
-        if not _same(tag, self.tag(x)):
-            self.poisoned.add(_storage(x))
-            base = x._base
-            if base is not None and base.layout == torch.strided and base.is_contiguous():
-                self._write_through(base, x, tag)
-        self.set(x, tag, writes=1)
+        """``x`` changed in place to ``tag``. Unless no tag changed, the tags written are kept
+        for its memory's elements, for its aliases to read (:meth:`_refreshed`)."""
+        old = self.tag(x)
+        if _same(tag, old) and not _has_mixed(old):
+            self.set(x, tag)
+            return
+        self._writes += 1
+        key = _storage(x)
+        self._changed[key] = self._writes
+        if key == -1 or x.layout != torch.strided:
+            self._lost = True  # where it wrote cannot be known
+            return
+        length = x.untyped_storage().nbytes() // x.element_size()
+        written = self._memory.get(key)
+        if written is None or written[2] != x.element_size() or len(written[0]) != length:
+            written = self._memory[key] = (
+                torch.zeros(length, dtype=torch.int64),
+                torch.full((length,), MIXED, dtype=torch.int64),
+                x.element_size(),
+            )
+        where = _positions(x)
+        written[0][where] = self._writes
+        written[1][where] = _full(tag, tuple(x.shape))
+        self.set(x, tag)
 
-    def _write_through(self, base: Tensor, view: Tensor, tag: Tag) -> None:
-        """The base of a view written in place: the view's elements take the view's tag."""
-        whole = _full(self.tag(base), tuple(base.shape)).reshape(-1).clone()
-        offset = view.storage_offset() - base.storage_offset()
-        where = torch.arange(base.numel()).as_strided(view.shape, view.stride(), offset)
-        whole[where.reshape(-1)] = _full(tag, tuple(view.shape)).reshape(-1)
-        self.set(base, _compact(whole.view(base.shape)), writes=1)
+    def _fail(self, plan: _Plan, args, kwargs, out, error: Exception) -> None:
+        """An operation pergrad could not follow: its outputs are ``MIXED``, and so is every
+        alias of what it changed in place."""
+        self.unknown.append(f"{plan.name} ({type(error).__name__}: {error})")
+        for x in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(x, Tensor):
+                self.set(x, _ALL)
+        try:
+            for w in _written(plan, args, kwargs):
+                self._writes += 1
+                self._changed[_storage(w)] = self._writes
+                self.set(w, _ALL)
+        except Exception:  # not even where it wrote is known
+            self._lost = True
 
     # the dispatch ---------------------------------------------------------------------------
 
@@ -289,15 +357,13 @@ class Provenance(TorchDispatchMode):
             except _Unknown:
                 tags = self._unknown(func, args, kwargs)
             if type(out) is Tensor and not plan.writes and not isinstance(tags, list):
-                # the common case: one new tensor (a view counts its input's changes, but only
-                # once the operation returns)
-                version = args[0]._version if plan.view else out._version
-                self._tags[id(out)] = (weakref.ref(out), tags, version)
+                self._tags[id(out)] = (weakref.ref(out), tags, self._writes)  # the common case
             else:
                 self._assign(plan, args, kwargs, out, tags)
+            if self._pointers and plan.handler in _MOVES_POINTERS:
+                self._carry_pointers(plan, func, args, kwargs, out)
         except Exception as error:  # a case a handler does not cover: nothing is known
-            self.unknown.append(f"{func} ({type(error).__name__}: {error})")
-            self._assign(plan, args, kwargs, out, _ALL)
+            self._fail(plan, args, kwargs, out, error)
         return out
 
     def _assign(self, plan: _Plan, args, kwargs, out, tags) -> None:
@@ -305,16 +371,30 @@ class Provenance(TorchDispatchMode):
         if not isinstance(tags, (tuple, list)):
             tags = [tags] * len(outputs)
         written = [] if plan.layout else _written(plan, args, kwargs)
-        version = args[0]._version if plan.view and isinstance(args[0], Tensor) else None
         for x, tag in zip(outputs, tags):
             if isinstance(x, Tensor):
                 if any(x is w for w in written):
                     self._write(x, tag)
                 else:
-                    self.set(x, tag, version=version)
+                    self.set(x, tag)
         for w in written:  # changed, not returned (a batch norm's running statistics)
             if not any(w is x for x in outputs):
                 self._write(w, _ALL)
+
+    def _carry_pointers(self, plan: _Plan, func, args, kwargs, out) -> None:
+        """Indices viewed, copied or cut keep pointing at the elements they pointed at."""
+        if not any(id(x) in self._pointers for x in _tensor_args(args, kwargs)):
+            return
+        self._pointing = True
+        try:
+            tags = plan.handler(self, func, args, kwargs, out)
+        finally:
+            self._pointing = False
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        tags = tags if isinstance(tags, (tuple, list)) else [tags] * len(outputs)
+        for x, tag in zip(outputs, tags):
+            if isinstance(x, Tensor):
+                self.point(x, tag)
 
     def _unknown(self, func, args, kwargs) -> Tensor:
         """Outside what pergrad follows: the union of every input over everything."""
@@ -330,8 +410,15 @@ class Provenance(TorchDispatchMode):
         return [self.tag(x) for x in args]
 
 
+_ALIASED = "a tensor whose memory the model changed in place through another tensor"
+
+
 class _Unknown(Exception):
     pass
+
+
+def _has_mixed(tag: Tag) -> bool:
+    return isinstance(tag, Tensor) and bool((tag == MIXED).any())
 
 
 def _same(a: Tag, b: Tag) -> bool:
@@ -340,14 +427,26 @@ def _same(a: Tag, b: Tag) -> bool:
     return a is b or (a.shape == b.shape and bool((a == b).all()))
 
 
+def _positions(x: Tensor) -> Tensor:
+    """The position in its memory of each element of ``x`` (in elements of its type)."""
+    length = x.untyped_storage().nbytes() // x.element_size()
+    return torch.arange(length).as_strided(x.shape, x.stride(), x.storage_offset())
+
+
 def _storage(x: Tensor) -> int:
-    return x.untyped_storage().data_ptr()
+    """A key for the memory ``x`` reads (``-1`` for a tensor without one: every such
+    tensor is taken to alias every other)."""
+    try:
+        return x.untyped_storage().data_ptr()
+    except Exception:
+        return -1
 
 
 @dataclass(frozen=True)
 class _Plan:
     """What the dispatch does for one operation, found once."""
 
+    name: str
     handler: object  # (mode, func, args, kwargs, out) -> tag(s); None: not followed
     writes: tuple  # (position, name) of the arguments it changes in place
     view: bool  # it returns views of its first input
@@ -368,7 +467,8 @@ def _plan(func) -> _Plan:
         if argument.alias_info is not None and argument.alias_info.is_write
     )
     view = bool(schema.returns) and schema.returns[0].alias_info is not None
-    plan = _PLANS[func] = _Plan(handler, writes, view, func.overloadpacket in _RESHAPED_IN_PLACE)
+    layout = func.overloadpacket in _RESHAPED_IN_PLACE
+    plan = _PLANS[func] = _Plan(str(func), handler, writes, view, layout)
     return plan
 
 
@@ -741,8 +841,10 @@ def _along(mode, func, args, kwargs, out):
 
 @_handles(aten.sort, aten.topk, aten.argsort)
 def _sort(mode, func, args, kwargs, out):
-    """Values and indices point at the elements they came from (topk's choice of elements
-    along a dimension with several examples depends on all of them: mixed)."""
+    """Values come from the elements they are; indices, as data, from every element sorted
+    among (a rank), and, as indices, point at the elements they name (:meth:`Provenance.
+    index_tag`). topk's choice of elements along a dimension with several examples depends on
+    all of them: mixed."""
     x = args[0]
     names = [a.name for a in func._schema.arguments]
     dim = _argument(args, kwargs, names, names.index("dim"), ("dim",))
@@ -751,19 +853,21 @@ def _sort(mode, func, args, kwargs, out):
         return mode.tag(x)
     tag = mode.tag(x)
     along = reduce(tag, tuple(x.shape), [dim])
-    if (
-        isinstance(along, Tensor)
-        and bool((along == MIXED).any())
-        and func.overloadpacket is aten.topk
-    ):
+    if _has_mixed(along) and func.overloadpacket is aten.topk:
         mode.mixing.append(str(func))
         return [_ALL, _ALL]
+    _note_mixing(mode, func, x, along)  # where the indices are used as data
     indices = out if func.overloadpacket is aten.argsort else out[1]
-    picked = _full(tag, tuple(x.shape)).gather(dim, indices.cpu())
-    picked = (
-        _compact(picked) if not isinstance(tag, Axis) or tag.dim % x.dim() == dim % x.dim() else tag
-    )
-    return picked if func.overloadpacket is aten.argsort else [picked, picked]
+    picked = _picked(tag, x, dim, indices)
+    mode.point(indices, _picked(mode.index_tag(x), x, dim, indices))  # sorted indices: theirs
+    return along if func.overloadpacket is aten.argsort else [picked, along]
+
+
+def _picked(tag: Tag, x: Tensor, dim: int, indices: Tensor) -> Tag:
+    """The tags of the elements of ``x`` that ``indices`` pick along ``dim``."""
+    if isinstance(tag, Axis) and tag.dim % x.dim() != dim % x.dim():
+        return tag
+    return _compact(_full(tag, tuple(x.shape)).gather(dim, indices.cpu()))
 
 
 @_handles(aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.dot, aten.vdot, aten.mv,
@@ -908,10 +1012,12 @@ def _embedding(mode, func, args, kwargs, out):
 
 @_handles(aten.nonzero, aten.argwhere)
 def _nonzero(mode, func, args, kwargs, out):
-    """Each coordinate points at an element of the mask: that element's example."""
+    """Each coordinate points at an element of the mask (that element's example, for
+    indexing); as data, it depends on every element before it."""
     x = args[0]
     ids = _full(mode.tag(x), tuple(x.shape))[x.cpu() != 0]
-    return _compact(ids.unsqueeze(-1))
+    mode.point(out, _compact(ids.unsqueeze(-1)))
+    return torch.tensor(single(mode.tag(x), tuple(x.shape))) if x.dim() else mode.tag(x)
 
 
 @_handles(aten.masked_select)
@@ -933,7 +1039,7 @@ def _advanced(mode: Provenance, shape, indices) -> tuple[tuple, Tensor | None, i
             cpu.append(slice(None))
             d += 1
             continue
-        tag = mode.tag(i)
+        tag = mode.index_tag(i)
         if i.dtype in (torch.bool, torch.uint8):
             mask = i.cpu().bool()
             coordinates = mask.nonzero(as_tuple=True)
@@ -971,12 +1077,12 @@ def _index(mode, func, args, kwargs, out):
 def _index_select(mode, func, args, kwargs, out):
     x, dim, index = args[0], args[1] % max(1, args[0].dim()), args[2]
     tag = mode.tag(x)
-    if mode.tag(index) is _NOTHING and isinstance(tag, Axis) and tag.dim % x.dim() != dim:
+    if mode.index_tag(index) is _NOTHING and isinstance(tag, Axis) and tag.dim % x.dim() != dim:
         return tag
-    if isinstance(tag, Tensor) and tag.dim() == 0 and mode.tag(index) is _NOTHING:
+    if isinstance(tag, Tensor) and tag.dim() == 0 and mode.index_tag(index) is _NOTHING:
         return tag
     picked = _full(tag, tuple(x.shape)).index_select(dim, index.cpu())
-    index_tag = mode.tag(index)
+    index_tag = mode.index_tag(index)
     if index_tag is not _NOTHING:
         t = _full(index_tag, tuple(index.shape)).reshape(*[1] * dim, -1, *[1] * (x.dim() - dim - 1))
         picked = merge(picked, t)
@@ -987,7 +1093,7 @@ def _index_select(mode, func, args, kwargs, out):
 def _gather(mode, func, args, kwargs, out):
     x, dim, index = args[0], args[1] % max(1, args[0].dim()), args[2]
     tag = mode.tag(x)
-    index_tag = mode.tag(index)
+    index_tag = mode.index_tag(index)
     if (
         isinstance(tag, Axis)
         and tag.dim % x.dim() != dim
@@ -1049,7 +1155,7 @@ def _scatter(mode, func, args, kwargs, out):
     if packet in (aten.index_put, aten.index_put_, aten._index_put_impl_) and tags is not None:
         new = merge(new, tags)
     for index, how in chosen:
-        index_tag = mode.tag(index)
+        index_tag = mode.index_tag(index)
         if index_tag is _NOTHING:
             continue
         if how == "mask":
@@ -1111,7 +1217,9 @@ def _embedding_bag(mode, func, args, kwargs, out):
 def _per_sample(mode, func, args, kwargs, out):
     """Layers of images and signals: each output sample from its own input sample."""
     tensors = [x for x in args if isinstance(x, Tensor)]
-    tags = [reduce(mode.tag(x), tuple(x.shape), range(1, x.dim())) for x in tensors if x.dim()]
+    if any(x.dim() < 2 or len(x) != len(_first(out)) for x in tensors):  # not (N, …) to (N, …)
+        raise _Unknown
+    tags = [reduce(mode.tag(x), tuple(x.shape), range(1, x.dim())) for x in tensors]
     found = _combine(tags, tuple(_first(out).shape))
     if isinstance(found, Axis) and found.dim != -_first(out).dim():
         raise _Unknown
@@ -1137,9 +1245,18 @@ def _loss(mode, func, args, kwargs, out):
         tags = [mode.tag(x), mode.tag(target)]
     shape = tuple(target.shape) if nll else tuple(torch.broadcast_shapes(x.shape, target.shape))
     found = _combine(tags, shape)
+    for extra in [*args[2:], *kwargs.values()]:  # class weights, pos_weight: any may mix
+        if isinstance(extra, Tensor) and mode.tag(extra) is not _NOTHING:
+            one = torch.tensor(single(mode.tag(extra), tuple(extra.shape)))
+            found = _combine([found, one], shape)
+            _note_mixing(mode, func, extra, found)
     if reduction not in (0, None):
         found = torch.tensor(single(found, shape)) if shape else found
         _note_mixing(mode, func, x, found)
     if nll:
         return [found, torch.tensor(single(found, shape)) if shape else found]
     return found
+
+
+_MOVES_POINTERS = {_reshape, _permute, _select, _slice, _split, _same_tag, _cat, _stack}
+"""Handlers of operations that view, copy or cut indices without computing with them."""

@@ -293,3 +293,84 @@ def test_a_view_keeps_the_batch_as_a_digit_of_the_index(batch, sizes, data):
     expected = torch.arange(batch).view(batch, *[1] * len(sizes)).expand(shape).reshape(after)
     got = provenance.table(tag, after).expand(after) if not isinstance(tag, torch.Tensor) else tag
     assert torch.equal(got.expand(after), expected)
+
+
+# never silently wrong: each of these either matches one backward per example or is refused --
+
+
+class Wrapped(nn.Module):
+    """``Linear → middle → Linear``."""
+
+    def __init__(self, middle):
+        super().__init__()
+        self.first, self.second, self.middle = nn.Linear(3, 4), nn.Linear(4, 2), middle
+
+    def forward(self, x):
+        return self.second(self.middle(self.first(x)))
+
+
+def _data_alias(h):
+    h = h.clone()
+    h.data.copy_(h.data.roll(1, 0))  # through .data: no view, no shared version counter
+    return h
+
+
+def _chunk_written(h):
+    left, right = h.clone().unsafe_chunk(2, 1)
+    left.add_(left.roll(1, 0))  # a chunk written; its sibling read after
+    return torch.cat([right, right], 1)
+
+
+def _dtype_view_written(h):
+    h = h.clone()
+    as_float = h.view(torch.float32)
+    as_float[1:].copy_(as_float[:-1].clone())
+    return h
+
+
+MIDDLES = {
+    "a rank in the batch used as data": lambda h: h + h.argsort(0).argsort(0).to(h.dtype),
+    "written through .data": _data_alias,
+    "one chunk written, its sibling read": _chunk_written,
+    "written through a view of another type": _dtype_view_written,
+    "pixel_unshuffle of one sample": lambda h: torch.pixel_unshuffle(
+        h.reshape(1, len(h), 2, 2), 2
+    ).reshape(len(h), 4),
+}
+
+
+@pytest.mark.filterwarnings("ignore::pergrad.FallbackWarning")
+@pytest.mark.parametrize("case", sorted(MIDDLES))
+def test_rows_moved_by_aliases_or_ranks_are_never_silently_wrong(case):
+    torch.manual_seed(0)
+    model = Wrapped(MIDDLES[case]).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    try:  # statistics() compares every number with one backward per example
+        statistics(model, _squared, x, y, verify=False)
+    except pergrad.InputError as error:
+        assert "combines examples" in str(error)
+
+
+@pytest.mark.parametrize("weighted", ["class weights", "pos_weight"])
+def test_loss_weights_computed_from_the_batch_are_refused(weighted):
+    def loss_fn(output, target):
+        if weighted == "class weights":
+            weight = 1 / (1 + torch.bincount(target, minlength=2).to(output.dtype))
+            return nn.functional.cross_entropy(output, target, weight, reduction="none")
+        positive = target.to(output.dtype)
+        ratio = (1 - positive).sum() / (1 + positive.sum())
+        return nn.functional.binary_cross_entropy_with_logits(
+            output[:, 0], positive, pos_weight=ratio, reduction="none"
+        )
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 1])
+    tracker = provenance.Provenance()
+    with tracker:
+        tracker.set(x, provenance.batch(2, 4))
+        tracker.set(y, provenance.batch(1, 4))
+        losses = loss_fn(nn.Linear(3, 2).double()(x), y)
+    assert bool((provenance.table(tracker.tag(losses), (4,)) == provenance.MIXED).all())
+    engine = pergrad.PerExample(nn.Linear(3, 2).double(), loss_fn, verify=False)
+    with pytest.raises(pergrad.InputError, match="depends on the other examples|combines"):
+        engine.backward(x, y)
