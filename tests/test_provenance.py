@@ -174,19 +174,21 @@ twice.register_fake(lambda x: torch.empty_like(x))
 twice.register_autograd(lambda ctx, grad: grad * 2, setup_context=lambda ctx, inputs, output: None)
 
 
-class Unfollowed(nn.Module):
-    def __init__(self):
+class Wrapped(nn.Module):
+    """``Linear → middle → Linear``."""
+
+    def __init__(self, middle):
         super().__init__()
-        self.first, self.second = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.first, self.second, self.middle = nn.Linear(3, 4), nn.Linear(4, 2), middle
 
     def forward(self, x):
-        return self.second(twice(self.first(x)))
+        return self.second(self.middle(self.first(x)))
 
 
 @pytest.mark.filterwarnings("ignore:.*mode='func' failed")  # the op has no vmap rule
 def test_an_operation_pergrad_does_not_follow_sends_the_model_to_a_whole_model_mode():
     torch.manual_seed(0)
-    model = Unfollowed().double()
+    model = Wrapped(twice).double()
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
     with pytest.warns(pergrad.FallbackWarning, match="cannot follow .* pergrad_tests.twice"):
         sources = statistics(model, CROSS_ENTROPY, x, y)
@@ -296,17 +298,6 @@ def test_a_view_keeps_the_batch_as_a_digit_of_the_index(batch, sizes, data):
 
 
 # never silently wrong: each of these either matches one backward per example or is refused --
-
-
-class Wrapped(nn.Module):
-    """``Linear → middle → Linear``."""
-
-    def __init__(self, middle):
-        super().__init__()
-        self.first, self.second, self.middle = nn.Linear(3, 4), nn.Linear(4, 2), middle
-
-    def forward(self, x):
-        return self.second(self.middle(self.first(x)))
 
 
 def _data_alias(h):
