@@ -183,15 +183,24 @@ class _Record:
                 f"several rows of one example reach it on dim {dim} (no {self.hooked.kind} "
                 f"positions)"
             )
-        batched = [x for k, x in _tensors(self.args, self.kwargs) if k in self.batched]
-        if not all(x.dim() > dim and regroup.aligned(front(x)) for x in batched):
-            raise local.LocalError("an input's rows are not those of its output")
-        if rule.features is not None:
-            move = regroup
-        else:
-            move = lambda x: regroup(front(x)).squeeze(1)  # noqa: E731
-        args = tuple(move(x) if i in self.batched else x for i, x in enumerate(self.args))
-        kwargs = {k: move(x) if k in self.batched else x for k, x in self.kwargs.items()}
+        moves = {}
+        for key, x in _tensors(self.args, self.kwargs):
+            if key not in self.batched:
+                continue
+            if rule.features is not None:
+                if not regroup.aligned(x):
+                    raise local.LocalError("an input's rows are not those of its output")
+                moves[key] = regroup
+                continue
+            # without positions: each input's own example dimension, holding the same
+            # examples as the output's (a padding mask is (B, S) where the query is (L, B, E))
+            own, examples = _examples(self.input_tags[key], x)
+            if len(examples) != len(ids) or not torch.equal(examples.cpu(), ids):
+                raise local.LocalError("an input's examples are not those of its output")
+            moves[key] = lambda x, own=own: regroup(x.movedim(own, 0)).squeeze(1)
+        args = tuple(moves[i](x) if i in moves else x for i, x in enumerate(self.args))
+        kwargs = {k: moves[k](x) if k in moves else x for k, x in self.kwargs.items()}
+        move = regroup if rule.features is not None else lambda x: regroup(front(x)).squeeze(1)
         return Call(
             args, kwargs, self._scaled(move(self.all_deltas()[0])), self._batched_keywords()
         )
