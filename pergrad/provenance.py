@@ -303,7 +303,9 @@ class Provenance(TorchDispatchMode):
         """``x`` changed in place to ``tag``. Unless no tag changed, the tags written are kept
         for its memory's elements, for its aliases to read (:meth:`_refreshed`)."""
         old = self.tag(x)
-        if _same(tag, old) and not _has_mixed(old):
+        # constants written (a dropout mask drawn into empty memory), or nothing changed: every
+        # alias's tag still contains what it holds
+        if unmarked(tag) or (_same(tag, old) and not _has_mixed(old)):
             self.set(x, tag)
             return
         self._writes += 1
