@@ -365,3 +365,62 @@ def test_loss_weights_computed_from_the_batch_are_refused(weighted):
     engine = pergrad.PerExample(nn.Linear(3, 2).double(), loss_fn, verify=False)
     with pytest.raises(pergrad.InputError, match="depends on the other examples|combines"):
         engine.backward(x, y)
+
+
+def _families():
+    """Small models of families the per-layer path was not written for, from configs."""
+    transformers = pytest.importorskip("transformers")
+    text = dict(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32,
+    )  # fmt: skip
+    image = dict(image_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    return {
+        "roberta": lambda: transformers.RobertaModel(transformers.RobertaConfig(**text)),
+        "t5": lambda: transformers.T5EncoderModel(
+            transformers.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1)
+        ),
+        "gpt_neox": lambda: transformers.GPTNeoXModel(transformers.GPTNeoXConfig(**text)),
+        "mistral": lambda: transformers.MistralModel(
+            transformers.MistralConfig(**text, num_key_value_heads=1)
+        ),
+        "phi": lambda: transformers.PhiModel(transformers.PhiConfig(**text)),
+        "bloom": lambda: transformers.BloomModel(
+            transformers.BloomConfig(vocab_size=50, hidden_size=16, n_layer=1, n_head=2)
+        ),
+        "deit": lambda: transformers.DeiTModel(
+            transformers.DeiTConfig(**image, patch_size=8, intermediate_size=32)
+        ),
+        "segformer": lambda: transformers.SegformerModel(
+            transformers.SegformerConfig(
+                num_encoder_blocks=2,
+                depths=[1, 1],
+                sr_ratios=[2, 1],
+                hidden_sizes=[8, 16],
+                num_attention_heads=[1, 2],
+            )  # fmt: skip
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "family", ["roberta", "t5", "gpt_neox", "mistral", "phi", "bloom", "deit", "segformer"]
+)
+def test_hugging_face_families_are_followed_to_each_examples_output(family):
+    torch.manual_seed(0)
+    model = _families()[family]().double()
+    b = 3
+    if family in ("deit", "segformer"):
+        x = {"pixel_values": torch.randn(b, 3, 32, 32, dtype=torch.float64)}
+    else:
+        mask = torch.ones(b, 8, dtype=torch.long)
+        mask[1, -2:] = 0
+        x = {"input_ids": torch.randint(3, 50, (b, 8)), "attention_mask": mask}
+    tracker = provenance.Provenance()
+    for tensor in x.values():
+        tracker.set(tensor, provenance.batch(tensor.dim(), b))
+    with tracker:
+        per_example = model(**x).last_hidden_state.reshape(b, -1).sum(1)
+    assert tracker.unknown == []
+    tags = provenance.table(tracker.tag(per_example), (b,)).expand(b)
+    assert torch.equal(tags, torch.arange(b))
