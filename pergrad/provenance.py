@@ -800,7 +800,7 @@ def _reduction(mode, func, args, kwargs, out):
     x = args[0]
     shape = tuple(x.shape)
     at, keep_at = _REDUCTIONS[func.overloadpacket]
-    names = [a.name for a in func._schema.arguments]
+    names = _names(func)
     dims = _argument(args, kwargs, names, at, ("dim",))
     keepdim = bool(_argument(args, kwargs, names, keep_at, ("keepdim",)) or False)
     if dims is None or (isinstance(dims, (list, tuple)) and not dims):
@@ -812,6 +812,17 @@ def _reduction(mode, func, args, kwargs, out):
     tag = reduce(mode.tag(x), shape, dims, keepdim)
     _note_mixing(mode, func, x, tag)
     return tag
+
+
+_NAMES: dict = {}
+
+
+def _names(func) -> list[str]:
+    """The names of the operation's arguments, in order (found once)."""
+    found = _NAMES.get(func)
+    if found is None:
+        found = _NAMES[func] = [a.name for a in func._schema.arguments]
+    return found
 
 
 def _argument(args, kwargs, names, at, keys):
@@ -848,7 +859,7 @@ def _sort(mode, func, args, kwargs, out):
     index_tag`). topk's choice of elements along a dimension with several examples depends on
     all of them: mixed."""
     x = args[0]
-    names = [a.name for a in func._schema.arguments]
+    names = _names(func)
     dim = _argument(args, kwargs, names, names.index("dim"), ("dim",))
     dim = -1 if dim is None else dim
     if not x.dim():
@@ -930,7 +941,7 @@ def _attention(mode, func, args, kwargs, out):
     q, k, v = args[:3]
     first = _first(out)
     shape = tuple(first.shape)
-    names = [a.name for a in func._schema.arguments]
+    names = _names(func)
     mask = None
     for key in ("attn_mask", "attn_bias"):
         if key in names:
@@ -991,7 +1002,7 @@ def _norm(mode, func, args, kwargs, out):
           aten.cudnn_batch_norm, aten.miopen_batch_norm)  # fmt: skip
 def _batch_norm(mode, func, args, kwargs, out):
     x = args[0]
-    names = [a.name for a in func._schema.arguments]
+    names = _names(func)
     training = func.overloadpacket is not aten._native_batch_norm_legit_no_training and bool(
         args[names.index("training")] if "training" in names else True
     )
@@ -1235,7 +1246,7 @@ def _loss(mode, func, args, kwargs, out):
     """Per element (``reduction="none"``): the input's classes, or its element, and the
     target's; reduced: all of them."""
     x, target = args[0], args[1]
-    names = [a.name for a in func._schema.arguments]
+    names = _names(func)
     reduction = _argument(args, kwargs, names, names.index("reduction"), ("reduction",))
     nll = func.overloadpacket in (aten.nll_loss_forward, aten.nll_loss2d_forward)
     if nll:
