@@ -8,8 +8,10 @@ active, every element-wise operation of ``u`` with a batched tensor is computed 
 expanded to the batch on dim 0 first: the result is the same, and each example's row of the
 expansion receives that example's gradient ``δ_b``.
 
-Any other use of ``u`` (indexing it, a matrix product, a use no operation reports) is
-recorded, and the layer is then refused; after the backward pass, the per-example gradients
+Rearranging ``u`` first (``permute``, ``unsqueeze``, ``view``: T5's relative attention bias)
+is followed, each example's gradient taken back through the rearrangement; ``torch.where``
+with a batched mask counts as element-wise. Any other use of ``u`` (indexing it, a matrix
+product, a use no operation reports) is recorded, and the layer is then refused; after the backward pass, the per-example gradients
 must also add up to the gradient autograd gave ``u`` itself.
 """
 
@@ -33,6 +35,12 @@ ELEMENTWISE = frozenset(
 
 SAME_VALUES = frozenset({"to", "type_as", "contiguous", "float", "double", "half", "bfloat16"})
 """Operations whose result holds the same values, tracked like the tensor itself."""
+
+REARRANGED = frozenset(
+    {"permute", "transpose", "unsqueeze", "squeeze", "view", "reshape", "flatten", "movedim"}
+)
+"""Operations that rearrange a shared output's values without computing with them: the result
+is followed too, and each example's gradient of it is taken back through the rearrangement."""
 
 
 @dataclass
@@ -77,7 +85,7 @@ class Broadcasts(TorchFunctionMode):
     def __init__(self, batch_size: int):
         super().__init__()
         self.batch_size = batch_size
-        self._tracked: dict[int, tuple[Tensor, SharedOutput]] = {}
+        self._tracked: dict[int, tuple[Tensor, SharedOutput, object]] = {}  # and back-map
         self._active = False
 
     def enter(self) -> None:
@@ -99,7 +107,7 @@ class Broadcasts(TorchFunctionMode):
         the model puts on ``output``, which the per-example gradients must then add up to."""
         shared = SharedOutput(output)
         output.grad_fn.register_prehook(lambda grads: setattr(shared, "total_grad", grads[0]))
-        self._tracked[id(output)] = (output, shared)
+        self._tracked[id(output)] = (output, shared, None)
         return shared
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -118,18 +126,41 @@ class Broadcasts(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if len(hits) == 1 and not nested and not in_kwargs:
             index = hits[0]
-            tensor, shared = self._tracked[id(args[index])]
+            tensor, shared, back = self._tracked[id(args[index])]
             if name in ELEMENTWISE and len(args) == 2 and not (index == 0 and _inplace(name)):
-                expanded = self._expand(tensor, args[1 - index], shared)
+                expanded = self._expand(tensor, args[1 - index], shared, back)
                 if expanded is not None:
                     args = (expanded, args[1]) if index == 0 else (args[0], expanded)
+                    return func(*args, **kwargs)
+            elif name == "where" and len(args) == 3 and index in (1, 2):  # where(c, u, x)
+                others = [a for a in args if isinstance(a, Tensor) and a is not args[index]]
+                try:
+                    shape = torch.broadcast_shapes(
+                        *(a.shape for a in args if isinstance(a, Tensor))
+                    )
+                except RuntimeError:
+                    shape = None
+                partner = None if shape is None else torch.zeros(()).expand(shape)
+                batched = any(
+                    a.dim() == len(shape or ()) and len(a) == self.batch_size for a in others
+                )
+                expanded = self._expand(tensor, partner, shared, back) if batched else None
+                if expanded is not None:
+                    args = tuple(expanded if i == index else a for i, a in enumerate(args))
                     return func(*args, **kwargs)
             elif name in SAME_VALUES and index == 0:
                 result = func(*args, **kwargs)
                 if isinstance(result, Tensor) and result.shape == tensor.shape:
-                    self._tracked.setdefault(id(result), (result, shared))
+                    self._tracked.setdefault(id(result), (result, shared, back))
                 else:
                     shared.misuse = name
+                return result
+            elif name in REARRANGED and index == 0:
+                result = func(*args, **kwargs)
+                if isinstance(result, Tensor):
+                    self._tracked.setdefault(
+                        id(result), (result, shared, _back(func, args, kwargs, tensor, back))
+                    )
                 return result
         result = func(*args, **kwargs)
         if any(isinstance(x, Tensor) for x in _flat(result)):
@@ -141,9 +172,10 @@ class Broadcasts(TorchFunctionMode):
     def _is_tracked(self, x: object) -> bool:
         return isinstance(x, Tensor) and id(x) in self._tracked
 
-    def _expand(self, tensor: Tensor, other: object, shared: SharedOutput) -> Tensor | None:
+    def _expand(self, tensor: Tensor, other: object, shared: SharedOutput, back) -> Tensor | None:
         """``tensor`` expanded to the batch where ``tensor ⊕ other`` would broadcast it over
-        ``other``'s batch dimension, with a hook that keeps each example's gradient."""
+        ``other``'s batch dimension, with a hook that keeps each example's gradient (taken back
+        to the shared output's shape through ``back``, where ``tensor`` rearranges it)."""
         if not isinstance(other, Tensor) or other.dim() == 0:
             return None
         try:
@@ -157,10 +189,30 @@ class Broadcasts(TorchFunctionMode):
         if padded[0] != 1:
             return None
         expanded = tensor.reshape(padded).expand(size, *padded[1:])
-        shape = (size, *shared.tensor.shape)
+        shape = (size, *tensor.shape)
         dtype = shared.tensor.dtype
-        expanded.register_hook(lambda g: shared.example_grads.append(g.reshape(shape).to(dtype)))
+
+        def keep(g: Tensor) -> None:
+            g = g.reshape(shape)
+            shared.example_grads.append((g if back is None else back(g)).to(dtype))
+
+        expanded.register_hook(keep)
         return expanded
+
+
+def _back(func, args, kwargs, tensor: Tensor, then):
+    """``g_b`` of a rearranged shared output, ``(B, *result.shape)``, taken back to
+    ``(B, *tensor.shape)`` (and on through ``then``, where ``tensor`` is itself rearranged):
+    the rearrangement's vector-Jacobian product for each example."""
+    rest = args[1:]
+
+    def back(g: Tensor) -> Tensor:
+        primal = tensor.detach()
+        _, pull = torch.func.vjp(lambda u: func(u, *rest, **kwargs), primal)
+        g = torch.func.vmap(lambda d: pull(d)[0])(g)
+        return g if then is None else then(g)
+
+    return back
 
 
 def _inplace(name: str) -> bool:

@@ -354,3 +354,32 @@ def test_why_a_rule_did_not_apply_is_in_the_fallback_warning():
         statistics(WithState(), CROSS_ENTROPY, x, y)
     messages = " ".join(str(w.message) for w in record)
     assert "LSTM (its rule: its rule failed: ValueError: an initial state" in messages
+
+
+class RearrangedBias(nn.Module):
+    """A bias table looked up by constant buckets, rearranged and met with the batch's scores,
+    by an addition or through ``torch.where`` with a batched mask (T5's relative attention
+    bias)."""
+
+    def __init__(self, through_where: bool):
+        super().__init__()
+        self.table, self.out = nn.Embedding(5, 2), nn.Linear(32, 3)
+        self.through_where = through_where
+
+    def forward(self, scores):  # (B, 2, 4, 4)
+        buckets = (torch.arange(4)[None] - torch.arange(4)[:, None]).clamp(-2, 2) + 2
+        bias = self.table(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, 2, 4, 4), shared
+        if self.through_where:
+            scores = torch.where(scores > 0, bias, scores)
+        else:
+            scores = scores + bias
+        return self.out(scores.flatten(1))
+
+
+@pytest.mark.parametrize("through_where", [False, True])
+def test_a_shared_output_rearranged_before_it_meets_the_batch(through_where):
+    torch.manual_seed(0)
+    model = RearrangedBias(through_where).double()
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    sources = statistics(model, CROSS_ENTROPY, x, torch.randint(0, 3, (5,)))
+    assert sources == covered(model)
