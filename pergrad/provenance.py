@@ -408,9 +408,6 @@ class Provenance(TorchDispatchMode):
             self.unknown.append(str(func))
         return torch.tensor(found)
 
-    def tags(self, args) -> list[Tag]:
-        return [self.tag(x) for x in args]
-
 
 _ALIASED = "a tensor whose memory the model changed in place through another tensor"
 
@@ -451,7 +448,6 @@ class _Plan:
     name: str
     handler: object  # (mode, func, args, kwargs, out) -> tag(s); None: not followed
     writes: tuple  # (position, name) of the arguments it changes in place
-    view: bool  # it returns views of its first input
     layout: bool  # it changes its first input's layout in place
 
 
@@ -468,9 +464,8 @@ def _plan(func) -> _Plan:
         for i, argument in enumerate(schema.arguments)
         if argument.alias_info is not None and argument.alias_info.is_write
     )
-    view = bool(schema.returns) and schema.returns[0].alias_info is not None
     layout = func.overloadpacket in _RESHAPED_IN_PLACE
-    plan = _PLANS[func] = _Plan(str(func), handler, writes, view, layout)
+    plan = _PLANS[func] = _Plan(str(func), handler, writes, layout)
     return plan
 
 
@@ -507,20 +502,28 @@ def _handles(*packets):
     return register
 
 
-def _union(mode: Provenance, values: list[Tensor], shape) -> Tag:
-    """Element-wise union of the tags of ``values`` broadcast to ``shape``."""
-    found: Tag | None = None
-    for x in values:
-        tag = mode.tag(x)
-        if tag is _NOTHING:
+def _combine(tags: list[Tag], shape: tuple[int, ...]) -> Tag:
+    """The element-wise union of tags of values broadcast to ``shape``."""
+    found: Tag = _NOTHING
+    for tag in tags:
+        if isinstance(tag, Tensor) and tag.dim() == 0 and int(tag) == NONE:
             continue
-        if isinstance(tag, Axis) and x.dim() and x.shape[tag.dim] != shape[tag.dim]:
-            tag = tag.table(x.shape[tag.dim])  # broadcast from length 1
-        if found is None or _same(found, tag):
+        if found is _NOTHING or _same(found, tag):
             found = tag
         else:
             found = _compact(merge(table(found, shape), table(tag, shape)))
-    return _NOTHING if found is None else found
+    return found
+
+
+def _union(mode: Provenance, values: list[Tensor], shape) -> Tag:
+    """Element-wise union of the tags of ``values`` broadcast to ``shape``."""
+    tags = []
+    for x in values:
+        tag = mode.tag(x)
+        if isinstance(tag, Axis) and x.dim() and x.shape[tag.dim] != shape[tag.dim]:
+            tag = tag.table(x.shape[tag.dim])  # broadcast from length 1
+        tags.append(tag)
+    return _combine(tags, shape)
 
 
 def _pointwise(mode, func, args, kwargs, out):
@@ -549,9 +552,9 @@ def _first(out) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-@_handles(aten.masked_fill, aten.where, aten.clamp, aten.lerp, aten.addcmul, aten.addcdiv)
-def _also_pointwise(mode, func, args, kwargs, out):
-    return _pointwise(mode, func, args, kwargs, out)
+_handles(aten.masked_fill, aten.where, aten.clamp, aten.lerp, aten.addcmul, aten.addcdiv)(
+    _pointwise
+)  # element-wise, though not all their overloads say so
 
 
 @_handles(
@@ -914,19 +917,6 @@ def _matmul(mode, func, args, kwargs, out):
     found = _combine(tags, shape)
     if not isinstance(found, Axis):
         _note_mixing(mode, func, a, found)
-    return found
-
-
-def _combine(tags: list[Tag], shape: tuple[int, ...]) -> Tag:
-    """The element-wise union of tags of values broadcast to ``shape``."""
-    found: Tag = _NOTHING
-    for tag in tags:
-        if isinstance(tag, Tensor) and tag.dim() == 0 and int(tag) == NONE:
-            continue
-        if found is _NOTHING or _same(found, tag):
-            found = tag
-        else:
-            found = _compact(merge(table(found, shape), table(tag, shape)))
     return found
 
 

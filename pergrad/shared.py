@@ -11,8 +11,9 @@ expansion receives that example's gradient ``δ_b``.
 Rearranging ``u`` first (``permute``, ``unsqueeze``, ``view``: T5's relative attention bias)
 is followed, each example's gradient taken back through the rearrangement; ``torch.where``
 with a batched mask counts as element-wise. Any other use of ``u`` (indexing it, a matrix
-product, a use no operation reports) is recorded, and the layer is then refused; after the backward pass, the per-example gradients
-must also add up to the gradient autograd gave ``u`` itself.
+product, a use no operation reports) is recorded, and the layer is then refused; after the
+backward pass, the per-example gradients must also add up to the gradient autograd gave ``u``
+itself.
 """
 
 from __future__ import annotations
@@ -127,24 +128,25 @@ class Broadcasts(TorchFunctionMode):
         if len(hits) == 1 and not nested and not in_kwargs:
             index = hits[0]
             tensor, shared, back = self._tracked[id(args[index])]
-            if name in ELEMENTWISE and len(args) == 2 and not (index == 0 and _inplace(name)):
-                expanded = self._expand(tensor, args[1 - index], shared, back)
+            other = args[1 - index] if len(args) == 2 else None
+            if name in ELEMENTWISE and other is not None and not (index == 0 and _inplace(name)):
+                batched = isinstance(other, Tensor) and other.dim() > 0
+                expanded = self._expand(tensor, other.shape, shared, back) if batched else None
                 if expanded is not None:
                     args = (expanded, args[1]) if index == 0 else (args[0], expanded)
                     return func(*args, **kwargs)
             elif name == "where" and len(args) == 3 and index in (1, 2):  # where(c, u, x)
                 others = [a for a in args if isinstance(a, Tensor) and a is not args[index]]
-                try:
+                try:  # the shape of what u meets: everything broadcast together
                     shape = torch.broadcast_shapes(
                         *(a.shape for a in args if isinstance(a, Tensor))
                     )
                 except RuntimeError:
                     shape = None
-                partner = None if shape is None else torch.zeros(()).expand(shape)
-                batched = any(
-                    a.dim() == len(shape or ()) and len(a) == self.batch_size for a in others
+                batched = shape is not None and any(
+                    a.dim() == len(shape) and len(a) == self.batch_size for a in others
                 )
-                expanded = self._expand(tensor, partner, shared, back) if batched else None
+                expanded = self._expand(tensor, shape, shared, back) if batched else None
                 if expanded is not None:
                     args = tuple(expanded if i == index else a for i, a in enumerate(args))
                     return func(*args, **kwargs)
@@ -172,18 +174,17 @@ class Broadcasts(TorchFunctionMode):
     def _is_tracked(self, x: object) -> bool:
         return isinstance(x, Tensor) and id(x) in self._tracked
 
-    def _expand(self, tensor: Tensor, other: object, shared: SharedOutput, back) -> Tensor | None:
-        """``tensor`` expanded to the batch where ``tensor ⊕ other`` would broadcast it over
-        ``other``'s batch dimension, with a hook that keeps each example's gradient (taken back
-        to the shared output's shape through ``back``, where ``tensor`` rearranges it)."""
-        if not isinstance(other, Tensor) or other.dim() == 0:
-            return None
+    def _expand(self, tensor: Tensor, other, shared: SharedOutput, back) -> Tensor | None:
+        """``tensor`` expanded to the batch where ``tensor ⊕ x``, ``x`` of shape ``other``,
+        would broadcast it over ``x``'s batch dimension, with a hook that keeps each example's
+        gradient (taken back to the shared output's shape through ``back``, where ``tensor``
+        rearranges it)."""
         try:
-            result = torch.broadcast_shapes(tensor.shape, other.shape)
+            result = torch.broadcast_shapes(tensor.shape, other)
         except RuntimeError:
             return None
         size = self.batch_size
-        if other.dim() != len(result) or other.shape[0] != size or result[0] != size:
+        if len(other) != len(result) or other[0] != size or result[0] != size:
             return None
         padded = (1,) * (len(result) - tensor.dim()) + tuple(tensor.shape)
         if padded[0] != 1:
