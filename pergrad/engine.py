@@ -133,8 +133,9 @@ class PerExample:
         self.sources: dict[str, str] = {}
         """Where each parameter's numbers came from in the last call: the layer type whose
         per-layer rule computed them (``"Linear"``, ...), that type followed by ``" (local)"``
-        (``torch.func`` over that layer alone), several joined by ``"+"`` (a parameter used by
-        several layers), ``"unused"``, or the whole-model mode (``"func"``, ...)."""
+        (``torch.func`` over that layer alone), a torch function followed by ``" (op)"`` (a
+        use at that operation, :mod:`pergrad.uses`), several joined by ``"+"`` (a parameter
+        used by several layers), ``"unused"``, or the whole-model mode (``"func"``, ...)."""
 
     @property
     def mode(self) -> str:

@@ -1,27 +1,32 @@
 """Per-example statistics layer by layer, from one batched forward and backward pass.
 
 Every module that owns trainable parameters is *hooked*: a module with a rule
-(:mod:`pergrad.rules`) for all its parameters, any other for those it owns directly (a
-container's ``cls_token``, a custom norm's ``weight``). While the batch runs forward, a hooked
-module runs on detached views of those parameters, so autograd does not form their batch
-gradients; a forward hook (run before any of the module's own) keeps its inputs, and hooks on
-its outputs receive ``δ``. After the backward pass each parameter's per-example gradients, or
-their moments ``(Σ_b g_b, Σ_b g_b²)``, come from its module's rule or, without one, from
-``torch.func`` over that module alone (:mod:`pergrad.local`); a parameter used by several
-modules, or by one module called several times, gets the per-example sum over its uses before
-squaring, a few examples at a time.
+(:mod:`pergrad.rules`) for all its parameters, any other that holds no layers for those it owns
+directly (a custom norm's ``weight``). While the batch runs forward, a hooked module runs on
+detached views of those parameters, so autograd does not form their batch gradients; a
+forward hook (run before any of the module's own) keeps its inputs, and hooks on its outputs
+receive ``δ``. Every other use of a parameter — in the model's own code, in a module that holds
+layers (a ``cls_token``), in a call on inputs that hold no example's data (a position table
+looked up by positions) — is taken at the operation that makes it (:mod:`pergrad.uses`) and
+recorded as a call of a layer of its own. After the backward pass each parameter's
+per-example gradients, or their moments ``(Σ_b g_b, Σ_b g_b²)``, come from its module's rule
+or, without one, from ``torch.func`` over that module alone (:mod:`pergrad.local`); a
+parameter used by several modules, or by one module called several times, gets the
+per-example sum over its uses before squaring, a few examples at a time.
 
 A parameter is covered only where that is provably its whole gradient:
 
-- every use of it is a call of a module that owns it; autograd, asked for the parameter's
-  own gradient, finds no other (``h @ self.embed.weight.T`` in a parent fails this);
+- every use of it is a recorded call; autograd, asked for the parameter's own gradient, finds
+  no other (a custom autograd Function given the parameter fails this), and the uses at
+  operations add up to the gradient autograd gave their stand-in (a hook on a tensor computed
+  from the parameter fails this);
 - each call's inputs carry the batch on dim 0 or are shared by the whole batch. On the first
   call (and the first after the model's structure changed, :mod:`pergrad.structure`) a
   forward pass of one example shows which inputs follow the batch size, so a length
   that happens to equal ``B`` is not mistaken for it (that pass runs without gradients and
   restores the random state; a model whose forward pass changes its own state sees one call
-  more). A module whose inputs are all shared gives an output shared by the batch, which must
-  reach the loss only by broadcasting into batched tensors (:mod:`pergrad.shared`);
+  more). Which example each row holds is followed through the model
+  (:mod:`pergrad.provenance`); rows a call gives to examples by their place are tagged so;
 - a rule sees only the gradient of its layer's first output: if another output (attention
   weights) reaches the loss, the call goes to the layer-local path, which replays the layer on
   each example alone and refuses it if that replay's output differs from the batch's.
@@ -61,6 +66,7 @@ from pergrad.rules.base import (
 from pergrad.shared import Broadcasts, SharedOutput
 from pergrad.stats import sq_norms
 from pergrad.structure import Hooked, Structure
+from pergrad.uses import OpUse, Uses
 
 Values = dict[str, "Tensor | Moments"]
 
@@ -79,8 +85,8 @@ class LayerwiseResult:
     losses: Tensor
     sources: dict[str, str] = field(default_factory=dict)
     """Where each covered parameter's values came from: its layer type (a rule), the type
-    followed by ``" (local)"`` (``torch.func`` over that layer), several joined by ``+``, or
-    ``"unused"``."""
+    followed by ``" (local)"`` (``torch.func`` over that layer), a torch function followed by
+    ``" (op)"`` (a use at that operation), several joined by ``+``, or ``"unused"``."""
     uncovered: dict[str, str] = field(default_factory=dict)
     """Why each other parameter is not covered."""
 
@@ -111,7 +117,9 @@ class _Record:
 
     @property
     def source(self) -> str:
-        return self.hooked.kind if self._use_rule else f"{self.hooked.kind} (local)"
+        if self._use_rule or isinstance(self.hooked.module, OpUse):
+            return self.hooked.kind
+        return f"{self.hooked.kind} (local)"
 
     @property
     def label(self) -> str:
@@ -306,6 +314,20 @@ class _Record:
             range(start, stop),
         )
 
+    def total_grads(self) -> dict[str, Tensor]:
+        """``Σ_b g_b`` of the layer's parameters, unscaled: the layer run again on the whole
+        batch, with autograd, and ``δ``.
+
+        Raises:
+            LocalError: a shared output used otherwise than broadcast into the batch.
+        """
+        if self.shared is not None:
+            deltas = [self.shared.per_example_grad(self.size).sum(0)]
+        else:
+            deltas = self.all_deltas()
+        args, kwargs = tuple(_detached(self.args)), _detached(self.kwargs)
+        return local.total_grads(self.hooked.module, list(self.hooked.params), args, kwargs, deltas)
+
     def _batch_outputs(self) -> list[Tensor]:
         """The layer's outputs for the batch: as it returned them, or, where the model has
         changed one in place since (``h += residual``), computed again by its ``forward`` on
@@ -427,16 +449,23 @@ class _Forward:
         self.records: list[_Record] = []
         self.calls: dict[int, int] = defaultdict(int)
         self.anchors: dict[tuple, Tensor] = {}  # by dtype and device
-        self.broadcasts = Broadcasts(size)  # entered at the first output shared by the batch
         self.single_use: set[int] = set()  # records whose parameters have no other use
         self.tracker = provenance.Provenance()  # which example each value comes from
+        self.broadcasts = Broadcasts(size, self.tracker)
+        self.uses = Uses(params, size, self.tracker, self._op_use)  # uses outside layers
         self.untraced: str | None = None  # why no record's rows can be attributed
+        self.at_uses: list[nn.Module] = []  # calls whose parameters are taken at their uses
+        self.use_totals: dict[str, Tensor | None] = {}  # autograd's, over each one's uses
 
     def run(self, inputs: batch.Inputs, target: Tensor) -> tuple[Tensor, dict]:
         handles = []
         for hooked in self.hooked:
             detached = {name: self.params[name].detach() for name in hooked.params.values()}
-            handles.append(hooked.module.register_forward_pre_hook(_detach_hook(hooked, detached)))
+            handles.append(
+                hooked.module.register_forward_pre_hook(
+                    self._detach_hook(hooked, detached), with_kwargs=True
+                )
+            )
             handles.append(
                 hooked.module.register_forward_hook(
                     self._record_hook(hooked), with_kwargs=True, prepend=True
@@ -449,9 +478,12 @@ class _Forward:
                 checks.separable(self.owner.loss_fn, output, target, losses)
                 self.owner.loss_checked = self.size > 1
             self._count_uses()
+            stand_ins = self.uses.stand_ins
             try:
                 grads = torch.autograd.grad(
-                    losses.sum(), [*self.params.values(), *self.anchors.values()], allow_unused=True
+                    losses.sum(),
+                    [*self.params.values(), *self.anchors.values(), *stand_ins.values()],
+                    allow_unused=True,
                 )
             except RuntimeError as error:
                 if "use_reentrant=True" not in str(error):
@@ -468,6 +500,7 @@ class _Forward:
                 handle.remove()
             for hooked in self.hooked:
                 hooked.swap(self.params)
+        self.use_totals = dict(zip(stand_ins, grads[len(grads) - len(stand_ins) :]))
         return losses.detach(), dict(zip(self.params, grads))
 
     def _forward(self, inputs: batch.Inputs, target: Tensor) -> tuple[Tensor, object]:
@@ -476,8 +509,10 @@ class _Forward:
         for x in given:
             self.tracker.set(x, provenance.batch(x.dim(), self.size))
         with self.tracker:
+            self.broadcasts.enter()
             try:
-                output = batch.run(self.owner.model, inputs)
+                with self.uses:
+                    output = batch.run(self.owner.model, inputs)
             finally:
                 self.broadcasts.leave()
             losses = checks.per_example_loss(self.owner.loss_fn(output, target), self.size)
@@ -513,57 +548,99 @@ class _Forward:
             f"pergrad cannot follow which example each value comes from through {through}"
         )
 
-    def _record_hook(self, hooked: Hooked):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output):
+    def _detach_hook(self, hooked: Hooked, detached: dict[str, Tensor]):
+        """A forward pre-hook that makes the module's parameters the detached views; except
+        for a call on inputs that hold no example's data (a position table looked up by
+        positions): its parameters are then taken at their uses (:mod:`pergrad.uses`), where
+        its output meets the batch."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if not torch.is_grad_enabled():
-                return None
-            hooked.swap(self.params)
-            if isinstance(output, Tensor):  # the common case, without pytree's walk
-                leaves, spec = [output], None
-            else:
-                leaves, spec = pytree.tree_flatten(output)
-            floating = [
-                i for i, x in enumerate(leaves) if isinstance(x, Tensor) and x.is_floating_point()
-            ]
-            # a zero anchor makes δ reach the outputs even where nothing before needs it; a
-            # recomputation (activation checkpointing) adds it too, to save what this did
-            tracker = self.tracker
-            with tracker.paused():
-                for i in floating:
-                    tag = tracker.tag(leaves[i])
-                    leaves[i] = leaves[i] + self._anchor(leaves[i])
-                    tracker.set(leaves[i], tag)
-            if not _recording():
-                return _rebuild(leaves, spec)
-            record = self._record(hooked, module, args, kwargs)
-            if not floating:
-                record.problem = record.problem or "it returns no floating-point tensor"
-                return None
-            with tracker.paused():
-                record.outputs = [leaves[i].detach() for i in floating]
-            record.versions = [leaves[i]._version for i in floating]
-            record.deltas = [None] * len(floating)
-            self._trace(record, [leaves[i] for i in floating], args, kwargs)
-            if not record.batched and record.problem is None:  # every input shared by the batch
-                if len(floating) == 1:
-                    record.shared = self.broadcasts.track(leaves[floating[0]])
-                    self.broadcasts.enter()
-                else:
-                    record.problem = (
-                        "its inputs are shared by the batch; it returns several tensors"
-                    )
-            if record.shared is None:
-                # the pre-hook of the anchor's own node sees δ as autograd sends it into the
-                # layer: after any hook the model puts on the output
-                for slot, i in enumerate(floating):
-                    leaves[i].grad_fn.register_prehook(self._grad_hook(record, slot))
-                first = record.outputs[0]
-                in_order = first.dim() and first.shape[0] == self.size
-                if record.problem is None and not in_order and record.moved is None:
-                    record.problem = "its output does not carry the batch on dim 0"
-            return _rebuild(leaves, spec)
+                return
+            with torch._C.DisableTorchFunction():
+                if _recording() and self._shared(module, args, kwargs):
+                    self.calls[id(module)] += 1
+                    self.at_uses.append(module)
+                    return
+            hooked.swap(detached)  # a recomputation too: it must save what the forward did
 
         return hook
+
+    def _shared(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
+        """Whether no input holds an example's data, nor follows the batch size in the
+        one-example pass (positions expanded to the batch are rows of examples)."""
+        index = self.calls[id(module)]
+        if self.owner.batched_keys(module, index, args, kwargs, self.size) != frozenset():
+            return False
+        tags = (self.tracker.tag(x) for _, x in _tensors(args, kwargs))
+        return all(map(provenance.unmarked, tags))
+
+    def _record_hook(self, hooked: Hooked):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output):
+            with torch._C.DisableTorchFunction():  # pergrad's bookkeeping, not uses
+                return self._on_call(hooked, module, args, kwargs, output)
+
+        return hook
+
+    def _on_call(self, hooked: Hooked, module: nn.Module, args: tuple, kwargs: dict, output):
+        """Record a call of a hooked module (or of an operation on parameters); return the
+        output the model receives, or ``None`` where that is ``output`` itself."""
+        if not torch.is_grad_enabled():
+            return None
+        if self.at_uses and self.at_uses[-1] is module:  # its parameters taken at their uses
+            self.at_uses.pop()
+            return None
+        hooked.swap(self.params)
+        if isinstance(output, Tensor):  # the common case, without pytree's walk
+            leaves, spec = [output], None
+        else:
+            leaves, spec = pytree.tree_flatten(output)
+        floating = [
+            i for i, x in enumerate(leaves) if isinstance(x, Tensor) and x.is_floating_point()
+        ]
+        # a zero anchor makes δ reach the outputs even where nothing before needs it; a
+        # recomputation (activation checkpointing) adds it too, to save what this did
+        tracker = self.tracker
+        with tracker.paused():
+            for i in floating:
+                tag = tracker.tag(leaves[i])
+                leaves[i] = leaves[i] + self._anchor(leaves[i])
+                tracker.set(leaves[i], tag)
+        if not _recording():
+            return _rebuild(leaves, spec)
+        record = self._record(hooked, module, args, kwargs)
+        if not floating:
+            record.problem = record.problem or "it returns no floating-point tensor"
+            return None
+        with tracker.paused():
+            record.outputs = [leaves[i].detach() for i in floating]
+        record.versions = [leaves[i]._version for i in floating]
+        record.deltas = [None] * len(floating)
+        self._trace(record, [leaves[i] for i in floating], args, kwargs)
+        if record.moved is None and record.batched:
+            self._attribute([leaves[i] for i in floating])
+        if not record.batched and record.problem is None:  # every input shared by the batch
+            if len(floating) == 1:
+                record.shared = self.broadcasts.track(leaves[floating[0]])
+            else:
+                record.problem = "its inputs are shared by the batch; it returns several tensors"
+        if record.shared is None:
+            # the pre-hook of the anchor's own node sees δ as autograd sends it into the
+            # layer: after any hook the model puts on the output
+            for slot, i in enumerate(floating):
+                leaves[i].grad_fn.register_prehook(self._grad_hook(record, slot))
+            first = record.outputs[0]
+            in_order = first.dim() and first.shape[0] == self.size
+            if record.problem is None and not in_order and record.moved is None:
+                record.problem = "its output does not carry the batch on dim 0"
+        return _rebuild(leaves, spec)
+
+    def _op_use(self, op: OpUse, names: dict[str, str], tensors: tuple, output):
+        """A use of parameters outside their layers (:mod:`pergrad.uses`), recorded as a call
+        of a layer without a rule; returns the output the model receives."""
+        with torch._C.DisableTorchFunction():
+            found = self._on_call(Hooked(op, None, names, None), op, tensors, {}, output)
+        return output if found is None else found
 
     def _trace(self, record: _Record, outputs: list[Tensor], args: tuple, kwargs: dict) -> None:
         """Where the output's rows are not the batch in order (flattened, routed or reordered
@@ -571,7 +648,7 @@ class _Forward:
         examples from their tags, not from the one-example pass, and keep those tags."""
         tag = self.tracker.tag(outputs[0])
         shape = tuple(outputs[0].shape)
-        if provenance.in_order(tag, shape, self.size):
+        if provenance.in_order(tag, shape, self.size) and self._inputs_in_order(record):
             return
         record.moved = tag
         record.output_tags = [self.tracker.tag(o) for o in outputs]
@@ -581,6 +658,33 @@ class _Forward:
         record.batched = frozenset(record.input_tags)
         if record.problem == _UNSEEN:
             record.problem = None
+
+    def _attribute(self, outputs: list[Tensor]) -> None:
+        """A call with batched inputs gives row ``b`` of its outputs' ``δ`` to example ``b``,
+        which is right only if every later use keeps the whole row example ``b``'s. Rows
+        whose elements come from no example, in part (a ``cls`` token written before the
+        tokens) or whole (a learned query expanded to the batch, which the one-example pass
+        finds following the batch size), are tagged example ``b``'s from here on, so the
+        losses' check sees any use that moves them to another example."""
+        tracker = self.tracker
+        with tracker.paused():
+            for x in outputs:
+                tag, shape = tracker.tag(x), tuple(x.shape)
+                if isinstance(tag, provenance.Axis) or not shape or shape[0] != self.size:
+                    continue
+                if provenance.in_order(tag, shape, self.size):  # unmarked ones too
+                    tracker.set(x, provenance.batch(len(shape), self.size))
+
+    def _inputs_in_order(self, record: _Record) -> bool:
+        """Whether every batched input of an operation's use holds the batch in order on dim
+        0 (a layer's are known from the one-example pass)."""
+        if not isinstance(record.hooked.module, OpUse):
+            return True
+        return all(
+            provenance.in_order(self.tracker.tag(x), tuple(x.shape), self.size)
+            for key, x in _tensors(record.args, record.kwargs)
+            if key in record.batched
+        )
 
     def _anchor(self, output: Tensor) -> Tensor:
         """The pass's zero anchor in ``output``'s dtype and device (one for all outputs)."""
@@ -603,7 +707,14 @@ class _Forward:
     def _record(self, hooked: Hooked, module: nn.Module, args: tuple, kwargs: dict) -> _Record:
         index = self.calls[id(module)]
         self.calls[id(module)] += 1
-        batched = self.owner.batched_keys(module, index, args, kwargs, self.size)
+        if isinstance(module, OpUse):  # not in the one-example pass: the tags tell
+            batched = frozenset(
+                key
+                for key, x in _tensors(args, kwargs)
+                if not provenance.unmarked(self.tracker.tag(x))
+            )
+        else:
+            batched = self.owner.batched_keys(module, index, args, kwargs, self.size)
         record = _Record(hooked, args, kwargs, batched or frozenset(), self.size)
         record.input_versions = [x._version for _, x in _tensors(args, kwargs)]
         self.records.append(record)
@@ -620,6 +731,7 @@ class _Forward:
             record.deltas[slot] = grads[0]
             eager = self.clip is None and len(record.deltas) == 1 and record.problem is None
             eager = eager and (record.moved is None or record._use_rule)  # no autograd in here
+            eager = eager and not isinstance(record.hooked.module, OpUse)  # δ checked after
             if eager and id(record) in self.single_use:
                 try:
                     record.values = record.compute(self.per_example)
@@ -649,11 +761,13 @@ class _Forward:
             for local_name, name in record.hooked.params.items():
                 uses[name].append((record, local_name))
         owners = {name: h for h in self.hooked for name in h.params.values()}
+        unseen = self._unseen_uses(uses)
         single: dict[str, tuple[_Record, str]] = {}
         several: dict[str, list[tuple[_Record, str]]] = {}
         for name, p in self.params.items():
             found = uses.get(name, [])
             reason = self.untraced or self._problem(name, found, others[name], owners.get(name))
+            reason = reason or unseen.get(name)
             if reason is not None:
                 result.uncovered[name] = reason
             elif not found:  # never used: every g_b is zero
@@ -680,6 +794,30 @@ class _Forward:
         self._combine(several, result)
         self._announce_failed_rules(result)
         return result
+
+    def _unseen_uses(self, uses: dict[str, list[tuple[_Record, str]]]) -> dict[str, str]:
+        """The parameters whose uses at operations do not add up to the gradient autograd
+        gave their stand-in (:mod:`pergrad.uses`): a hook or a function the model put on a
+        tensor computed from them changed it. Each use's total comes from the operation run
+        again on the whole batch."""
+        found = {}
+        for name, total in self.use_totals.items():
+            records = [(r, n) for r, n in uses[name] if isinstance(r.hooked.module, OpUse)]
+            try:
+                expected = sum(
+                    (r.total_grads()[n] for r, n in records), torch.zeros_like(self.params[name])
+                )
+            except local.LocalError as error:
+                found[name] = f"one of its uses: {error}"
+                continue
+            if total is None:
+                total = torch.zeros_like(self.params[name])
+            if not checks.agree(expected, total):
+                found[name] = (
+                    "a tensor computed from it reaches the loss otherwise than through the "
+                    "operations pergrad follows (a hook on it, a custom autograd Function)"
+                )
+        return found
 
     def _announce_failed_rules(self, result: LayerwiseResult) -> None:
         """Say, once per layer type and kind of error (its message may name sizes that change
@@ -772,16 +910,6 @@ class _Forward:
 
 
 _UNSEEN = "the one-example forward pass did not see this call"
-
-
-def _detach_hook(hooked: Hooked, detached: dict[str, Tensor]):
-    """A forward pre-hook that makes the module's parameters the detached views."""
-
-    def hook(*_) -> None:
-        if torch.is_grad_enabled():  # a recomputation too: it must save what the forward did
-            hooked.swap(detached)
-
-    return hook
 
 
 def _rebuild(leaves: list, spec) -> object:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from pergrad import provenance
 from pergrad.checks import agree
 from pergrad.local import LocalError
 
@@ -83,9 +84,10 @@ class SharedOutput:
 class Broadcasts(TorchFunctionMode):
     """Expands shared outputs to the batch where they meet batched tensors (see module doc)."""
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, tracker: provenance.Provenance):
         super().__init__()
         self.batch_size = batch_size
+        self.tracker = tracker
         self._tracked: dict[int, tuple[Tensor, SharedOutput, object]] = {}  # and back-map
         self._active = False
 
@@ -134,7 +136,7 @@ class Broadcasts(TorchFunctionMode):
                 expanded = self._expand(tensor, other.shape, shared, back) if batched else None
                 if expanded is not None:
                     args = (expanded, args[1]) if index == 0 else (args[0], expanded)
-                    return func(*args, **kwargs)
+                    return self._attributed(func(*args, **kwargs), shared)
             elif name == "where" and len(args) == 3 and index in (1, 2):  # where(c, u, x)
                 others = [a for a in args if isinstance(a, Tensor) and a is not args[index]]
                 try:  # the shape of what u meets: everything broadcast together
@@ -149,7 +151,7 @@ class Broadcasts(TorchFunctionMode):
                 expanded = self._expand(tensor, shape, shared, back) if batched else None
                 if expanded is not None:
                     args = tuple(expanded if i == index else a for i, a in enumerate(args))
-                    return func(*args, **kwargs)
+                    return self._attributed(func(*args, **kwargs), shared)
             elif name in SAME_VALUES and index == 0:
                 result = func(*args, **kwargs)
                 if isinstance(result, Tensor) and result.shape == tensor.shape:
@@ -169,6 +171,21 @@ class Broadcasts(TorchFunctionMode):
             for a in (*[args[i] for i in hits], *in_kwargs, *(t for n in nested for t in n)):
                 if self._is_tracked(a):
                     self._tracked[id(a)][1].misuse = f"{name or func!r}"
+        return result
+
+    def _attributed(self, result: Tensor, shared: SharedOutput) -> Tensor:
+        """Row ``b`` of the expansion receives the gradient of row ``b`` of ``result``: example
+        ``b``'s alone if every later use keeps that row example ``b``'s. The row is tagged so
+        from here on (elements that come from no example too), so the losses' check sees any
+        use that moves it to another example; a result whose rows are not the batch in order
+        is a misuse."""
+        with self.tracker.paused():
+            tag = self.tracker.tag(result)
+            shape = tuple(result.shape)
+            if provenance.in_order(tag, shape, self.batch_size) and not provenance.unmarked(tag):
+                self.tracker.set(result, provenance.batch(len(shape), self.batch_size))
+            else:
+                shared.misuse = "an operation whose rows are not the batch in order"
         return result
 
     def _is_tracked(self, x: object) -> bool:

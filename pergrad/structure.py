@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from pergrad import checks
 from pergrad.rules.base import Rule, layer_type, rule_for
+from pergrad.uses import OpUse
 from pergrad.wrappers import is_compiled
 
 
@@ -43,6 +44,8 @@ class Hooked:
 
     @property
     def kind(self) -> str:
+        if isinstance(self.module, OpUse):
+            return f"{self.module.name} (op)"
         return layer_type(self.module).__name__
 
     @property
@@ -114,9 +117,15 @@ class Structure:
                 for name, p in module._parameters.items()
                 if p is not None and id(p) in trainable
             }
-            if direct:
+            if direct and not _holds_layers(module, trainable):
                 found.append(Hooked(module, None, direct, why))
         return found
+
+
+def _holds_layers(module: nn.Module, trainable: dict[int, str]) -> bool:
+    """Whether a module's submodules own trainable parameters: replaying it would replay
+    them too, so its own parameters are taken at their uses (:mod:`pergrad.uses`)."""
+    return any(id(p) in trainable for child in module.children() for p in child.parameters())
 
 
 def _fingerprint(modules: list[nn.Module]) -> tuple:

@@ -42,10 +42,12 @@ def test_every_zoo_model(name):
         warnings.simplefilter("ignore", pergrad.FallbackWarning)
         sources = statistics(model, CROSS_ENTROPY, inputs, target)
     expected = covered(model)
-    # the tied weight is shared by two layers, so no one rule covers it; the parent's use of
-    # parent_use's embedding weight leaves it to a whole-model mode
-    if name in ("tied", "parent_use"):
+    # the tied weight is shared by two layers, so no one rule covers it; parent_use's
+    # embedding weight is also used at an operation; opaque_use's, by a custom Function
+    if name in ("tied", "parent_use", "opaque_use"):
         expected.pop("embed.weight")
+    if name == "parent_use":
+        assert sources["embed.weight"] == "Embedding+matmul (op)"
     if name == "gru_packed":  # the packing is not followed: a whole-model mode for all
         expected = {}
     assert {n: s for n, s in sources.items() if n in expected} == expected
@@ -229,12 +231,23 @@ class LayerCalledTwice(nn.Module):
         return self.out(self.shared(torch.tanh(self.shared(x))))
 
 
-def test_weight_used_outside_its_layer_goes_to_another_mode():
+def test_weight_used_outside_its_layer_is_taken_at_the_operation():
     torch.manual_seed(0)
     model = WeightUsedTwice().double()
+    sources = statistics(model, CROSS_ENTROPY, torch.randint(0, 7, (5, 3)), torch.arange(5))
+    assert sources == {
+        "embed.weight": "Embedding+matmul (op)",
+        "hidden.weight": "Linear",
+        "hidden.bias": "Linear",
+    }
+
+
+def test_weight_used_where_pergrad_cannot_see_goes_to_another_mode():
+    torch.manual_seed(0)
+    model, inputs, target = CASES["opaque_use"].build(5)
     outside = "'embed.weight': used outside the Embedding layer"
     with pytest.warns(pergrad.FallbackWarning, match=outside):
-        sources = statistics(model, CROSS_ENTROPY, torch.randint(0, 7, (5, 3)), torch.arange(5))
+        sources = statistics(model, CROSS_ENTROPY, inputs, target)
     assert sources == {"embed.weight": "func", "hidden.weight": "Linear", "hidden.bias": "Linear"}
 
 
@@ -262,12 +275,12 @@ def test_sequence_first_layers_are_not_mistaken_for_batch_first(length):
     torch.manual_seed(0)
     model = SequenceFirst().double()
     x = torch.randn(5, length, 4, dtype=torch.float64)
-    with pytest.warns(pergrad.FallbackWarning, match="'layer.self_attn.out_proj.weight': "):
-        sources = statistics(model, MSE, x, torch.randn_like(x))
+    sources = statistics(model, MSE, x, torch.randn_like(x))
     assert sources["layer.linear1.weight"] == "Linear"  # its (T, B, E) rows regrouped
-    # replayed on each example's (T, 1, E) alone; out_proj is used by its parent: whole model
-    assert sources["layer.self_attn.in_proj_weight"] == "MultiheadAttention (local)"
-    assert sources["layer.self_attn.out_proj.weight"] == "func"
+    # the attention holds out_proj, so its own parameters are taken where they are used:
+    # F.multi_head_attention_forward, replayed on each example's (T, 1, E) alone
+    assert sources["layer.self_attn.in_proj_weight"] == "multi_head_attention_forward (op)"
+    assert sources["layer.self_attn.out_proj.weight"] == "multi_head_attention_forward (op)"
 
 
 def test_in_place_activation_after_a_layer():
@@ -382,4 +395,8 @@ def test_a_shared_output_rearranged_before_it_meets_the_batch(through_where):
     model = RearrangedBias(through_where).double()
     x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
     sources = statistics(model, CROSS_ENTROPY, x, torch.randint(0, 3, (5,)))
-    assert sources == covered(model)
+    # the table's call holds no example's data: its weight is taken where the bias meets them
+    assert sources == {
+        **covered(model),
+        "table.weight": "where (op)" if through_where else "add (op)",
+    }

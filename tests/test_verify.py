@@ -1,6 +1,6 @@
-"""``verify=True`` checks every call against autograd with distinct per-example weights: a model
-whose rows the per-layer path attributes wrongly fails it, with an error that names the
-parameters, instead of giving wrong numbers."""
+"""``verify=True`` checks every call against autograd with distinct per-example weights: per-layer
+gradients handed to the wrong examples fail it, with an error that names the parameters,
+instead of giving wrong numbers."""
 
 import pytest
 import torch
@@ -9,40 +9,28 @@ from zoo import CASES, CROSS_ENTROPY
 
 import pergrad
 from pergrad import verify
-
-
-class FlippedQueries(nn.Module):
-    """A learned query expanded to the batch and projected, its rows then reversed. The rows
-    are alike, so each example alone computes what it does in the batch; but no example's
-    inputs mark them, so nothing but verification sees that row ``b`` reaches example
-    ``B - 1 - b``."""
-
-    def __init__(self):
-        super().__init__()
-        self.query = nn.Parameter(torch.randn(1, 3))
-        self.project, self.read = nn.Linear(3, 3), nn.Linear(3, 3)
-
-    def forward(self, x):
-        q = self.project(self.query.expand(len(x), 3)).flip(0)
-        return (self.read(x) * q).sum(1)
+from pergrad.rules import linear
 
 
 def _squared(output, target):
-    return (output - target).square()
+    return (output - target).square().sum(1)
 
 
 @pytest.mark.parametrize("call", ["grads", "backward"])
-def test_rows_no_example_marks_moved_between_examples_fail_verification(call):
+def test_a_rule_that_hands_gradients_to_the_wrong_examples_fails_verification(call, monkeypatch):
+    """A permutation keeps the moments, so only the weighted check can see it."""
     torch.manual_seed(0)
-    model = FlippedQueries().double()
-    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    right = linear.weight_grads
+    monkeypatch.setattr(linear, "weight_grads", lambda a, delta: right(a, delta).flip(0))
     engine = pergrad.PerExample(model, _squared, verify=True)
-    with pytest.raises(pergrad.VerificationError, match="'project.weight'.*disagree"):
+    with pytest.raises(pergrad.VerificationError, match="'0.weight'.*disagree"):
         getattr(engine, call)(x, y)
     assert all(p.grad is None for p in model.parameters())  # nothing changed
 
 
-@pytest.mark.filterwarnings("ignore::pergrad.FallbackWarning")  # parent_use: a whole-model mode
+@pytest.mark.filterwarnings("ignore::pergrad.FallbackWarning")
 @pytest.mark.parametrize("case", ["mlp", "transformer", "tied", "parent_use"])
 def test_verification_passes_where_the_numbers_are_right(case):
     model, inputs, target = CASES[case].build(5)

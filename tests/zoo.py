@@ -183,8 +183,8 @@ class Tied(nn.Module):
 
 class ParentUse(nn.Module):
     """The embedding's weight also used by the parent, outside the layer (a tied head written
-    ``h @ embed.weight.T``, as nanoGPT-style code does): the per-layer path covers the other
-    parameters, a whole-model mode the embedding's."""
+    ``h @ embed.weight.T``, as nanoGPT-style code does): the per-layer path takes that use at
+    the operation."""
 
     def __init__(self):
         super().__init__()
@@ -193,6 +193,35 @@ class ParentUse(nn.Module):
 
     def forward(self, tokens):
         return torch.tanh(self.hidden(self.embed(tokens))).mean(1) @ self.embed.weight.T
+
+
+class TimesTransposed(torch.autograd.Function):
+    """``h @ wᵀ`` as a custom autograd Function: an operation on a parameter whose inside no
+    torch function reports to pergrad (``vmap`` runs it)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(h, w):
+        return h @ w.T
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w = ctx.saved_tensors
+        return grad @ w, grad.T @ h
+
+
+class OpaqueUse(ParentUse):
+    """The parent's use of the embedding's weight through a custom autograd Function: the
+    per-layer path covers the other parameters, a whole-model mode the embedding's."""
+
+    def forward(self, tokens):
+        hidden = torch.tanh(self.hidden(self.embed(tokens))).mean(1)
+        return TimesTransposed.apply(hidden, self.embed.weight)
 
 
 class TwoInputs(nn.Module):
@@ -285,7 +314,8 @@ CASES = {
     "transformer": Case(Transformer, _tokens, frozenset({"func", "loop"}), "layerwise"),
     "tied": Case(Tied, _tokens, frozenset({"func", "hooks", "loop"}), "layerwise", classes=11),
     # Opacus misses the parent's use, and the hooks guard catches it
-    "parent_use": Case(ParentUse, _tokens, frozenset({"func", "loop"}), "func", classes=11),
+    "parent_use": Case(ParentUse, _tokens, frozenset({"func", "loop"}), "layerwise", classes=11),
+    "opaque_use": Case(OpaqueUse, _tokens, frozenset({"func", "loop"}), "func", classes=11),
     # vmap runs a float32 LSTM on CPU, not a float64 one
     "lstm": Case(lambda: Recurrent(nn.LSTM), _tokens, frozenset({"loop"}), "layerwise"),
     "gru": Case(lambda: Recurrent(nn.GRU), _tokens, frozenset({"loop"}), "layerwise"),

@@ -1,0 +1,192 @@
+"""Parameters used in a model's own code, each use at the operation that takes it.
+
+A parameter may be used outside any layer that owns it (``self.dt_proj.weight @ h``,
+``x * self.scale`` in a parent module, ``F.conv1d(h, self.conv.weight)``). While :class:`Uses`
+is active during the per-layer path's forward pass, every torch function that receives a
+watched parameter is seen:
+
+- a function of parameters alone (``W[expert]``, ``W.t()``, ``-torch.exp(A_log)``, a table
+  indexed by a buffer) is a *derivation*: its result is computed as usual and watched too,
+  with the way to compute it again from the parameter;
+- any other function is a *use*: the call becomes a layer of its own, an :class:`OpUse`,
+  whose per-example gradients the per-layer path forms as for a layer without a rule:
+  ``g_b = (∂f(θ, a_b)/∂θ)ᵀ δ_b``, with ``f`` the operation and the derivations before it, on
+  each example's rows alone.
+
+Every derivation and use computes with a stand-in for the parameter, a leaf of its own, so
+autograd gives the parameter itself no gradient through them; a use this mode does not see
+gives it one, and sends it to a whole-model mode. The stand-in's gradient is the total over
+the uses as autograd runs them, the model's own hooks and functions included; the uses
+recorded must add up to it (:meth:`pergrad.layerwise._Forward.result`), else the parameter
+goes to a whole-model mode too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from pergrad import provenance
+
+Derivation = Callable[[Tensor], Tensor]
+"""Computes a watched tensor again from its parameter."""
+
+
+class OpUse(nn.Module):
+    """One operation that takes parameters, as a layer: its ``forward(*tensors)`` takes the
+    operation's other tensor arguments in order, computes each parameter's derivation, and
+    calls the operation."""
+
+    def __init__(self, func, spec, leaves: list, slots: dict[int, tuple[str, Derivation]]):
+        super().__init__()
+        self.func, self.spec, self.slots = func, spec, slots
+        self.batch: int | None = None  # the batch size, where a derivation expands to it
+        self.inputs = [i for i, x in enumerate(leaves) if isinstance(x, Tensor) and i not in slots]
+        self.leaves = [None if isinstance(x, Tensor) else x for x in leaves]
+        self.name = getattr(func, "__name__", repr(func))
+
+    def forward(self, *tensors: Tensor):
+        leaves = list(self.leaves)
+        for i, x in zip(self.inputs, tensors):
+            leaves[i] = x
+        rows = tensors[0].shape[0] if tensors and tensors[0].dim() else None
+        for i, (local, derive) in self.slots.items():
+            leaves[i] = _rows(derive(self._parameters[local]), self.batch, rows)
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        return self.func(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+class Uses(TorchFunctionMode):
+    """Watches the parameters ``params`` (name -> parameter) during a forward pass; each use
+    is handed to ``record(op_use, names, tensors, output)``, which returns the output the
+    model receives (see the module doc). ``names``: the parameter's name in the model by its
+    name in the :class:`OpUse`; ``tensors``: the operation's other tensor arguments."""
+
+    def __init__(
+        self, params: dict[str, Tensor], size: int, tracker: provenance.Provenance, record
+    ):
+        super().__init__()
+        self.params = params
+        self.batch = size
+        self.tracker = tracker
+        self.record = record
+        self.stand_ins: dict[str, Tensor] = {}
+        """For each parameter seen, the leaf its uses compute with: autograd's gradient of it
+        is the total over those uses, as the model's own hooks and functions left it."""
+        # id -> (the tensor as the model holds it, its parameter's name, its derivation)
+        self._watched: dict[int, tuple[Tensor, str, Derivation]] = {
+            id(p): (p, name, _same) for name, p in params.items()
+        }
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self._any_watched(args, kwargs) or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        if _in_place(getattr(func, "__name__", "")):  # a parameter's: autograd finds it
+            return func(*args, **kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        hits = [i for i, x in enumerate(leaves) if self._is_watched(x)]
+        others = [x for i, x in enumerate(leaves) if isinstance(x, Tensor) and i not in hits]
+        params = {self._watched[id(leaves[i])][1] for i in hits}
+        values = list(leaves)
+        for i in hits:
+            values[i] = self._value(leaves[i])
+        a, kw = pytree.tree_unflatten(values, spec)
+        output = func(*a, **kw)
+        if len(params) == 1 and all(map(self._constant, others)):
+            self._derived(func, leaves, spec, hits, output)
+            return output
+        if not any(isinstance(x, Tensor) and x.is_floating_point() for x in _flat(output)):
+            return output  # nothing reaches the parameters through it
+        names: dict[str, str] = {}  # name in the model -> in the OpUse
+        slots = {}
+        for i in hits:
+            _, param, derive = self._watched[id(leaves[i])]
+            slots[i] = (names.setdefault(param, f"p{len(names)}"), derive)
+        op = OpUse(func, spec, leaves, slots)
+        op.batch = self.batch
+        for param, local in names.items():
+            op.register_parameter(local, self.params[param])
+        return self.record(op, {v: k for k, v in names.items()}, tuple(others), output)
+
+    def _value(self, x: Tensor) -> Tensor:
+        """What a use of watched ``x`` computes with: a parameter's stand-in, or ``x``."""
+        _, name, derive = self._watched[id(x)]
+        if derive is not _same:
+            return x
+        if name not in self.stand_ins:
+            self.stand_ins[name] = x.detach().requires_grad_()
+        return self.stand_ins[name]
+
+    def _derived(self, func, leaves: list, spec, hits: list[int], result) -> None:
+        """Watch ``result``, a function of one parameter and constants, with its
+        derivation."""
+        param = self._watched[id(leaves[hits[0]])][1]
+        derivations = {j: self._watched[id(leaves[j])][2] for j in hits}
+
+        def again(theta: Tensor) -> object:
+            new = list(leaves)
+            for j, derive in derivations.items():
+                new[j] = derive(theta)
+            a, kw = pytree.tree_unflatten(new, spec)
+            return func(*a, **kw)
+
+        several = isinstance(result, (list, tuple))
+        for k, x in enumerate(_flat(result)):
+            if isinstance(x, Tensor) and x.is_floating_point():
+                derive = (lambda theta, k=k: again(theta)[k]) if several else again
+                self._watched[id(x)] = (x, param, derive)
+
+    def _constant(self, x: Tensor) -> bool:
+        """Whether ``x`` holds no example's data and no gradient reaches it."""
+        if x.requires_grad:
+            return False
+        with self.tracker.paused():
+            return provenance.unmarked(self.tracker.tag(x))
+
+    def _is_watched(self, x: object) -> bool:
+        found = self._watched.get(id(x)) if isinstance(x, Tensor) else None
+        return found is not None and found[0] is x
+
+    def _any_watched(self, args: tuple, kwargs: dict) -> bool:
+        for x in (*args, *kwargs.values()):
+            if isinstance(x, Tensor):
+                if self._is_watched(x):
+                    return True
+            elif isinstance(x, (list, tuple)) and any(map(self._is_watched, x)):
+                return True
+        return False
+
+
+def _rows(value: Tensor, batch: int | None, rows: int | None) -> Tensor:
+    """A derivation that expanded a parameter to the batch (``cls.expand(B, -1, -1)``: every
+    row the same memory, whatever the parameter) replayed on ``rows`` rows: as many of its
+    rows."""
+    if batch is None or rows is None or rows == batch or not value.dim():
+        return value
+    if value.shape[0] == batch and value.stride(0) == 0:
+        return value[:rows]
+    return value
+
+
+def _same(p: Tensor) -> Tensor:
+    return p
+
+
+def _in_place(name: str) -> bool:
+    return (
+        name == "__setitem__"
+        or name.startswith("__i")
+        or (name.endswith("_") and not name.endswith("__"))
+    )
+
+
+def _flat(result: object) -> tuple:
+    return tuple(result) if isinstance(result, (list, tuple)) else (result,)
