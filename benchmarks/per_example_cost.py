@@ -152,6 +152,8 @@ REAL = {
     "OPT (HF, flattened tokens)": "opt",
     "Mixtral (HF, 4 experts, eager)": "mixtral",
     "Qwen2-MoE (HF, 4 experts + shared, eager)": "qwen2_moe",
+    "Mamba (HF, PyTorch path)": "mamba",
+    "Swin (HF, windows)": "swin",
     "ViT (HF)": "vit",
     "nanoGPT (tied head)": "nanogpt",
     "ResNet-18 GroupNorm (32×32)": "resnet18_gn",

@@ -1,7 +1,7 @@
 """Randomly initialised versions of models people actually train, each wrapped so that
 ``model(*inputs)`` returns a plain Tensor and paired with a per-example loss: how to hand
-Hugging Face models (GPT-2, BERT, Llama, Falcon, OPT, Mixtral, Qwen2-MoE, ViT), nanoGPT and a
-ResNet to ``pergrad``.
+Hugging Face models (GPT-2, BERT, Llama, Falcon, OPT, Mixtral, Qwen2-MoE, Mamba, ViT, Swin),
+nanoGPT and a ResNet to ``pergrad``.
 
 Every builder takes the batch size ``B``, ``dtype`` (float64 unless told) and ``size``
 (:data:`SIZES`: ``"test"``, tiny, for the tests; ``"bench"``, small but not tiny, for the
@@ -181,6 +181,41 @@ def _mixture(family: str):
 
 mixtral = _mixture("mixtral")
 qwen2_moe = _mixture("qwen2_moe")
+
+
+def mamba(b: int, *, dtype: torch.dtype = torch.float64, size: str = "test") -> Built:
+    """Mamba language model on its PyTorch path (no CUDA kernels): the mixer uses its
+    convolution's and ``dt_proj``'s weights directly, and owns ``A_log`` and ``D``."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    s = SIZES[size]
+    torch.manual_seed(0)
+    config = MambaConfig(
+        num_hidden_layers=2, hidden_size=s["width"], state_size=8, expand=2, conv_kernel=4,
+        vocab_size=s["vocab"], use_mambapy=False,
+        bos_token_id=s["vocab"] - 1, eos_token_id=s["vocab"] - 1, pad_token_id=0,
+    )  # fmt: skip
+    model = _finish(Logits(MambaForCausalLM(config), "input_ids", use_cache=False), dtype)
+    tokens = _tokens(b, s)
+    return model, tokens, tokens, next_token_loss
+
+
+def swin(b: int, *, dtype: torch.dtype = torch.float64, size: str = "test") -> Built:
+    """Swin Transformer classifier: attention within windows of the image cut from the
+    batch, ``(B·windows, tokens, width)``, with a relative-position table its attention
+    takes as a mask."""
+    from transformers import SwinConfig, SwinForImageClassification
+
+    s = SIZES[size]
+    torch.manual_seed(0)
+    config = SwinConfig(
+        image_size=s["image"], patch_size=2, num_channels=3, embed_dim=s["width"] // 2,
+        depths=[1, 1], num_heads=[1, 2], window_size=2, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
+    )  # fmt: skip
+    model = _finish(Logits(SwinForImageClassification(config), "pixel_values"), dtype)
+    pixels = torch.randn(b, 3, s["image"], s["image"], dtype=dtype)
+    return model, pixels, torch.randint(0, 3, (b,)), cross_entropy
 
 
 def vit(b: int, *, dtype: torch.dtype = torch.float64, size: str = "test") -> Built:
@@ -400,6 +435,8 @@ REAL_MODELS: dict[str, Callable[..., Built]] = {
     "opt": opt,
     "mixtral": mixtral,
     "qwen2_moe": qwen2_moe,
+    "mamba": mamba,
+    "swin": swin,
     "vit": vit,
     "nanogpt": nanogpt,
     "resnet18_gn": resnet18_gn,

@@ -263,11 +263,21 @@ class _Record:
         found = self._by_rule(lambda rule, layer, call: rule.grads(layer, call.narrow(start, stop)))
         if found is not None:
             return found
+        found = self._local_grads(start, stop)
+        if self.scale is None:
+            return found
+        # c_b·g_b: scaled after, in the parameter's precision (a layer may compute in less)
+        scale = self.scale[start:stop]
+        return {n: g * scale.to(g).view(-1, *[1] * (g.dim() - 1)) for n, g in found.items()}
+
+    def _local_grads(self, start: int, stop: int) -> dict[str, Tensor]:
+        """Per-example gradients of examples ``start:stop`` from the layer-local path,
+        unscaled."""
         module, names = self.hooked.module, list(self.hooked.params)
         if self.moved is not None:
             return self._grads_by_rows(start, stop)
         if self.shared is not None:
-            delta = self._scaled(self.shared.per_example_grad(self.size))[start:stop]
+            delta = self.shared.per_example_grad(self.size)[start:stop]
             return local.shared_grads(
                 module, names, self.args, self.kwargs, self.shared.tensor, delta
             )
@@ -281,7 +291,7 @@ class _Record:
             kwargs,
             self.batched,
             [o[start:stop] for o in self._batch_outputs()],
-            [self._scaled(g)[start:stop] for g in self.all_deltas()],
+            [g[start:stop] for g in self.all_deltas()],
         )
 
     def _grads_by_rows(self, start: int, stop: int) -> dict[str, Tensor]:
@@ -296,12 +306,6 @@ class _Record:
         }
         outputs = self._batch_outputs()
         found = [_examples(tag, o) for tag, o in zip(self.output_tags, outputs)]
-        deltas = self.all_deltas()
-        if self.scale is not None:  # c_b on each of example b's rows
-            deltas = [
-                g * self.scale.to(g)[ids].view(-1, *[1] * (g.dim() - 1 - dim))
-                for g, (dim, ids) in zip(deltas, found)
-            ]
         return local.grads_by_rows(
             self.hooked.module,
             list(self.hooked.params),
@@ -310,7 +314,7 @@ class _Record:
             inputs,
             outputs,
             found,
-            deltas,
+            self.all_deltas(),
             range(start, stop),
         )
 
