@@ -63,7 +63,6 @@ from pergrad.rules.base import (
     moments_in_chunks,
     sq_norms_in_chunks,
 )
-from pergrad.shared import Broadcasts, SharedOutput
 from pergrad.stats import sq_norms
 from pergrad.structure import Hooked, Structure
 from pergrad.uses import OpUse, Uses
@@ -105,7 +104,6 @@ class _Record:
     versions: list[int] = field(default_factory=list)  # of the outputs, when returned
     input_versions: list[int] = field(default_factory=list)  # of the tensor inputs, when called
     deltas: list[Tensor | None] = field(default_factory=list)  # δ of each floating output
-    shared: SharedOutput | None = None
     problem: str | None = None  # why neither a rule nor the local path can use this call
     rule_problem: str | None = None  # why the rule cannot
     values: Values | None = None  # computed during the backward pass, where that is safe
@@ -144,24 +142,14 @@ class _Record:
         """The call as a rule reads it: every positional input and ``δ`` batched on dim 0."""
         if self.moved is not None:
             return self._regrouped()
-        if self.shared is None:
-            args = tuple(
-                x.expand(self.size, *x.shape[1:])
-                if isinstance(x, Tensor) and i not in self.batched and x.dim() and x.shape[0] == 1
-                else x
-                for i, x in enumerate(self.args)
-            )
-            delta = self._scaled(self.all_deltas()[0])
-            return Call(args, self.kwargs, delta, self._batched_keywords())
-        delta = self._scaled(self.shared.per_example_grad(self.size))
-        output = self.shared.tensor
-        if output.dim() and output.shape[0] == 1:  # (1, …): the batch takes the place of 1
-            widen = lambda x: x.expand(self.size, *x.shape[1:])  # noqa: E731
-            delta = delta.squeeze(1)
-        else:  # no batch dimension: one is added
-            widen = lambda x: x.unsqueeze(0).expand(self.size, *x.shape)  # noqa: E731
-        args = tuple(widen(x) if isinstance(x, Tensor) else x for x in self.args)
-        return Call(args, self.kwargs, delta)
+        args = tuple(
+            x.expand(self.size, *x.shape[1:])
+            if isinstance(x, Tensor) and i not in self.batched and x.dim() and x.shape[0] == 1
+            else x
+            for i, x in enumerate(self.args)
+        )
+        delta = self._scaled(self.all_deltas()[0])
+        return Call(args, self.kwargs, delta, self._batched_keywords())
 
     def _regrouped(self) -> Call:
         """The call with its rows regrouped by example, ``(B, K, …)``, where the model moved
@@ -276,11 +264,6 @@ class _Record:
         module, names = self.hooked.module, list(self.hooked.params)
         if self.moved is not None:
             return self._grads_by_rows(start, stop)
-        if self.shared is not None:
-            delta = self.shared.per_example_grad(self.size)[start:stop]
-            return local.shared_grads(
-                module, names, self.args, self.kwargs, self.shared.tensor, delta
-            )
         args, kwargs = _detached(self.args), _detached(self.kwargs)
         for key in self.batched:
             local.put(args, kwargs, key, local.get(args, kwargs, key)[start:stop])
@@ -320,17 +303,10 @@ class _Record:
 
     def total_grads(self) -> dict[str, Tensor]:
         """``Σ_b g_b`` of the layer's parameters, unscaled: the layer run again on the whole
-        batch, with autograd, and ``δ``.
-
-        Raises:
-            LocalError: a shared output used otherwise than broadcast into the batch.
-        """
-        if self.shared is not None:
-            deltas = [self.shared.per_example_grad(self.size).sum(0)]
-        else:
-            deltas = self.all_deltas()
+        batch, with autograd, and ``δ``."""
         args, kwargs = tuple(_detached(self.args)), _detached(self.kwargs)
-        return local.total_grads(self.hooked.module, list(self.hooked.params), args, kwargs, deltas)
+        names = list(self.hooked.params)
+        return local.total_grads(self.hooked.module, names, args, kwargs, self.all_deltas())
 
     def _batch_outputs(self) -> list[Tensor]:
         """The layer's outputs for the batch: as it returned them, or, where the model has
@@ -455,7 +431,6 @@ class _Forward:
         self.anchors: dict[tuple, Tensor] = {}  # by dtype and device
         self.single_use: set[int] = set()  # records whose parameters have no other use
         self.tracker = provenance.Provenance()  # which example each value comes from
-        self.broadcasts = Broadcasts(size, self.tracker)
         self.uses = Uses(params, size, self.tracker, self._op_use)  # uses outside layers
         self.untraced: str | None = None  # why no record's rows can be attributed
         self.at_uses: list[nn.Module] = []  # calls whose parameters are taken at their uses
@@ -513,12 +488,8 @@ class _Forward:
         for x in given:
             self.tracker.set(x, provenance.batch(x.dim(), self.size))
         with self.tracker:
-            self.broadcasts.enter()
-            try:
-                with self.uses:
-                    output = batch.run(self.owner.model, inputs)
-            finally:
-                self.broadcasts.leave()
+            with self.uses:
+                output = batch.run(self.owner.model, inputs)
             losses = checks.per_example_loss(self.owner.loss_fn(output, target), self.size)
         return losses, output
 
@@ -623,25 +594,22 @@ class _Forward:
         self._trace(record, [leaves[i] for i in floating], args, kwargs)
         if record.moved is None and record.batched:
             self._attribute([leaves[i] for i in floating])
-        if not record.batched and record.problem is None:  # every input shared by the batch
-            if len(floating) == 1:
-                record.shared = self.broadcasts.track(leaves[floating[0]])
-            else:
-                record.problem = "its inputs are shared by the batch; it returns several tensors"
-        if record.shared is None:
-            # the pre-hook of the anchor's own node sees δ as autograd sends it into the
-            # layer: after any hook the model puts on the output
-            for slot, i in enumerate(floating):
-                leaves[i].grad_fn.register_prehook(self._grad_hook(record, slot))
-            first = record.outputs[0]
-            in_order = first.dim() and first.shape[0] == self.size
-            if record.problem is None and not in_order and record.moved is None:
-                record.problem = "its output does not carry the batch on dim 0"
+        if not record.batched and record.problem is None:
+            record.problem = "none of its inputs holds an example's data"
+        # the pre-hook of the anchor's own node sees δ as autograd sends it into the
+        # layer: after any hook the model puts on the output
+        for slot, i in enumerate(floating):
+            leaves[i].grad_fn.register_prehook(self._grad_hook(record, slot))
+        first = record.outputs[0]
+        in_order = first.dim() and first.shape[0] == self.size
+        if record.problem is None and not in_order and record.moved is None:
+            record.problem = "its output does not carry the batch on dim 0"
         return _rebuild(leaves, spec)
 
-    def _op_use(self, op: OpUse, names: dict[str, str], tensors: tuple, output):
+    def _op_use(self, op: OpUse, tensors: tuple, output):
         """A use of parameters outside their layers (:mod:`pergrad.uses`), recorded as a call
         of a layer without a rule; returns the output the model receives."""
+        names = {local: name for name, local in op.names.items()}
         with torch._C.DisableTorchFunction():
             found = self._on_call(Hooked(op, None, names, None), op, tensors, {}, output)
         return output if found is None else found
@@ -704,8 +672,6 @@ class _Forward:
         for record in self.records:
             record.args, record.kwargs, record.outputs, record.deltas = (), {}, [], []
             record.values = None
-            if record.shared is not None:
-                record.shared.release()
         self.records, self.anchors = [], {}
 
     def _record(self, hooked: Hooked, module: nn.Module, args: tuple, kwargs: dict) -> _Record:

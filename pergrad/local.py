@@ -155,27 +155,6 @@ def _pulled(outputs: list[Tensor], theta: dict[str, Tensor], deltas: list) -> di
     return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(theta.items(), grads)}
 
 
-def shared_grads(
-    module: nn.Module,
-    names: Sequence[str],
-    args: tuple,
-    kwargs: dict,
-    output: Tensor,
-    output_grads: Tensor,
-) -> dict[str, Tensor]:
-    """``g_b`` for a layer whose inputs are shared by the whole batch, so that its output
-    ``u`` is too: one vector-Jacobian product, applied to each example's ``δ_b``
-    (``output_grads``: ``(B, *u.shape)``)."""
-    theta = {name: module.get_parameter(name).detach() for name in names}
-    with _replaying():
-        out, pull = vjp(lambda t: forward(module, t, args, kwargs), theta)
-        if len(out) != 1:
-            raise LocalError("it returns more than one tensor")
-        (grads,) = vmap(lambda d: pull([d.to(out[0].dtype)]))(output_grads)
-    _check([output], [out[0]])
-    return grads
-
-
 @contextmanager
 def _replaying() -> Iterator[None]:
     """No gradients outside ``torch.func``'s own, and any of its errors turned into a

@@ -6,8 +6,9 @@ is active during the per-layer path's forward pass, every torch function that re
 watched parameter is seen:
 
 - a function of parameters alone (``W[expert]``, ``W.t()``, ``-torch.exp(A_log)``, a table
-  indexed by a buffer) is a *derivation*: its result is computed as usual and watched too,
-  with the way to compute it again from the parameter;
+  indexed by a buffer, a weight normalized from its direction and norm) is a *derivation*:
+  its result is computed as usual and watched too, with the way to compute it again from
+  the parameters;
 - any other function is a *use*: the call becomes a layer of its own, an :class:`OpUse`,
   whose per-example gradients the per-layer path forms as for a layer without a rule:
   ``g_b = (∂f(θ, a_b)/∂θ)ᵀ δ_b``, with ``f`` the operation and the derivations before it, on
@@ -23,6 +24,7 @@ goes to a whole-model mode too.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -32,30 +34,35 @@ from torch.utils import _pytree as pytree
 
 from pergrad import provenance
 
-Derivation = Callable[[Tensor], Tensor]
-"""Computes a watched tensor again from its parameter."""
+Derivation = Callable[[dict[str, Tensor]], Tensor]
+"""Computes a watched tensor again from the parameters it comes from (by name)."""
 
 
 class OpUse(nn.Module):
     """One operation that takes parameters, as a layer: its ``forward(*tensors)`` takes the
-    operation's other tensor arguments in order, computes each parameter's derivation, and
-    calls the operation."""
+    operation's other tensor arguments in order, computes each watched argument again from
+    the layer's parameters, and calls the operation."""
 
-    def __init__(self, func, spec, leaves: list, slots: dict[int, tuple[str, Derivation]]):
+    def __init__(self, func, spec, leaves: list, slots: dict[int, Derivation], params: dict):
         super().__init__()
         self.func, self.spec, self.slots = func, spec, slots
         self.batch: int | None = None  # the batch size, where a derivation expands to it
         self.inputs = [i for i, x in enumerate(leaves) if isinstance(x, Tensor) and i not in slots]
         self.leaves = [None if isinstance(x, Tensor) else x for x in leaves]
         self.name = getattr(func, "__name__", repr(func))
+        self.names = {}  # name in the model -> in this layer
+        for k, (name, p) in enumerate(params.items()):
+            self.names[name] = f"p{k}"
+            self.register_parameter(f"p{k}", p)
 
     def forward(self, *tensors: Tensor):
         leaves = list(self.leaves)
         for i, x in zip(self.inputs, tensors):
             leaves[i] = x
+        theta = {name: self._parameters[local] for name, local in self.names.items()}
         rows = tensors[0].shape[0] if tensors and tensors[0].dim() else None
-        for i, (local, derive) in self.slots.items():
-            leaves[i] = _rows(derive(self._parameters[local]), self.batch, rows)
+        for i, derive in self.slots.items():
+            leaves[i] = _rows(derive(theta), self.batch, rows)
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
         return self.func(*args, **kwargs)
 
@@ -65,9 +72,8 @@ class OpUse(nn.Module):
 
 class Uses(TorchFunctionMode):
     """Watches the parameters ``params`` (name -> parameter) during a forward pass; each use
-    is handed to ``record(op_use, names, tensors, output)``, which returns the output the
-    model receives (see the module doc). ``names``: the parameter's name in the model by its
-    name in the :class:`OpUse`; ``tensors``: the operation's other tensor arguments."""
+    is handed to ``record(op_use, tensors, output)``, which returns the output the model
+    receives (see the module doc); ``tensors``: the operation's other tensor arguments."""
 
     def __init__(
         self, params: dict[str, Tensor], size: int, tracker: provenance.Provenance, record
@@ -80,9 +86,9 @@ class Uses(TorchFunctionMode):
         self.stand_ins: dict[str, Tensor] = {}
         """For each parameter seen, the leaf its uses compute with: autograd's gradient of it
         is the total over those uses, as the model's own hooks and functions left it."""
-        # id -> (the tensor as the model holds it, its parameter's name, its derivation)
-        self._watched: dict[int, tuple[Tensor, str, Derivation]] = {
-            id(p): (p, name, _same) for name, p in params.items()
+        # id -> (the tensor as the model holds it, the parameters it comes from, derivation)
+        self._watched: dict[int, tuple[Tensor, tuple[str, ...], Derivation]] = {
+            id(p): (p, (name,), functools.partial(_named, name)) for name, p in params.items()
         }
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -94,46 +100,37 @@ class Uses(TorchFunctionMode):
         leaves, spec = pytree.tree_flatten((args, kwargs))
         hits = [i for i, x in enumerate(leaves) if self._is_watched(x)]
         others = [x for i, x in enumerate(leaves) if isinstance(x, Tensor) and i not in hits]
-        params = {self._watched[id(leaves[i])][1] for i in hits}
+        names = tuple(dict.fromkeys(n for i in hits for n in self._watched[id(leaves[i])][1]))
         values = list(leaves)
         for i in hits:
             values[i] = self._value(leaves[i])
         a, kw = pytree.tree_unflatten(values, spec)
         output = func(*a, **kw)
-        if len(params) == 1 and all(map(self._constant, others)):
-            self._derived(func, leaves, spec, hits, output)
+        slots = {i: self._watched[id(leaves[i])][2] for i in hits}
+        if all(map(self._constant, others)):
+            self._derived(func, leaves, spec, slots, names, output)
             return output
         if not any(isinstance(x, Tensor) and x.is_floating_point() for x in _flat(output)):
             return output  # nothing reaches the parameters through it
-        names: dict[str, str] = {}  # name in the model -> in the OpUse
-        slots = {}
-        for i in hits:
-            _, param, derive = self._watched[id(leaves[i])]
-            slots[i] = (names.setdefault(param, f"p{len(names)}"), derive)
-        op = OpUse(func, spec, leaves, slots)
+        op = OpUse(func, spec, leaves, slots, {name: self.params[name] for name in names})
         op.batch = self.batch
-        for param, local in names.items():
-            op.register_parameter(local, self.params[param])
-        return self.record(op, {v: k for k, v in names.items()}, tuple(others), output)
+        return self.record(op, tuple(others), output)
 
     def _value(self, x: Tensor) -> Tensor:
         """What a use of watched ``x`` computes with: a parameter's stand-in, or ``x``."""
-        _, name, derive = self._watched[id(x)]
-        if derive is not _same:
+        name = self._watched[id(x)][1][0]
+        if x is not self.params[name]:
             return x
         if name not in self.stand_ins:
             self.stand_ins[name] = x.detach().requires_grad_()
         return self.stand_ins[name]
 
-    def _derived(self, func, leaves: list, spec, hits: list[int], result) -> None:
-        """Watch ``result``, a function of one parameter and constants, with its
-        derivation."""
-        param = self._watched[id(leaves[hits[0]])][1]
-        derivations = {j: self._watched[id(leaves[j])][2] for j in hits}
+    def _derived(self, func, leaves: list, spec, slots: dict, names: tuple, result) -> None:
+        """Watch ``result``, a function of parameters and constants, with its derivation."""
 
-        def again(theta: Tensor) -> object:
+        def again(theta: dict[str, Tensor]) -> object:
             new = list(leaves)
-            for j, derive in derivations.items():
+            for j, derive in slots.items():
                 new[j] = derive(theta)
             a, kw = pytree.tree_unflatten(new, spec)
             return func(*a, **kw)
@@ -142,7 +139,7 @@ class Uses(TorchFunctionMode):
         for k, x in enumerate(_flat(result)):
             if isinstance(x, Tensor) and x.is_floating_point():
                 derive = (lambda theta, k=k: again(theta)[k]) if several else again
-                self._watched[id(x)] = (x, param, derive)
+                self._watched[id(x)] = (x, names, derive)
 
     def _constant(self, x: Tensor) -> bool:
         """Whether ``x`` holds no example's data and no gradient reaches it."""
@@ -176,8 +173,8 @@ def _rows(value: Tensor, batch: int | None, rows: int | None) -> Tensor:
     return value
 
 
-def _same(p: Tensor) -> Tensor:
-    return p
+def _named(name: str, theta: dict[str, Tensor]) -> Tensor:
+    return theta[name]
 
 
 def _in_place(name: str) -> bool:
