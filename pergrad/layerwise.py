@@ -544,11 +544,11 @@ class _Forward:
     def _shared(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
         """Whether no input holds an example's data, nor follows the batch size in the
         one-example pass (positions expanded to the batch are rows of examples)."""
-        index = self.calls[id(module)]
-        if self.owner.batched_keys(module, index, args, kwargs, self.size) != frozenset():
-            return False
         tags = (self.tracker.tag(x) for _, x in _tensors(args, kwargs))
-        return all(map(provenance.unmarked, tags))
+        if not all(map(provenance.unmarked, tags)):
+            return False
+        index = self.calls[id(module)]
+        return self.owner.batched_keys(module, index, args, kwargs, self.size) == frozenset()
 
     def _record_hook(self, hooked: Hooked):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output):
@@ -639,11 +639,11 @@ class _Forward:
         finds following the batch size), are tagged example ``b``'s from here on, so the
         losses' check sees any use that moves them to another example."""
         tracker = self.tracker
-        with tracker.paused():
-            for x in outputs:
-                tag, shape = tracker.tag(x), tuple(x.shape)
-                if isinstance(tag, provenance.Axis) or not shape or shape[0] != self.size:
-                    continue
+        for x in outputs:
+            tag, shape = tracker.tag(x), tuple(x.shape)
+            if isinstance(tag, provenance.Axis) or not shape or shape[0] != self.size:
+                continue
+            with tracker.paused():
                 if provenance.in_order(tag, shape, self.size):  # unmarked ones too
                     tracker.set(x, provenance.batch(len(shape), self.size))
 
