@@ -433,7 +433,8 @@ class _Forward:
         self.tracker = provenance.Provenance()  # which example each value comes from
         self.uses = Uses(params, size, self.tracker, self._op_use)  # uses outside layers
         self.untraced: str | None = None  # why no record's rows can be attributed
-        self.at_uses: list[nn.Module] = []  # calls whose parameters are taken at their uses
+        self.entered: list[tuple[nn.Module, bool]] = []  # running calls: parameters detached?
+        self.recursive: set[int] = set()  # modules called inside a call of themselves
         self.use_totals: dict[str, Tensor | None] = {}  # autograd's, over each one's uses
 
     def run(self, inputs: batch.Inputs, target: Tensor) -> tuple[Tensor, dict]:
@@ -447,7 +448,10 @@ class _Forward:
             )
             handles.append(
                 hooked.module.register_forward_hook(
-                    self._record_hook(hooked), with_kwargs=True, prepend=True
+                    self._record_hook(hooked, detached),
+                    with_kwargs=True,
+                    prepend=True,
+                    always_call=True,
                 )
             )
         try:
@@ -480,6 +484,12 @@ class _Forward:
             for hooked in self.hooked:
                 hooked.swap(self.params)
         self.use_totals = dict(zip(stand_ins, grads[len(grads) - len(stand_ins) :]))
+        if self.uses.changed:
+            self.untraced = (
+                f"a hook the model put on a gradient during its forward pass changed it "
+                f"({self.uses.changed[0]}): pergrad cannot follow what it does to each "
+                f"example's gradient"
+            )
         return losses.detach(), dict(zip(self.params, grads))
 
     def _forward(self, inputs: batch.Inputs, target: Tensor) -> tuple[Tensor, object]:
@@ -524,22 +534,29 @@ class _Forward:
         )
 
     def _detach_hook(self, hooked: Hooked, detached: dict[str, Tensor]):
-        """A forward pre-hook that makes the module's parameters the detached views; except
-        for a call on inputs that hold no example's data (a position table looked up by
-        positions): its parameters are then taken at their uses (:mod:`pergrad.uses`), where
-        its output meets the batch."""
+        """A forward pre-hook that makes the module's parameters the detached views, except
+        for calls whose parameters are taken at their uses (:mod:`pergrad.uses`): a call on
+        inputs that hold no example's data (a position table looked up by positions), and a
+        call whose parameters the model replaced (``torch.func.functional_call``)."""
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not torch.is_grad_enabled():
-                return
             with torch._C.DisableTorchFunction():
-                if _recording() and self._shared(module, args, kwargs):
+                detach = torch.is_grad_enabled() and not self._replaced(hooked, detached)
+                if detach and _recording() and self._shared(module, args, kwargs):
                     self.calls[id(module)] += 1
-                    self.at_uses.append(module)
-                    return
-            hooked.swap(detached)  # a recomputation too: it must save what the forward did
+                    detach = False
+                self.entered.append((module, detach))
+                if detach:  # a recomputation too: it must save what the forward did
+                    hooked.swap(detached)
 
         return hook
+
+    def _replaced(self, hooked: Hooked, detached: dict[str, Tensor]) -> bool:
+        """Whether the module's parameters are neither the model's nor their detached views."""
+        return any(
+            parameters[leaf] is not self.params[name] and parameters[leaf] is not detached[name]
+            for (parameters, leaf), name in zip(hooked.slots, hooked.params.values())
+        )
 
     def _shared(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
         """Whether no input holds an example's data, nor follows the batch size in the
@@ -550,22 +567,35 @@ class _Forward:
         index = self.calls[id(module)]
         return self.owner.batched_keys(module, index, args, kwargs, self.size) == frozenset()
 
-    def _record_hook(self, hooked: Hooked):
+    def _record_hook(self, hooked: Hooked, detached: dict[str, Tensor]):
+        """A forward hook, run even where the call raises: the module's parameters back as
+        they were before the call (the detached views while a call of it that encloses this
+        one runs), and the call recorded where its parameters were detached (one that raised,
+        its error caught by the model, with no output: its parameters go to a whole-model
+        mode)."""
+
         def hook(module: nn.Module, args: tuple, kwargs: dict, output):
             with torch._C.DisableTorchFunction():  # pergrad's bookkeeping, not uses
-                return self._on_call(hooked, module, args, kwargs, output)
+                while self.entered:  # calls that raised inside this one left theirs
+                    entered, detach = self.entered.pop()
+                    if entered is module:
+                        break
+                if not detach:
+                    return None
+                outer = any(m is module and d for m, d in self.entered)
+                hooked.swap(detached if outer else self.params)
+                if outer:  # a replay of the enclosing call would count this one again
+                    self.recursive.add(id(module))
+                found = self._on_call(hooked, module, args, kwargs, output)
+                if id(module) in self.recursive and self.records[-1].hooked is hooked:
+                    self.records[-1].problem = "it calls itself"
+                return found
 
         return hook
 
     def _on_call(self, hooked: Hooked, module: nn.Module, args: tuple, kwargs: dict, output):
         """Record a call of a hooked module (or of an operation on parameters); return the
         output the model receives, or ``None`` where that is ``output`` itself."""
-        if not torch.is_grad_enabled():
-            return None
-        if self.at_uses and self.at_uses[-1] is module:  # its parameters taken at their uses
-            self.at_uses.pop()
-            return None
-        hooked.swap(self.params)
         if isinstance(output, Tensor):  # the common case, without pytree's walk
             leaves, spec = [output], None
         else:
@@ -782,7 +812,7 @@ class _Forward:
                 continue
             if total is None:
                 total = torch.zeros_like(self.params[name])
-            if not checks.agree(expected, total):
+            if not checks.match(expected, total):
                 found[name] = (
                     "a tensor computed from it reaches the loss otherwise than through the "
                     "operations pergrad follows (a hook on it, a custom autograd Function)"

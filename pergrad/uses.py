@@ -83,6 +83,9 @@ class Uses(TorchFunctionMode):
         self.batch = size
         self.tracker = tracker
         self.record = record
+        self.changed: list[str] = []
+        """Hooks the model put on gradients during the pass that changed one (known after the
+        backward pass)."""
         self.stand_ins: dict[str, Tensor] = {}
         """For each parameter seen, the leaf its uses compute with: autograd's gradient of it
         is the total over those uses, as the model's own hooks and functions left it."""
@@ -93,10 +96,14 @@ class Uses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is Tensor.register_hook and torch.is_grad_enabled():
+            return self._hooked(func, *args, **kwargs)
         if not self._any_watched(args, kwargs) or not torch.is_grad_enabled():
             return func(*args, **kwargs)
         if _in_place(getattr(func, "__name__", "")):  # a parameter's: autograd finds it
             return func(*args, **kwargs)
+        if torch._C._functorch.peek_interpreter_stack() is not None:  # in the model's vmap
+            return func(*args, **kwargs)  # on the parameter itself: autograd finds it
         leaves, spec = pytree.tree_flatten((args, kwargs))
         hits = [i for i, x in enumerate(leaves) if self._is_watched(x)]
         others = [x for i, x in enumerate(leaves) if isinstance(x, Tensor) and i not in hits]
@@ -115,6 +122,19 @@ class Uses(TorchFunctionMode):
         op = OpUse(func, spec, leaves, slots, {name: self.params[name] for name in names})
         op.batch = self.batch
         return self.record(op, tuple(others), output)
+
+    def _hooked(self, register, tensor: Tensor, hook, *args, **kwargs):
+        """``tensor.register_hook(hook)``, the hook watched: one that returns a gradient other
+        than the one it received (``lambda g: g.flip(0)``) may have moved it between examples,
+        which no one example's backward pass sees (FSDP's own hooks return it unchanged)."""
+
+        def watched(grad: Tensor):
+            found = hook(grad)
+            if found is not None and found is not grad:
+                self.changed.append(getattr(hook, "__qualname__", repr(hook)))
+            return found
+
+        return register(tensor, watched, *args, **kwargs)
 
     def _value(self, x: Tensor) -> Tensor:
         """What a use of watched ``x`` computes with: a parameter's stand-in, or ``x``."""

@@ -3,11 +3,13 @@ at the operation (``F.linear``, ``@``, ``conv1d``, element-wise scales, a table 
 buffer), on each example's rows, and checked against one backward per example; a use pergrad
 cannot see sends the parameter to a whole-model mode."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import statistics
+from zoo import reference_grads, statistics
 
 import pergrad
 
@@ -169,3 +171,144 @@ def test_an_expanded_parameter_whose_rows_move_between_examples_is_exact():
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
     with pytest.warns(pergrad.FallbackWarning):
         statistics(model, lambda out, y: (out - y).square(), x, y, verify=False)
+
+
+def _exact(model, x, y, loss_fn=_squared, fallback=None):
+    """Per-example gradients equal to one backward per example, the check against autograd
+    off; ``fallback``: the reason every parameter is expected to go to a whole-model mode."""
+    reference = reference_grads(model, loss_fn, x, y)
+    engine = pergrad.PerExample(model, loss_fn, verify=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pergrad.FallbackWarning)
+        grads = engine.grads(x, y)
+    for name, g in reference.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-10, atol=1e-12, msg=name)
+    messages = " ".join(str(w.message) for w in caught)
+    assert (fallback in messages) if fallback else not messages, messages
+    return engine.sources
+
+
+class CallsItself(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3))
+
+    def forward(self, x, depth=0):
+        if depth == 0:
+            x = self(x, depth=1)
+        return torch.tanh(x * self.w)
+
+
+class CaughtFailure(nn.Module):
+    """A position table called once on an index out of range, the error caught, then on the
+    batch's own indices."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos, self.lin = nn.Embedding(5, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        try:
+            self.pos(torch.tensor([7]))
+        except IndexError:
+            pass
+        return self.lin(x) + self.pos((x[:, 0] > 0).long())
+
+
+class HookedGradient(nn.Module):
+    """A hook on a gradient, put during the forward pass: it reverses the batch's rows of a
+    layer's output gradient, which one example alone never sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.p, self.lin = nn.Parameter(torch.randn(3)), nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = x * self.p
+        if h.requires_grad:
+            h.register_hook(lambda g: g.flip(0))
+        return self.lin(h)
+
+
+class Squared(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return a * a
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        return 2 * a * g
+
+
+class SmallHiddenUse(nn.Module):
+    """A use of a tensor computed from ``p`` through a custom Function, small beside the
+    others: the check that uses add up must compare element by element."""
+
+    def __init__(self):
+        super().__init__()
+        self.p, self.lin = nn.Parameter(torch.tensor([0.5, -1.0, 2.0])), nn.Linear(3, 3)
+
+    def forward(self, x):
+        extra = x[:, 2:] * Squared.apply(self.p[2:] * 1.0)
+        return self.lin(x) + x * self.p + torch.cat([torch.zeros_like(x[:, :2]), extra], 1)
+
+
+class VmapInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p, self.lin = nn.Parameter(torch.randn(3)), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return torch.vmap(lambda row: torch.tanh(row * self.p))(self.lin(x))
+
+
+class FunctionalCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        weights = {"weight": self.lin.weight * 2, "bias": self.lin.bias}
+        return torch.func.functional_call(self.lin, weights, (x,))
+
+
+def test_a_layer_that_calls_itself_goes_to_a_whole_model_mode():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    _exact(CallsItself().double(), x, torch.randn_like(x), fallback="it calls itself")
+
+
+def test_a_call_that_raises_inside_the_model_is_not_mistaken_for_the_next():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert _exact(CaughtFailure().double(), x, torch.randn_like(x))["pos.weight"] == "Embedding"
+
+
+def test_a_hook_on_a_gradient_in_the_forward_pass_sends_the_model_to_a_whole_model_mode():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    _exact(
+        HookedGradient().double(),
+        x,
+        torch.randn_like(x),
+        fallback="a hook the model put on a gradient",
+    )
+
+
+def test_a_small_use_pergrad_does_not_see_is_not_hidden_by_large_ones():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    x[:, 0] *= 1e5
+    sources = _exact(SmallHiddenUse().double(), x, torch.randn_like(x), fallback="'p': a tensor")
+    assert sources["p"] in ("func", "hooks", "loop")
+
+
+def test_vmap_and_functional_call_inside_the_model():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    sources = _exact(VmapInside().double(), x, torch.randn_like(x), fallback="'p'")
+    assert sources["p"] in ("func", "hooks", "loop") and sources["lin.weight"] == "Linear"
+    sources = _exact(FunctionalCall().double(), x, torch.randn_like(x))
+    assert sources == {"lin.weight": "linear (op)", "lin.bias": "linear (op)"}
