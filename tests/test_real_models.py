@@ -1,6 +1,7 @@
 """``mode="auto"`` on small, randomly initialised versions of models people train (GPT-2,
-BERT, Llama, Falcon, ViT, nanoGPT, ResNet-18 with GroupNorm), against one backward per
-example, to float64 rounding; builders in ``examples/real_models.py``."""
+BERT, Llama, Falcon, OPT, Mixtral, Qwen2-MoE, Mamba, ViT, Swin, nanoGPT, ResNet-18 with
+GroupNorm), against one backward per example, to float64 rounding; builders in
+``examples/real_models.py``."""
 
 import sys
 from pathlib import Path
