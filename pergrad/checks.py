@@ -210,17 +210,6 @@ def agree(actual: Tensor, expected: Tensor) -> bool:
     return torch.allclose(actual, expected, rtol=tolerance, atol=tolerance * scale, equal_nan=True)
 
 
-def match(actual: Tensor, expected: Tensor) -> bool:
-    """Whether two computations of the same gradient by the same kernels agree element by
-    element, to the dtype's precision (a small entry is not hidden by a large one)."""
-    low = expected.dtype in (torch.float16, torch.bfloat16)
-    rtol = 1e-2 if low else 1e-4 if expected.dtype == torch.float32 else 1e-8
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
-    return actual.shape == expected.shape and torch.allclose(
-        actual, expected, rtol=rtol, atol=rtol * 1e-3 * scale, equal_nan=True
-    )
-
-
 def separable(loss_fn, output: object, target: Tensor, losses: Tensor) -> None:
     """Refuse a ``loss_fn`` whose loss of one example depends on the others (normalised by the
     batch's token count, say): the first half of the batch's losses, computed from its rows

@@ -17,16 +17,17 @@ per-example sum over its uses before squaring, a few examples at a time.
 A parameter is covered only where that is provably its whole gradient:
 
 - every use of it is a recorded call; autograd, asked for the parameter's own gradient, finds
-  no other (a custom autograd Function given the parameter fails this), and the uses at
-  operations add up to the gradient autograd gave their stand-in (a hook on a tensor computed
-  from the parameter fails this);
+  no other (a custom autograd Function given the parameter or a tensor computed from it, a
+  tensor computed from it in an earlier pass, fail this), and the model puts no hook on a
+  tensor computed from it;
 - each call's inputs carry the batch on dim 0 or are shared by the whole batch. On the first
   call (and the first after the model's structure changed, :mod:`pergrad.structure`) a
-  forward pass of one example shows which inputs follow the batch size, so a length
-  that happens to equal ``B`` is not mistaken for it (that pass runs without gradients and
-  restores the random state; a model whose forward pass changes its own state sees one call
-  more). Which example each row holds is followed through the model
-  (:mod:`pergrad.provenance`); rows a call gives to examples by their place are tagged so;
+  forward pass of one example shows which inputs follow the batch size, so a length that
+  happens to equal ``B`` is not mistaken for it (that pass keeps autograd on, so that what
+  the model keeps from it stays tied to the parameters, and restores the random state; a
+  model whose forward pass changes its own state sees one call more). Which example each row
+  holds is followed through the model (:mod:`pergrad.provenance`); rows a call gives to
+  examples by their place are tagged so;
 - a rule sees only the gradient of its layer's first output: if another output (attention
   weights) reaches the loss, the call goes to the layer-local path, which replays the layer on
   each example alone and refuses it if that replay's output differs from the batch's.
@@ -301,13 +302,6 @@ class _Record:
             range(start, stop),
         )
 
-    def total_grads(self) -> dict[str, Tensor]:
-        """``Σ_b g_b`` of the layer's parameters, unscaled: the layer run again on the whole
-        batch, with autograd, and ``δ``."""
-        args, kwargs = tuple(_detached(self.args)), _detached(self.kwargs)
-        names = list(self.hooked.params)
-        return local.total_grads(self.hooked.module, names, args, kwargs, self.all_deltas())
-
     def _batch_outputs(self) -> list[Tensor]:
         """The layer's outputs for the batch: as it returned them, or, where the model has
         changed one in place since (``h += residual``), computed again by its ``forward`` on
@@ -392,7 +386,7 @@ class Layerwise:
         handles = [h.module.register_forward_pre_hook(hook, with_kwargs=True) for h in hooked]
         devices = [x.device for x in batch.tensors(inputs) if x.device.type == "cuda"]
         try:  # the model's warnings come from the batched pass; not twice from this one
-            with torch.no_grad(), torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+            with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 batch.run(self.model, batch.rows(inputs, slice(0, 1)))
         except Exception:  # the model cannot run one example: no input is known to be batched
@@ -435,7 +429,6 @@ class _Forward:
         self.untraced: str | None = None  # why no record's rows can be attributed
         self.entered: list[tuple[nn.Module, bool]] = []  # running calls: parameters detached?
         self.recursive: set[int] = set()  # modules called inside a call of themselves
-        self.use_totals: dict[str, Tensor | None] = {}  # autograd's, over each one's uses
 
     def run(self, inputs: batch.Inputs, target: Tensor) -> tuple[Tensor, dict]:
         handles = []
@@ -461,12 +454,9 @@ class _Forward:
                 checks.separable(self.owner.loss_fn, output, target, losses)
                 self.owner.loss_checked = self.size > 1
             self._count_uses()
-            stand_ins = self.uses.stand_ins
             try:
                 grads = torch.autograd.grad(
-                    losses.sum(),
-                    [*self.params.values(), *self.anchors.values(), *stand_ins.values()],
-                    allow_unused=True,
+                    losses.sum(), [*self.params.values(), *self.anchors.values()], allow_unused=True
                 )
             except RuntimeError as error:
                 if "use_reentrant=True" not in str(error):
@@ -483,7 +473,6 @@ class _Forward:
                 handle.remove()
             for hooked in self.hooked:
                 hooked.swap(self.params)
-        self.use_totals = dict(zip(stand_ins, grads[len(grads) - len(stand_ins) :]))
         if self.uses.changed:
             self.untraced = (
                 f"a hook the model put on a gradient during its forward pass changed it "
@@ -731,7 +720,6 @@ class _Forward:
             record.deltas[slot] = grads[0]
             eager = self.clip is None and len(record.deltas) == 1 and record.problem is None
             eager = eager and (record.moved is None or record._use_rule)  # no autograd in here
-            eager = eager and not isinstance(record.hooked.module, OpUse)  # δ checked after
             if eager and id(record) in self.single_use:
                 try:
                     record.values = record.compute(self.per_example)
@@ -761,13 +749,12 @@ class _Forward:
             for local_name, name in record.hooked.params.items():
                 uses[name].append((record, local_name))
         owners = {name: h for h in self.hooked for name in h.params.values()}
-        unseen = self._unseen_uses(uses)
         single: dict[str, tuple[_Record, str]] = {}
         several: dict[str, list[tuple[_Record, str]]] = {}
         for name, p in self.params.items():
             found = uses.get(name, [])
             reason = self.untraced or self._problem(name, found, others[name], owners.get(name))
-            reason = reason or unseen.get(name)
+            reason = reason or self.uses.unseen.get(name)
             if reason is not None:
                 result.uncovered[name] = reason
             elif not found:  # never used: every g_b is zero
@@ -794,30 +781,6 @@ class _Forward:
         self._combine(several, result)
         self._announce_failed_rules(result)
         return result
-
-    def _unseen_uses(self, uses: dict[str, list[tuple[_Record, str]]]) -> dict[str, str]:
-        """The parameters whose uses at operations do not add up to the gradient autograd
-        gave their stand-in (:mod:`pergrad.uses`): a hook or a function the model put on a
-        tensor computed from them changed it. Each use's total comes from the operation run
-        again on the whole batch."""
-        found = {}
-        for name, total in self.use_totals.items():
-            records = [(r, n) for r, n in uses[name] if isinstance(r.hooked.module, OpUse)]
-            try:
-                expected = sum(
-                    (r.total_grads()[n] for r, n in records), torch.zeros_like(self.params[name])
-                )
-            except local.LocalError as error:
-                found[name] = f"one of its uses: {error}"
-                continue
-            if total is None:
-                total = torch.zeros_like(self.params[name])
-            if not checks.match(expected, total):
-                found[name] = (
-                    "a tensor computed from it reaches the loss otherwise than through the "
-                    "operations pergrad follows (a hook on it, a custom autograd Function)"
-                )
-        return found
 
     def _announce_failed_rules(self, result: LayerwiseResult) -> None:
         """Say, once per layer type and kind of error (its message may name sizes that change

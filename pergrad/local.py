@@ -132,15 +132,6 @@ def grads_by_rows(
     return {name: torch.stack(gs) for name, gs in found.items()}
 
 
-def total_grads(
-    module: nn.Module, names: Sequence[str], args: tuple, kwargs: dict, output_grads: list
-) -> dict[str, Tensor]:
-    """``Σ_b g_b``: the layer run again on the whole batch, with autograd, and ``δ``."""
-    theta = {name: module.get_parameter(name).detach().requires_grad_() for name in names}
-    with torch.enable_grad():
-        return _pulled(forward(module, theta, args, kwargs), theta, output_grads)
-
-
 def _pulled(outputs: list[Tensor], theta: dict[str, Tensor], deltas: list) -> dict[str, Tensor]:
     """The gradients of ``theta`` that ``deltas`` on ``outputs`` give; zeros where none."""
     pairs = [(o, d) for o, d in zip(outputs, deltas) if o.requires_grad]

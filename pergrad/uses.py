@@ -14,12 +14,13 @@ watched parameter is seen:
   ``g_b = (∂f(θ, a_b)/∂θ)ᵀ δ_b``, with ``f`` the operation and the derivations before it, on
   each example's rows alone.
 
-Every derivation and use computes with a stand-in for the parameter, a leaf of its own, so
-autograd gives the parameter itself no gradient through them; a use this mode does not see
-gives it one, and sends it to a whole-model mode. The stand-in's gradient is the total over
-the uses as autograd runs them, the model's own hooks and functions included; the uses
-recorded must add up to it (:meth:`pergrad.layerwise._Forward.result`), else the parameter
-goes to a whole-model mode too.
+Derivations are computed as the model asks, attached to the parameter; uses compute with
+their values detached, so autograd gives the parameter no gradient through a recorded use. A
+use this mode does not see (a custom autograd Function given a derived tensor, a tensor kept
+from an earlier pass) gives it one, and sends it to a whole-model mode, as does a hook the
+model puts on a derived tensor. A hook put on any other tensor during the pass is watched:
+one that returns a gradient other than the one it received may have moved it between
+examples, and sends the model to a whole-model mode.
 """
 
 from __future__ import annotations
@@ -86,12 +87,13 @@ class Uses(TorchFunctionMode):
         self.changed: list[str] = []
         """Hooks the model put on gradients during the pass that changed one (known after the
         backward pass)."""
-        self.stand_ins: dict[str, Tensor] = {}
-        """For each parameter seen, the leaf its uses compute with: autograd's gradient of it
-        is the total over those uses, as the model's own hooks and functions left it."""
-        # id -> (the tensor as the model holds it, the parameters it comes from, derivation)
-        self._watched: dict[int, tuple[Tensor, tuple[str, ...], Derivation]] = {
-            id(p): (p, (name,), functools.partial(_named, name)) for name, p in params.items()
+        self.unseen: dict[str, str] = {}
+        """Parameters with a use pergrad cannot follow, and why."""
+        # id -> (the tensor as the model holds it, the parameters it comes from, derivation,
+        # its value detached)
+        self._watched: dict[int, tuple[Tensor, tuple[str, ...], Derivation, Tensor]] = {
+            id(p): (p, (name,), functools.partial(_named, name), p.detach())
+            for name, p in params.items()
         }
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -108,15 +110,16 @@ class Uses(TorchFunctionMode):
         hits = [i for i, x in enumerate(leaves) if self._is_watched(x)]
         others = [x for i, x in enumerate(leaves) if isinstance(x, Tensor) and i not in hits]
         names = tuple(dict.fromkeys(n for i in hits for n in self._watched[id(leaves[i])][1]))
-        values = list(leaves)
-        for i in hits:
-            values[i] = self._value(leaves[i])
-        a, kw = pytree.tree_unflatten(values, spec)
-        output = func(*a, **kw)
         slots = {i: self._watched[id(leaves[i])][2] for i in hits}
         if all(map(self._constant, others)):
+            output = func(*args, **kwargs)
             self._derived(func, leaves, spec, slots, names, output)
             return output
+        values = list(leaves)
+        for i in hits:
+            values[i] = self._watched[id(leaves[i])][3]
+        a, kw = pytree.tree_unflatten(values, spec)
+        output = func(*a, **kw)
         if not any(isinstance(x, Tensor) and x.is_floating_point() for x in _flat(output)):
             return output  # nothing reaches the parameters through it
         op = OpUse(func, spec, leaves, slots, {name: self.params[name] for name in names})
@@ -128,6 +131,10 @@ class Uses(TorchFunctionMode):
         than the one it received (``lambda g: g.flip(0)``) may have moved it between examples,
         which no one example's backward pass sees (FSDP's own hooks return it unchanged)."""
 
+        if self._is_watched(tensor):  # its gradient comes from the uses pergrad records
+            for name in self._watched[id(tensor)][1]:
+                self.unseen[name] = "a hook on a tensor computed from it"
+
         def watched(grad: Tensor):
             found = hook(grad)
             if found is not None and found is not grad:
@@ -135,15 +142,6 @@ class Uses(TorchFunctionMode):
             return found
 
         return register(tensor, watched, *args, **kwargs)
-
-    def _value(self, x: Tensor) -> Tensor:
-        """What a use of watched ``x`` computes with: a parameter's stand-in, or ``x``."""
-        name = self._watched[id(x)][1][0]
-        if x is not self.params[name]:
-            return x
-        if name not in self.stand_ins:
-            self.stand_ins[name] = x.detach().requires_grad_()
-        return self.stand_ins[name]
 
     def _derived(self, func, leaves: list, spec, slots: dict, names: tuple, result) -> None:
         """Watch ``result``, a function of parameters and constants, with its derivation."""
@@ -159,7 +157,7 @@ class Uses(TorchFunctionMode):
         for k, x in enumerate(_flat(result)):
             if isinstance(x, Tensor) and x.is_floating_point():
                 derive = (lambda theta, k=k: again(theta)[k]) if several else again
-                self._watched[id(x)] = (x, names, derive)
+                self._watched[id(x)] = (x, names, derive, x.detach())
 
     def _constant(self, x: Tensor) -> bool:
         """Whether ``x`` holds no example's data and no gradient reaches it."""

@@ -301,7 +301,9 @@ def test_a_small_use_pergrad_does_not_see_is_not_hidden_by_large_ones():
     torch.manual_seed(0)
     x = torch.randn(4, 3, dtype=torch.float64)
     x[:, 0] *= 1e5
-    sources = _exact(SmallHiddenUse().double(), x, torch.randn_like(x), fallback="'p': a tensor")
+    sources = _exact(
+        SmallHiddenUse().double(), x, torch.randn_like(x), fallback="'p': no layer owns it"
+    )
     assert sources["p"] in ("func", "hooks", "loop")
 
 
@@ -312,3 +314,30 @@ def test_vmap_and_functional_call_inside_the_model():
     assert sources["p"] in ("func", "hooks", "loop") and sources["lin.weight"] == "Linear"
     sources = _exact(FunctionalCall().double(), x, torch.randn_like(x))
     assert sources == {"lin.weight": "linear (op)", "lin.bias": "linear (op)"}
+
+
+class Cached(nn.Module):
+    """A tensor computed from a parameter once, on the first forward pass, and kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.p, self.lin, self.kept = nn.Parameter(torch.randn(3)), nn.Linear(3, 3), None
+
+    def forward(self, x):
+        if self.kept is None:
+            self.kept = self.p + 1
+        return self.lin(x) * self.kept
+
+
+def test_a_tensor_the_model_keeps_from_an_earlier_pass_is_never_silently_dropped():
+    """The first pass takes ``p`` at its use; later passes see the kept tensor tied to ``p``
+    itself (the one-example pass included), a use no operation reports: a whole-model mode,
+    which cannot run the kept tensor and says so. The model still trains ``p`` plainly."""
+    torch.manual_seed(0)
+    model = Cached().double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    engine = pergrad.PerExample(model, _squared, verify=False)
+    with pytest.raises(pergrad.InputError, match="do not depend on any trainable parameter"):
+        engine.grads(x, y)
+    _squared(model(x), y).sum().backward()
+    assert model.p.grad is not None and bool(model.p.grad.abs().sum() > 0)
