@@ -575,10 +575,7 @@ class _Forward:
                 hooked.swap(detached if outer else self.params)
                 if outer:  # a replay of the enclosing call would count this one again
                     self.recursive.add(id(module))
-                found = self._on_call(hooked, module, args, kwargs, output)
-                if id(module) in self.recursive and self.records[-1].hooked is hooked:
-                    self.records[-1].problem = "it calls itself"
-                return found
+                return self._on_call(hooked, module, args, kwargs, output)
 
         return hook
 
@@ -746,6 +743,8 @@ class _Forward:
         uses: dict[str, list[tuple[_Record, str]]] = defaultdict(list)
         for record in self.records:
             record.check_outputs()
+            if id(record.hooked.module) in self.recursive:
+                record.problem = "it calls itself"
             for local_name, name in record.hooked.params.items():
                 uses[name].append((record, local_name))
         owners = {name: h for h in self.hooked for name in h.params.values()}

@@ -127,23 +127,20 @@ def grads_by_rows(
             if len(replayed) != len(outputs):
                 raise LocalError("its outputs differ in number for an example's rows")
             _check(expected, replayed)
-            for name, g in _pulled(replayed, theta, deltas).items():
-                found[name].append(g)
+            pairs = [(o, d) for o, d in zip(replayed, deltas) if o.requires_grad]
+            grads = (
+                torch.autograd.grad(
+                    [o for o, _ in pairs],
+                    list(theta.values()),
+                    [d.to(o.dtype) for o, d in pairs],
+                    allow_unused=True,
+                )
+                if pairs
+                else [None] * len(theta)
+            )
+        for (name, p), g in zip(theta.items(), grads):
+            found[name].append(torch.zeros_like(p) if g is None else g)
     return {name: torch.stack(gs) for name, gs in found.items()}
-
-
-def _pulled(outputs: list[Tensor], theta: dict[str, Tensor], deltas: list) -> dict[str, Tensor]:
-    """The gradients of ``theta`` that ``deltas`` on ``outputs`` give; zeros where none."""
-    pairs = [(o, d) for o, d in zip(outputs, deltas) if o.requires_grad]
-    grads = [None] * len(theta)
-    if pairs:
-        grads = torch.autograd.grad(
-            [o for o, _ in pairs],
-            list(theta.values()),
-            [d.to(o.dtype) for o, d in pairs],
-            allow_unused=True,
-        )
-    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(theta.items(), grads)}
 
 
 @contextmanager

@@ -44,10 +44,12 @@ class OpUse(nn.Module):
     operation's other tensor arguments in order, computes each watched argument again from
     the layer's parameters, and calls the operation."""
 
-    def __init__(self, func, spec, leaves: list, slots: dict[int, Derivation], params: dict):
+    def __init__(
+        self, func, spec, leaves: list, slots: dict[int, Derivation], params: dict, batch: int
+    ):
         super().__init__()
         self.func, self.spec, self.slots = func, spec, slots
-        self.batch: int | None = None  # the batch size, where a derivation expands to it
+        self.batch = batch  # the batch size, where a derivation expands to it
         self.inputs = [i for i, x in enumerate(leaves) if isinstance(x, Tensor) and i not in slots]
         self.leaves = [None if isinstance(x, Tensor) else x for x in leaves]
         self.name = getattr(func, "__name__", repr(func))
@@ -122,8 +124,8 @@ class Uses(TorchFunctionMode):
         output = func(*a, **kw)
         if not any(isinstance(x, Tensor) and x.is_floating_point() for x in _flat(output)):
             return output  # nothing reaches the parameters through it
-        op = OpUse(func, spec, leaves, slots, {name: self.params[name] for name in names})
-        op.batch = self.batch
+        params = {name: self.params[name] for name in names}
+        op = OpUse(func, spec, leaves, slots, params, self.batch)
         return self.record(op, tuple(others), output)
 
     def _hooked(self, register, tensor: Tensor, hook, *args, **kwargs):
@@ -180,11 +182,11 @@ class Uses(TorchFunctionMode):
         return False
 
 
-def _rows(value: Tensor, batch: int | None, rows: int | None) -> Tensor:
+def _rows(value: Tensor, batch: int, rows: int | None) -> Tensor:
     """A derivation that expanded a parameter to the batch (``cls.expand(B, -1, -1)``: every
     row the same memory, whatever the parameter) replayed on ``rows`` rows: as many of its
     rows."""
-    if batch is None or rows is None or rows == batch or not value.dim():
+    if rows is None or rows == batch or not value.dim():
         return value
     if value.shape[0] == batch and value.stride(0) == 0:
         return value[:rows]
