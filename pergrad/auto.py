@@ -7,9 +7,11 @@ that runs the model; should the kept mode fail on a later call, it goes on to th
 decision is announced once, by a :class:`FallbackWarning` naming the parameters or layers
 and why.
 
-Both computations take one chunk and give a :class:`Chunk`: each parameter's per-example
-gradients, or their moments (of the clipped gradients, with ``max_norm``), the losses, and
-where each parameter's numbers came from.
+Both computations take one chunk and a :class:`pergrad.reduce.Quantity` and give a
+:class:`Chunk`: each parameter's per-example gradients or their moments, the losses, and where
+each parameter's numbers came from. Clipped moments take two steps, in
+:func:`pergrad.reduce.clipped`: every example's norm over all parameters, then the moments of
+the scaled gradients.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pergrad import stats
+from pergrad import reduce
 from pergrad.fallback import FallbackWarning, warn  # noqa: F401 - pergrad.auto's names
 from pergrad.layerwise import Layerwise
 from pergrad.modes import MODES, Mode, ModeError, PerExampleResult
@@ -34,7 +36,7 @@ class Chunk:
     """One chunk's per-example gradients ``(b, *shape)`` or moments ``(Σ_b g_b, Σ_b g_b²)``
     per parameter, its per-example losses, and each parameter's source."""
 
-    values: dict[str, Tensor | stats.Moments]
+    values: reduce.Values
     losses: Tensor
     sources: dict[str, str]
 
@@ -50,16 +52,15 @@ class OneMode:
         return self.whole.name
 
     def __call__(
-        self, structure: Structure, inputs: tuple, target: Tensor, per_example: bool, max_norm
+        self, structure: Structure, inputs: tuple, target: Tensor, quantity: reduce.Quantity
     ) -> Chunk:
         params = structure.params
         with torch.enable_grad():
             grads, losses = self.whole(params, inputs, target)
-        sources = dict.fromkeys(params, self.mode)
-        if per_example:
-            return Chunk(grads, losses, sources)
-        scale = None if max_norm is None else stats.clip_factors(stats.sq_norms(grads), max_norm)
-        return Chunk(stats.moments(grads, scale), losses, sources)
+        values = reduce.clipped(
+            quantity, lambda: reduce.sq_norms(grads), lambda scale: quantity.of(grads, scale)
+        )
+        return Chunk(values, losses, dict.fromkeys(params, self.mode))
 
 
 class Auto:
@@ -83,30 +84,31 @@ class Auto:
         return "layerwise" if self._ran else "auto"
 
     def __call__(
-        self, structure: Structure, inputs: tuple, target: Tensor, per_example: bool, max_norm
+        self, structure: Structure, inputs: tuple, target: Tensor, quantity: reduce.Quantity
     ) -> Chunk:
         params = structure.params
-        rest: dict[str, Tensor] = {}
-        factors: list[Tensor] = []
+        rest: dict[str, Tensor] = {}  # from a whole-model mode
 
-        def clip(covered: Tensor, uncovered: dict[str, str]) -> Tensor:
-            """The clip factors, once the whole-model mode has given what the layers leave."""
-            rest.update(self._uncovered(params, uncovered, inputs, target))
-            factors.append(stats.clip_factors(covered + stats.sq_norms(rest), max_norm))
-            return factors[0]
+        with torch.enable_grad(), self.layerwise.run(structure, inputs, target, quantity) as done:
+            self._ran = True
 
-        clipping = max_norm is not None and not per_example
-        with torch.enable_grad():
-            clip_fn = clip if clipping else None
-            result = self.layerwise(structure, inputs, target, per_example, clip_fn)
-        self._ran = True
-        if not clipping:
-            rest = self._uncovered(params, result.uncovered, inputs, target)
-        if rest:
-            moments = stats.moments(rest, factors[0] if clipping else None)
-            result.values.update(rest if per_example else moments)
-        sources = {**result.sources, **dict.fromkeys(rest, self.mode)}
-        return Chunk(result.values, result.losses, sources)
+            def whole_model() -> dict[str, Tensor]:
+                """Per-example gradients of what the layers leave, each computed once."""
+                left = {name: why for name, why in done.uncovered.items() if name not in rest}
+                rest.update(self._uncovered(params, left, inputs, target))
+                return rest
+
+            def sq_norms() -> Tensor:
+                covered = done.sq_norms()
+                return covered + reduce.sq_norms(whole_model())
+
+            def values(scale: Tensor | None) -> reduce.Values:
+                found = done.values(scale)
+                return {**found, **quantity.of(whole_model(), scale)}
+
+            found = reduce.clipped(quantity, sq_norms, values)
+        sources = {**done.sources, **dict.fromkeys(rest, self.mode)}
+        return Chunk(found, done.losses, sources)
 
     def _uncovered(
         self, params: Params, uncovered: dict[str, str], inputs: tuple, target: Tensor

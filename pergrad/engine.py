@@ -15,6 +15,7 @@ from pergrad import verify as verification
 from pergrad.auto import Auto, OneMode
 from pergrad.fallback import warn
 from pergrad.modes import MODES
+from pergrad.reduce import GRADS, Quantity, Values
 from pergrad.structure import Structure
 
 LossFn = Callable[[Any, Tensor], Tensor]
@@ -156,7 +157,7 @@ class PerExample:
         with self._whole_parameters():
             structure, chunks = self._prepare(inputs, target)
             params = structure.params
-            results = [self._chunk(structure, x, y, per_example=True) for x, y in chunks]
+            results = [self._chunk(structure, x, y, GRADS) for x, y in chunks]
         if len(results) == 1:
             values, self.last_losses = results[0]
             grads = {name: values[name] for name in params}  # in the model's order
@@ -186,8 +187,9 @@ class PerExample:
             try:
                 structure, chunks = self._prepare(inputs, target, allow_empty=grouped)
                 sums = stats.Sums(structure.params)
+                moments = Quantity("moments", self.max_example_norm)
                 for x, y in chunks:
-                    sums.add(*self._chunk(structure, x, y, per_example=False))
+                    sums.add(*self._chunk(structure, x, y, moments))
             except Exception as error:
                 if not grouped:
                     raise
@@ -239,7 +241,7 @@ class PerExample:
         grads = chunk.values
         if moments is not None:
             random.rewind()
-            grads = self._compute(structure, inputs, target, True, None).values
+            grads = self._compute(structure, inputs, target, GRADS).values
             verification.moments(moments, grads, self.max_example_norm)
         random.rewind()
         verification.against_autograd(
@@ -279,15 +281,14 @@ class PerExample:
         return structure, chunks
 
     def _chunk(
-        self, structure: Structure, inputs: batch.Inputs, target: Tensor, per_example: bool
-    ) -> tuple[dict[str, Tensor | tuple[Tensor, Tensor]], Tensor]:
-        """For one chunk, each parameter's per-example gradients if ``per_example``, else their
-        moments ``(Σ_b g_b, Σ_b g_b²)`` (of the clipped gradients with ``max_example_norm``),
-        and the losses (:mod:`pergrad.auto`)."""
+        self, structure: Structure, inputs: batch.Inputs, target: Tensor, quantity: Quantity
+    ) -> tuple[Values, Tensor]:
+        """For one chunk, each parameter's ``quantity`` (per-example gradients, or the moments
+        of the gradients clipped to ``max_example_norm``) and the losses (:mod:`pergrad.auto`)."""
         eager = torch.compiler.set_stance("force_eager") if structure.compiled else nullcontext()
         with eager:
             random = verification.RandomState() if self.verify else None
-            chunk = self._compute(structure, inputs, target, per_example, self.max_example_norm)
+            chunk = self._compute(structure, inputs, target, quantity)
             if random is not None:
                 with random.replays():
                     self._verify(structure, inputs, target, chunk, random)

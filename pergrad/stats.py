@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pergrad.checks import InputError, finite
+from pergrad.reduce import Moments
 
 ATTRIBUTE = "grad_stats"
 """The name of the attribute that holds a parameter's :class:`GradStats`."""
@@ -59,10 +60,6 @@ class GradStats:
 def grad_stats(param: Tensor) -> GradStats | None:
     """The :class:`GradStats` that ``pergrad`` left on ``param``, or ``None``."""
     return getattr(param, ATTRIBUTE, None)
-
-
-Moments = tuple[Tensor, Tensor]
-"""``(Σ_b g_b, Σ_b g_b²)`` of one parameter."""
 
 
 @dataclass
@@ -280,41 +277,6 @@ def zero_grad(params: Tensor | Iterable[Tensor]) -> None:
         p.grad = None
         if hasattr(p, ATTRIBUTE):
             delattr(p, ATTRIBUTE)
-
-
-def moments_of(grads: Tensor, scale: Tensor | None = None) -> Moments:
-    """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients ``(B, *shape)``; with ``scale``
-    (``(B,)``), those of ``c_b·g_b``: ``(Σ_b c_b g_b, Σ_b c_b² g_b²)``."""
-    if scale is None:
-        return grads.sum(0), grads.square().sum(0)
-    return (
-        torch.tensordot(scale.to(grads.dtype), grads, dims=1),
-        torch.tensordot(scale.square().to(grads.dtype), grads.square(), dims=1),
-    )
-
-
-@torch.no_grad()
-def moments(grads: dict[str, Tensor], scale: Tensor | None = None) -> dict[str, Moments]:
-    """:func:`moments_of` of every parameter's per-example gradients."""
-    return {name: moments_of(g, scale) for name, g in grads.items()}
-
-
-def sq_norms_of(grads: Tensor) -> Tensor:
-    """``|g_b|²`` of per-example gradients ``(B, *shape)``: ``(B,)``."""
-    return grads.flatten(1).square().sum(1)
-
-
-@torch.no_grad()
-def sq_norms(grads: dict[str, Tensor]) -> Tensor | float:
-    """``‖g_b‖²`` over all parameters in ``grads``, in float64: ``(B,)`` (0 for none)."""
-    return sum(sq_norms_of(g).double() for g in grads.values())
-
-
-def clip_factors(sq_norms: Tensor, max_norm: float) -> Tensor:
-    """``c_b = min(1, max_norm / ‖g_b‖)``: the factor that clips example ``b``'s gradient to
-    norm ``max_norm`` (1 for a zero gradient)."""
-    norms = sq_norms.sqrt().clamp(min=torch.finfo(torch.float64).tiny)
-    return (max_norm / norms).clamp(max=1.0)
 
 
 @torch.no_grad()

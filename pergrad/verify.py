@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from pergrad import inputs as batch
-from pergrad import stats
+from pergrad import reduce
 
 ENVIRONMENT = "PERGRAD_VERIFY"
 """``verify=None`` means on where this environment variable is ``1`` (a test suite's switch)."""
@@ -127,7 +127,7 @@ def against_autograd(
 
 
 def moments(
-    values: dict[str, stats.Moments], grads: dict[str, Tensor], max_norm: float | None
+    values: dict[str, reduce.Moments], grads: dict[str, Tensor], max_norm: float | None
 ) -> None:
     """Check the moments ``backward`` formed against those of ``grads`` (clipped to
     ``max_norm`` where given).
@@ -135,8 +135,10 @@ def moments(
     Raises:
         VerificationError: naming each parameter whose moments disagree.
     """
-    scale = None if max_norm is None else stats.clip_factors(stats.sq_norms(grads), max_norm)
-    expected = stats.moments(grads, scale)
+    quantity = reduce.Quantity("moments", max_norm)
+    expected = reduce.clipped(
+        quantity, lambda: reduce.sq_norms(grads), lambda scale: quantity.of(grads, scale)
+    )
     totals = {name: (values[name][0], expected[name][0]) for name in values}
     squares = {name: (values[name][1], expected[name][1]) for name in values}
     wrong = sorted(set(_disagree(totals, 0.0)) | set(_disagree(squares, 0.0)))

@@ -5,6 +5,7 @@ Add a rule for your own layer with :func:`register_rule`; check it with
 :func:`pergrad.testing.check_rule`.
 """
 
+from pergrad.reduce import CHUNK_ELEMENTS, Moments
 from pergrad.rules import (  # noqa: F401
     attention,
     conv,
@@ -14,14 +15,6 @@ from pergrad.rules import (  # noqa: F401
     norm,
     recurrent,
 )
-from pergrad.rules.base import (
-    CHUNK_ELEMENTS,
-    RULES,
-    Call,
-    Moments,
-    Rule,
-    register_rule,
-    rule_for,
-)
+from pergrad.rules.base import RULES, Call, Rule, register_rule, rule_for
 
 __all__ = ["CHUNK_ELEMENTS", "RULES", "Call", "Moments", "Rule", "register_rule", "rule_for"]

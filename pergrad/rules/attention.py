@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pergrad.reduce import Moments
 from pergrad.rules import linear
-from pergrad.rules.base import Call, Moments, register_rule
+from pergrad.rules.base import Call, register_rule
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:

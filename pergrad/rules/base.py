@@ -1,4 +1,4 @@
-"""What every per-layer rule shares: the call it reads, the registry, and chunked moments.
+"""What every per-layer rule shares: the call it reads, the registry, and closed-form helpers.
 
 A rule turns one call of a layer on a batch, its inputs ``a`` and the gradient ``δ`` of
 ``Σ_b ℓ_b`` with respect to its output (both with the batch on dim 0), into the per-example
@@ -11,21 +11,13 @@ the moments' closed forms.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
-from pergrad.stats import Moments, moments_of, sq_norms_of
-
-CHUNK_ELEMENTS = 1 << 24
-"""Per-example gradients are formed at most about this many numbers at a time."""
-
-REDUCE_ELEMENTS = 1 << 20
-"""Where a rule reduces per-example gradients to moments as it forms them, it forms about this
-many numbers at a time: few enough to stay in the processor's cache and reuse memory, which on
-one CPU made the reduction of a sequence ``Linear`` 4 times faster than forming 16 M at once."""
+from pergrad.reduce import Moments
 
 
 @dataclass
@@ -181,60 +173,6 @@ def layer_type(module: nn.Module) -> type:
     bases = kind.__bases__
     fsdp = len(bases) == 2 and bases[0].__name__ == "FSDPModule"
     return bases[1] if fsdp and kind.__name__ == f"FSDP{bases[1].__name__}" else kind
-
-
-def chunks(size: int, numel: int, limit: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` of consecutive example ranges of at most ``limit`` numbers each."""
-    width = max(1, limit // max(1, numel))
-    for start in range(0, size, width):
-        yield start, min(size, start + width)
-
-
-def fresh_moments(grads: Tensor) -> Moments:
-    """:func:`moments_of` for per-example gradients nothing else holds: squared in place."""
-    total = grads.sum(0)
-    return total, grads.square_().sum(0)
-
-
-def reduce_fresh(grads: Iterator[Tensor]) -> Moments:
-    """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients given a chunk at a time, each chunk a
-    tensor nothing else holds."""
-    total = None
-    for g in grads:
-        part = fresh_moments(g)
-        total = part if total is None else (total[0].add_(part[0]), total[1].add_(part[1]))
-    return total
-
-
-def add_moments(total: Moments | None, more: Moments) -> Moments:
-    """The moments of two sets of examples together (``total`` may be ``None``: none yet)."""
-    if total is None:
-        return more
-    return total[0] + more[0], total[1] + more[1]
-
-
-def moments_in_chunks(
-    grads: Callable[[int, int], dict[str, Tensor]], size: int, numel: int
-) -> dict[str, Moments]:
-    """The moments of the per-example gradients ``grads(start, stop)`` of examples
-    ``start:stop``, formed a few examples at a time (``numel`` numbers per example)."""
-    total: dict[str, Moments] = {}
-    for start, stop in chunks(size, numel):
-        for name, g in grads(start, stop).items():
-            total[name] = add_moments(total.get(name), moments_of(g))
-    return total
-
-
-def sq_norms_in_chunks(
-    grads: Callable[[int, int], dict[str, Tensor]], size: int, numel: int
-) -> dict[str, Tensor]:
-    """``|g_b|²`` of the per-example gradients ``grads(start, stop)``, formed a few examples at
-    a time (``numel`` numbers per example)."""
-    parts: dict[str, list[Tensor]] = {}
-    for start, stop in chunks(size, numel, REDUCE_ELEMENTS):
-        for name, g in grads(start, stop).items():
-            parts.setdefault(name, []).append(sq_norms_of(g))
-    return {name: torch.cat(found) for name, found in parts.items()}
 
 
 def positions(x: Tensor) -> Tensor:

@@ -23,16 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pergrad.rules.base import (
-    REDUCE_ELEMENTS,
-    Call,
-    Moments,
-    chunks,
-    pair_moments,
-    pairs_cheaper,
-    reduce_fresh,
-    register_rule,
-)
+from pergrad.reduce import REDUCE_ELEMENTS, Moments, chunks, reduce_fresh
+from pergrad.rules.base import Call, pair_moments, pairs_cheaper, register_rule
 
 Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 

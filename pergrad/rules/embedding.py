@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pergrad.rules.base import Call, Moments, positions, register_rule
+from pergrad.reduce import Moments
+from pergrad.rules.base import Call, positions, register_rule
 
 
 def _rows(layer: nn.Embedding, call: Call) -> tuple[Tensor, Tensor]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from pergrad.reduce import Moments
 from pergrad.rules import linear
-from pergrad.rules.base import Call, Moments, register_rule
+from pergrad.rules.base import Call, register_rule
 
 
 def _moments(layer: nn.Module, call: Call) -> dict[str, Moments]:

@@ -13,16 +13,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pergrad.reduce import REDUCE_ELEMENTS, Moments, chunks, reduce_fresh
 from pergrad.rules.base import (
-    REDUCE_ELEMENTS,
     Call,
-    Moments,
-    chunks,
     gram_cheaper,
     pair_moments,
     pairs_cheaper,
     positions,
-    reduce_fresh,
     register_rule,
 )
 
