@@ -88,6 +88,30 @@ def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     return nn.functional.cross_entropy(shifted, tokens[:, 1:], reduction="none").mean(1)
 
 
+class PackedClassifier(nn.Module):
+    """Embedding (1000 tokens, width 128), a GRU on packed sequences of the lengths the tokens
+    say (token 0 pads), in no order, its final state classified into ten classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(1000, 128, padding_idx=0)
+        self.rnn = nn.GRU(128, 128, batch_first=True)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        lengths = (tokens != 0).sum(1).clamp(min=1)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.embed(tokens), lengths, batch_first=True, enforce_sorted=False
+        )
+        return self.head(self.rnn(packed)[1][0])
+
+
+def packed(batch: int) -> tuple:
+    lengths = torch.randint(8, 65, (batch, 1))
+    tokens = torch.randint(1, 1000, (batch, 64)) * (torch.arange(64) < lengths)
+    return _classifier(PackedClassifier(), lambda b: tokens)(batch)
+
+
 def recurrent(cell: type[nn.RNNBase]) -> Callable[[int], tuple]:
     def build(batch: int) -> tuple:
         tokens = torch.randint(0, 1000, (batch, 64))
@@ -161,6 +185,7 @@ REAL = {
 RECURRENT = {
     "LSTM language model (width 128, seq 64)": recurrent(nn.LSTM),
     "GRU language model (width 128, seq 64)": recurrent(nn.GRU),
+    "GRU on packed sequences (width 128, seq 8-64)": packed,
 }
 MODELS = {**TOY_MODELS, **{label: _real(name) for label, name in REAL.items()}, **RECURRENT}
 """Each model's builder, ``batch -> (model, inputs, target, loss_fn)``: the toy families,

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from pergrad import checks, distributed, fsdp, stats, wrappers
 from pergrad import inputs as batch
@@ -289,8 +290,14 @@ class PerExample:
         with eager:
             random = verification.RandomState() if self.verify else None
             chunk = self._compute(structure, inputs, target, quantity)
-            if random is not None:
+            if random is not None and _finite(chunk.values):  # else check_finite says so
                 with random.replays():
                     self._verify(structure, inputs, target, chunk, random)
         self.sources = {self._prefix + name: source for name, source in chunk.sources.items()}
         return chunk.values, chunk.losses
+
+
+def _finite(values: Values) -> bool:
+    """Whether every per-example gradient or moment is finite."""
+    leaves = pytree.tree_leaves(values)
+    return all(bool(torch.isfinite(t._values() if t.is_sparse else t).all()) for t in leaves)

@@ -49,7 +49,15 @@ from torch.utils import _pytree as pytree
 from pergrad import assemble, checks, local, provenance
 from pergrad import inputs as batch
 from pergrad.assemble import LayerwiseResult
-from pergrad.record import UNSEEN, Record, tensors
+from pergrad.record import (
+    LAYOUT_PROBLEMS,
+    NO_EXAMPLE,
+    NOT_ON_DIM_0,
+    UNSEEN,
+    Record,
+    all_tensors,
+    tensors,
+)
 from pergrad.reduce import Quantity
 from pergrad.structure import Hooked, Structure
 from pergrad.uses import OpUse, Uses
@@ -138,6 +146,7 @@ class _Forward:
         self.untraced: str | None = None  # why no record's rows can be attributed
         self.entered: list[tuple[nn.Module, bool]] = []  # running calls: parameters detached?
         self.recursive: set[int] = set()  # modules called inside a call of themselves
+        self.placed: list[str] = []  # layers whose output rows were given examples by place
 
     def run(self, inputs: batch.Inputs, target: Tensor) -> LayerwiseResult:
         """Run the model forward and backward with the hooks in place; the parameters each
@@ -230,6 +239,13 @@ class _Forward:
         if bool(own.all()):
             return
         tracker = self.tracker
+        if self.placed and not tracker.unknown:  # maybe those rows, not the model, mix
+            self.untraced = (
+                f"rows that hold no example's data (from {self.placed[0]}) were given to "
+                f"examples by their place in the batch, and the model combines them with "
+                f"other examples' rows"
+            )
+            return
         if tracker.mixing and not tracker.unknown:
             raise checks.InputError(
                 f"the model or loss_fn combines examples: "
@@ -239,10 +255,16 @@ class _Forward:
                 f"(a statistic over the batch, as BatchNorm in training mode takes, cannot be "
                 f"given per example)."
             )
-        through = ", ".join(dict.fromkeys(tracker.unknown[:3])) or "the model's operations"
-        self.untraced = (
-            f"pergrad cannot follow which example each value comes from through {through}"
-        )
+        if tracker.unknown:
+            through = ", ".join(dict.fromkeys(tracker.unknown[:3]))
+            self.untraced = (
+                f"pergrad cannot follow which example each value comes from through {through}"
+            )
+        else:
+            self.untraced = (
+                "one example's loss holds values of other examples: the model moves them "
+                "between examples"
+            )
 
     def _detach_hook(self, hooked: Hooked, detached: dict[str, Tensor]):
         """A forward pre-hook that makes the module's parameters the detached views, except
@@ -272,7 +294,7 @@ class _Forward:
     def _shared(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
         """Whether no input holds an example's data, nor follows the batch size in the
         one-example pass (positions expanded to the batch are rows of examples)."""
-        tags = (self.tracker.tag(x) for _, x in tensors(args, kwargs))
+        tags = (self.tracker.tag(x) for x in all_tensors(args, kwargs))
         if not all(map(provenance.unmarked, tags)):
             return False
         index = self.calls[id(module)]
@@ -331,9 +353,9 @@ class _Forward:
         record.deltas = [None] * len(floating)
         self._trace(record, [leaves[i] for i in floating], args, kwargs)
         if record.moved is None and record.batched:
-            self._attribute([leaves[i] for i in floating])
+            self._attribute(record, [leaves[i] for i in floating])
         if not record.batched and record.problem is None:
-            record.problem = "none of its inputs holds an example's data"
+            record.problem = NO_EXAMPLE
         # the pre-hook of the anchor's own node sees δ as autograd sends it into the
         # layer: after any hook the model puts on the output
         for slot, i in enumerate(floating):
@@ -341,7 +363,11 @@ class _Forward:
         first = record.outputs[0]
         in_order = first.dim() and first.shape[0] == self.size
         if record.problem is None and not in_order and record.moved is None:
-            record.problem = "its output does not carry the batch on dim 0"
+            record.problem = NOT_ON_DIM_0
+        if record.own_layout:  # its rule reads the examples from these tags
+            record.leaf_tags = {id(x): tracker.tag(x) for x in all_tensors(args, kwargs)}
+            if record.problem in LAYOUT_PROBLEMS:
+                record.layout_problem, record.problem = record.problem, None
         return _rebuild(leaves, spec)
 
     def _op_use(self, op: OpUse, tensors: tuple, output):
@@ -369,13 +395,13 @@ class _Forward:
         if record.problem == UNSEEN:
             record.problem = None
 
-    def _attribute(self, outputs: list[Tensor]) -> None:
+    def _attribute(self, record: Record, outputs: list[Tensor]) -> None:
         """A call with batched inputs gives row ``b`` of its outputs' ``δ`` to example ``b``,
         which is right only if every later use keeps the whole row example ``b``'s. Rows
         whose elements come from no example, in part (a ``cls`` token written before the
         tokens) or whole (a learned query expanded to the batch, which the one-example pass
         finds following the batch size), are tagged example ``b``'s from here on, so the
-        losses' check sees any use that moves them to another example."""
+        losses' check sees any use that moves them to another example (:attr:`placed`)."""
         tracker = self.tracker
         for x in outputs:
             tag, shape = tracker.tag(x), tuple(x.shape)
@@ -384,6 +410,8 @@ class _Forward:
             with tracker.paused():
                 if provenance.in_order(tag, shape, self.size):  # unmarked ones too
                     tracker.set(x, provenance.batch(len(shape), self.size))
+                    if bool((provenance.table(tag, shape) == provenance.NONE).any()):
+                        self.placed.append(record.hooked.label)
 
     def _inputs_in_order(self, record: Record) -> bool:
         """Whether every batched input of an operation's use holds the batch in order on dim
@@ -421,7 +449,7 @@ class _Forward:
         else:
             batched = self.owner.batched_keys(module, index, args, kwargs, self.size)
         record = Record(hooked, args, kwargs, batched or frozenset(), self.size)
-        record.input_versions = [x._version for _, x in tensors(args, kwargs)]
+        record.input_versions = [x._version for x in all_tensors(args, kwargs)]
         self.records.append(record)
         if batched is None:
             record.problem = UNSEEN

@@ -1023,6 +1023,16 @@ def _nonzero(mode, func, args, kwargs, out):
     return torch.tensor(single(mode.tag(x), tuple(x.shape))) if x.dim() else mode.tag(x)
 
 
+@_handles(aten._pack_padded_sequence)
+def _pack(mode, func, args, kwargs, out):
+    """Packed rows are elements moved, each from where the padded input held it; the count of
+    sequences longer than each step comes from every example's length."""
+    x, lengths, batch_first = args[0], args[1], args[2]
+    full = _full(mode.tag(x), tuple(x.shape)).contiguous()
+    data, _ = func(full, lengths, batch_first)
+    return [_compact(data), torch.tensor(single(mode.tag(lengths), tuple(lengths.shape)))]
+
+
 @_handles(aten.masked_select)
 def _masked_select(mode, func, args, kwargs, out):
     x, mask = args[0], args[1]
@@ -1115,8 +1125,8 @@ def _gather(mode, func, args, kwargs, out):
           aten.scatter_reduce, aten.scatter_reduce_, aten.index_put, aten.index_put_,
           aten._index_put_impl_, aten.masked_scatter, aten.masked_scatter_)  # fmt: skip
 def _scatter(mode, func, args, kwargs, out):
-    """Element-wise union, at every position written, of what was there and what is
-    written (and of the index that chose the position)."""
+    """At every position written, the union of what is written there (and of the index that
+    chose the position), and, where the operation adds to it, of what was there."""
     x = args[0]
     shape = tuple(x.shape)
     positions = torch.arange(x.numel()).view(shape) if shape else torch.arange(1).view(())
@@ -1170,8 +1180,24 @@ def _scatter(mode, func, args, kwargs, out):
         else:
             t = _full(index_tag, tuple(index.shape))
         new = merge(new, t)
-    found = _scatter_union(old, where.reshape(-1), new.expand(where.shape).reshape(-1))
+    new, where = new.expand(where.shape).reshape(-1), where.reshape(-1)
+    if _overwrites(func, args, kwargs):
+        old = old.clone()
+        old[where] = NONE
+    found = _scatter_union(old, where, new)
     return _compact(found.view(shape))
+
+
+def _overwrites(func, args, kwargs) -> bool:
+    """Whether a scatter writes over what was there rather than adding to it or reducing."""
+    packet = func.overloadpacket
+    if packet in (aten.index_put, aten.index_put_, aten._index_put_impl_):
+        names = _names(func)
+        return not _argument(args, kwargs, names, names.index("accumulate"), ("accumulate",))
+    if packet in (aten.scatter, aten.scatter_):
+        return "reduce" not in _names(func)
+    return packet in (aten.index_copy, aten.index_copy_, aten.index_fill, aten.index_fill_,
+                      aten.masked_scatter, aten.masked_scatter_)  # fmt: skip
 
 
 def _scatter_union(old: Tensor, where: Tensor, new: Tensor) -> Tensor:

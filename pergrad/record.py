@@ -47,7 +47,10 @@ class Record:
     moved: provenance.Tag | None = None  # the first output's, where rows are not the batch
     input_tags: dict = field(default_factory=dict)  # where moved: of each batched input
     output_tags: list = field(default_factory=list)  # and of each floating output
+    leaf_tags: dict = field(default_factory=dict)  # own layout: id -> tag of each input tensor
+    layout_problem: str | None = None  # own layout: why the local path cannot take the call
     _recomputed: list[Tensor] | None = None  # outputs computed again (see _batch_outputs)
+    _own_grads: dict[str, Tensor] | None = None  # own layout: every example's, unscaled
 
     @property
     def source(self) -> str:
@@ -65,17 +68,34 @@ class Record:
     def _use_rule(self) -> bool:
         return self.hooked.rule is not None and self.rule_problem is None
 
+    @property
+    def own_layout(self) -> bool:
+        """Whether the module's rule reads the call in the layer's own layout."""
+        return self.hooked.rule is not None and self.hooked.rule.own_layout
+
     def all_deltas(self) -> list[Tensor]:
         """``δ`` of every floating output, zeros where none arrived."""
         return [torch.zeros_like(o) if g is None else g for o, g in zip(self.outputs, self.deltas)]
 
     def check_outputs(self) -> None:
-        """Refuse the rule where an output other than the first received a gradient."""
-        if any(g is not None for g in self.deltas[1:]) and self.rule_problem is None:
+        """Refuse the rule where an output other than the first received a gradient (a rule
+        in its own layout reads them all)."""
+        if (
+            not self.own_layout
+            and any(g is not None for g in self.deltas[1:])
+            and self.rule_problem is None
+        ):
             self.rule_problem = "an output other than its first reaches the loss"
 
     def call(self) -> Call:
-        """The call as a rule reads it: every positional input and ``δ`` batched on dim 0."""
+        """The call as a rule reads it: every positional input and ``δ`` batched on dim 0;
+        for a rule in its own layout, as the layer received it."""
+        if self.own_layout:
+            deltas = self.all_deltas()
+            return Call(
+                self.args, self.kwargs, deltas[0], frozenset(), tuple(deltas), self._examples,
+                self.size,
+            )  # fmt: skip
         if self.moved is not None:
             return self._regrouped()
         args = tuple(
@@ -148,6 +168,8 @@ class Record:
         numel = self.hooked.numel
         if quantity.per_example:
             return self.grads(0, self.size)
+        if self.own_layout:  # every example's gradients at once: no closed form
+            return quantity.in_chunks(self.grads, self.size, numel)
 
         def by_rule(rule: Rule, layer: nn.Module, call: Call) -> Values:
             closed_form = rule.moments if quantity.kind == "moments" else rule.norms
@@ -166,17 +188,26 @@ class Record:
         Raises:
             LocalError: saying so.
         """
-        now = [x._version for _, x in tensors(self.args, self.kwargs)]
+        now = [x._version for x in all_tensors(self.args, self.kwargs)]
         if now != self.input_versions:
             raise local.LocalError("the model changed its input in place after the call")
 
     def grads(self, start: int, stop: int) -> dict[str, Tensor]:
         """Per-example gradients of examples ``start:stop``."""
         self.check_inputs()
-        found = self._by_rule(lambda rule, layer, call: rule.grads(layer, call.narrow(start, stop)))
-        if found is not None:
-            return found
-        found = self._local_grads(start, stop)
+        if self.own_layout:
+            if self._own_grads is None:
+                self._own_grads = self._by_rule(lambda rule, layer, call: rule.grads(layer, call))
+            found = self._own_grads
+            found = self._local_grads(start, stop) if found is None else found
+            found = {name: g[start:stop] for name, g in found.items()}
+        else:
+            found = self._by_rule(
+                lambda rule, layer, call: rule.grads(layer, call.narrow(start, stop))
+            )
+            if found is not None:
+                return found
+            found = self._local_grads(start, stop)
         if self.scale is None:
             return found
         # c_b·g_b: scaled after, in the parameter's precision (a layer may compute in less)
@@ -185,7 +216,13 @@ class Record:
 
     def _local_grads(self, start: int, stop: int) -> dict[str, Tensor]:
         """Per-example gradients of examples ``start:stop`` from the layer-local path,
-        unscaled."""
+        unscaled.
+
+        Raises:
+            LocalError: the call is one the local path cannot attribute.
+        """
+        if self.layout_problem is not None:
+            raise local.LocalError(self.layout_problem)
         module, names = self.hooked.module, list(self.hooked.params)
         if self.moved is not None:
             return self._grads_by_rows(start, stop)
@@ -245,7 +282,8 @@ class Record:
         through C++ that Python's garbage collector cannot see, which would keep every model
         alive."""
         self.args, self.kwargs, self.outputs, self.deltas = (), {}, [], []
-        self.early = self._recomputed = None
+        self.early = self._recomputed = self._own_grads = None
+        self.leaf_tags = {}
 
     def _by_rule(self, use: Callable[[Rule, nn.Module, Call], Values | None]) -> Values | None:
         """``use(rule, layer, call)`` where the layer's rule applies. ``None`` where it gives
@@ -262,6 +300,26 @@ class Record:
             self.rule_problem = f"its rule failed: {type(error).__name__}: {error}"
             return None
 
+    def _examples(self, x: Tensor, dim: int) -> Tensor:
+        """The example of each index of input ``x`` along ``dim`` (``-1``: none's data).
+
+        Raises:
+            LocalError: ``x`` is not one of the call's inputs, or an index holds several
+                examples.
+        """
+        tag = self.leaf_tags.get(id(x))
+        if tag is None:
+            raise local.LocalError(
+                "its rule asked which examples a tensor holds that it was not given"
+            )
+        others = [d for d in range(x.dim()) if d != dim % x.dim()]
+        shape = tuple(x.shape)
+        ids = provenance.table(provenance.reduce(tag, shape, others, keepdim=False), (shape[dim],))
+        ids = ids.expand(shape[dim]).clone()
+        if bool((ids == provenance.MIXED).any()):
+            raise local.LocalError("an index of its inputs holds several examples")
+        return ids.to(x.device)
+
     def _scaled(self, delta: Tensor) -> Tensor:
         """``c_b·δ_b``: with per-example factors (clipping), each ``g_b`` comes out ``c_b·g_b``
         (``g_b`` is linear in ``δ_b``)."""
@@ -271,12 +329,22 @@ class Record:
 
 
 UNSEEN = "the one-example forward pass did not see this call"
+NO_EXAMPLE = "none of its inputs holds an example's data"
+NOT_ON_DIM_0 = "its output does not carry the batch on dim 0"
+LAYOUT_PROBLEMS = (UNSEEN, NO_EXAMPLE, NOT_ON_DIM_0)
+"""Why the local path cannot read a call, where a rule in the layer's own layout can."""
 
 
 def tensors(args: tuple, kwargs: dict):
     """``(key, tensor)`` for the tensors among the positional and keyword inputs."""
     yield from ((i, x) for i, x in enumerate(args) if isinstance(x, Tensor))
     yield from ((k, x) for k, x in kwargs.items() if isinstance(x, Tensor))
+
+
+def all_tensors(args: tuple, kwargs: dict) -> list[Tensor]:
+    """Every tensor among the inputs, nested ones too (an LSTM's ``(h, c)``, a packed
+    sequence's)."""
+    return [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, Tensor)]
 
 
 def _examples(tag: provenance.Tag, x: Tensor) -> tuple[int, Tensor]:

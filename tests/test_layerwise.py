@@ -48,7 +48,7 @@ def test_every_zoo_model(name):
         expected.pop("embed.weight")
     if name == "parent_use":
         assert sources["embed.weight"] == "Embedding+matmul (op)"
-    if name == "gru_packed":  # the packing is not followed: a whole-model mode for all
+    if name == "lstm_projected":  # no rule, and no layer-local replay: a whole-model mode
         expected = {}
     assert {n: s for n, s in sources.items() if n in expected} == expected
 
@@ -350,23 +350,27 @@ def test_a_rule_that_fails_says_why_and_the_layer_local_path_takes_over():
 
 
 def test_why_a_rule_did_not_apply_is_in_the_fallback_warning():
+    """A sequence that holds no example's data (a learned one run beside the batch's) whose
+    output reaches every example's loss: the recurrent rule cannot give its gradient to an
+    example, says so, and a whole-model mode computes it."""
     torch.manual_seed(0)
-    lstm = nn.LSTM(3, 4, batch_first=True).double()
 
-    class WithState(nn.Module):  # an initial state: outside the recurrent rule
+    class WithLearnedSequence(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lstm, self.out = lstm, nn.Linear(4, 2).double()
+            self.lstm, self.out = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+            self.learned = nn.Parameter(torch.randn(1, 5, 3))
 
         def forward(self, x):
-            h0 = torch.zeros(1, len(x), 4, dtype=x.dtype)
-            return self.out(self.lstm(x, (h0, h0))[0][:, -1])
+            out = self.lstm(torch.cat([x, self.learned]))[0][:, -1]
+            return self.out(out[:-1] + out[-1:])
 
     x, y = torch.randn(3, 5, 3, dtype=torch.float64), torch.randint(0, 2, (3,))
+    model = WithLearnedSequence().double()
     with pytest.warns(pergrad.FallbackWarning) as record:
-        statistics(WithState(), CROSS_ENTROPY, x, y)
+        statistics(model, CROSS_ENTROPY, x, y)
     messages = " ".join(str(w.message) for w in record)
-    assert "LSTM (its rule: its rule failed: ValueError: an initial state" in messages
+    assert "LSTM (its rule: its rule failed: ValueError: a sequence holding no" in messages
 
 
 class RearrangedBias(nn.Module):

@@ -146,7 +146,7 @@ def test_rows_that_come_from_no_example_are_not_given_to_an_example_by_their_pla
     torch.manual_seed(0)
     model = Handed().double()
     x, y = torch.randn(4, 2, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
-    with pytest.warns(pergrad.FallbackWarning, match="cannot follow"):
+    with pytest.warns(pergrad.FallbackWarning, match="given to examples by their place"):
         sources = statistics(model, _squared, x, y, verify=False)
     assert sources["prepend.token"] in ("func", "hooks", "loop")
 

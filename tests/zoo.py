@@ -115,10 +115,12 @@ class ItemControlFlow(nn.Module):
 
 
 class Recurrent(nn.Module):
-    def __init__(self, cell: type[nn.RNNBase], batch_first: bool = True):
+    def __init__(
+        self, cell: type[nn.RNNBase], batch_first: bool = True, hidden: int = 7, **options
+    ):
         super().__init__()
         self.embed = nn.Embedding(11, 6)
-        self.rnn = cell(6, 7, batch_first=batch_first)
+        self.rnn = cell(6, hidden, batch_first=batch_first, **options)
         self.out = nn.Linear(7, 3)
         self.batch_first = batch_first
 
@@ -129,7 +131,8 @@ class Recurrent(nn.Module):
 
 
 class Packed(nn.Module):
-    """A GRU on packed sequences of different lengths, in no order."""
+    """A GRU on packed sequences of different lengths (each read from its first token), in
+    no order; its final state reaches the loss."""
 
     def __init__(self):
         super().__init__()
@@ -138,7 +141,7 @@ class Packed(nn.Module):
         self.out = nn.Linear(7, 3)
 
     def forward(self, tokens):
-        lengths = 1 + torch.arange(len(tokens)) % tokens.shape[1]
+        lengths = 1 + tokens[:, 0] % tokens.shape[1]
         packed = nn.utils.rnn.pack_padded_sequence(
             self.embed(tokens), lengths, batch_first=True, enforce_sorted=False
         )
@@ -322,8 +325,12 @@ CASES = {
     "gru_time_first": Case(
         lambda: Recurrent(nn.GRU, batch_first=False), _tokens, frozenset({"loop"}), "layerwise"
     ),
-    # packed: pergrad does not follow the packing, and vmap cannot pack
-    "gru_packed": Case(Packed, _tokens, frozenset({"loop"}), "loop"),
+    # vmap cannot pack
+    "gru_packed": Case(Packed, _tokens, frozenset({"loop"}), "layerwise"),
+    # no rule for a projected LSTM, which vmap cannot replay either
+    "lstm_projected": Case(
+        lambda: Recurrent(nn.LSTM, hidden=9, proj_size=7), _tokens, frozenset({"loop"}), "loop"
+    ),
     "item": Case(ItemControlFlow, _features, frozenset({"hooks", "loop"}), "layerwise"),
     "custom_function": Case(CustomFunction, _features, frozenset({"hooks", "loop"}), "layerwise"),
 }

@@ -26,16 +26,26 @@ class Call:
 
     Attributes:
         args, kwargs: the inputs as the layer's ``forward`` received them. Every positional
-            tensor has the batch on dim 0 (inputs shared by the batch are expanded to it).
+            tensor has the batch on dim 0 (inputs shared by the batch are expanded to it);
+            for a rule registered with ``own_layout``, they are as the layer received them.
         output_grad: ``δ``, the gradient of ``Σ_b ℓ_b`` with respect to the layer's (first)
-            output, batch on dim 0.
+            output, batch on dim 0 (``own_layout``: as the layer returned it).
         batched: the keyword arguments that carry the batch on dim 0.
+        output_grads: ``own_layout``: ``δ`` of every floating-point tensor the layer returned,
+            in the order ``torch.utils._pytree`` flattens its output, zeros where none arrived.
+        examples: ``own_layout``: ``examples(x, dim)``, for a tensor among the inputs, the
+            example of each index along ``dim`` (``-1``: an index that holds no example's
+            data); it raises where an index holds several.
+        size: ``own_layout``: the number of examples ``B``.
     """
 
     args: tuple
     kwargs: dict
     output_grad: Tensor
     batched: frozenset[str] = field(default_factory=frozenset)
+    output_grads: tuple[Tensor, ...] = ()
+    examples: Callable[[Tensor, int], Tensor] | None = None
+    size: int | None = None
 
     @property
     def input(self) -> Tensor:
@@ -44,7 +54,7 @@ class Call:
 
     @property
     def batch_size(self) -> int:
-        return len(self.output_grad)
+        return self.size if self.size is not None else len(self.output_grad)
 
     def narrow(self, start: int, stop: int) -> Call:
         """The same call restricted to examples ``start:stop``."""
@@ -82,6 +92,7 @@ class Rule:
     supports: SupportsFn | None = None
     norms: NormsFn | None = None
     features: FeaturesFn | None = None
+    own_layout: bool = False
 
 
 RULES: dict[type[nn.Module] | str, Rule] = {}
@@ -97,6 +108,7 @@ def register_rule(
     supports: SupportsFn | None = None,
     norms: NormsFn | None = None,
     features: FeaturesFn | None = None,
+    own_layout: bool = False,
 ) -> Callable[[GradsFn], GradsFn]:
     """Register the decorated ``grads(layer, call)`` as the rule of ``layer_type``.
 
@@ -111,10 +123,13 @@ def register_rule(
     trailing dimensions of the layer's output are features where every other dimension is a
     position the layer computes alone (``Linear``: 1): then a call whose rows the model moved
     between examples (flattened tokens, tokens routed to an expert) is regrouped by example
-    for the rule. A rule covers exactly its type, not
-    subclasses. ``layer_type`` may also be the type's qualified name,
-    ``"package.module.Class"``, so that registering does not import the package. Check a new
-    rule with :func:`pergrad.testing.check_rule`.
+    for the rule; ``own_layout`` says the layer holds examples in a layout of its own
+    (a recurrent layer's ``(T, B, …)`` sequences, packed sequences, ``(layers, B, H)`` states):
+    the rule then reads the call as the layer received it, with the ``δ`` of every output and
+    the example of each index of an input (:class:`Call`), and returns all ``B`` examples'
+    gradients at once. A rule covers exactly its type, not subclasses. ``layer_type`` may also
+    be the type's qualified name, ``"package.module.Class"``, so that registering does not
+    import the package. Check a new rule with :func:`pergrad.testing.check_rule`.
 
     Raises:
         TypeError: ``layer_type`` is neither an ``nn.Module`` subclass nor a qualified name,
@@ -140,6 +155,8 @@ def register_rule(
     ):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be a function or None, got {type(fn).__name__}")
+    if not isinstance(own_layout, bool):
+        raise TypeError(f"own_layout must be True or False, got {own_layout!r}")
     if layer_type in RULES:
         name = layer_type if named else layer_type.__name__
         raise ValueError(
@@ -150,7 +167,7 @@ def register_rule(
     def decorator(grads: GradsFn) -> GradsFn:
         if not callable(grads):
             raise TypeError(f"register_rule decorates a function, got {type(grads).__name__}")
-        RULES[layer_type] = Rule(grads, moments, supports, norms, features)
+        RULES[layer_type] = Rule(grads, moments, supports, norms, features, own_layout)
         return grads
 
     return decorator

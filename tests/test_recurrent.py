@@ -1,0 +1,148 @@
+"""Recurrent layers on the per-layer path, in every layout a model hands them: batch-first or
+not, several layers, both directions, an initial state computed from the example, the final
+state reaching the loss, packed sequences of different lengths in any order — each exact
+against one backward per example, with no parameter on a whole-model mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from zoo import reference_grads, statistics
+
+import pergrad
+
+KINDS = {
+    "rnn_tanh": lambda **o: nn.RNN(3, 4, **o),
+    "rnn_relu": lambda **o: nn.RNN(3, 4, nonlinearity="relu", **o),
+    "gru": lambda **o: nn.GRU(3, 4, **o),
+    "lstm": lambda **o: nn.LSTM(3, 4, **o),
+}
+
+
+class Reader(nn.Module):
+    """A recurrent layer on a batch of sequences ``(B, T, 3)``; each sequence's length is read
+    from its data (``1 + ⌊3·|x_b0|⌋ mod T``)."""
+
+    def __init__(self, kind, batch_first, layers, bidirectional, initial, final, packed, sort):
+        super().__init__()
+        self.rnn = KINDS[kind](
+            num_layers=layers, bidirectional=bidirectional, batch_first=batch_first
+        )
+        self.states = layers * (2 if bidirectional else 1)
+        self.start = nn.Linear(3, 4 * self.states)  # the initial state, from the first step
+        self.head = nn.Linear(4 * (2 if bidirectional else 1), 1)
+        self.kind, self.batch_first = kind, batch_first
+        self.initial, self.final, self.packed, self.sort = initial, final, packed, sort
+
+    def forward(self, x):
+        size, steps = x.shape[:2]
+        sequences = x if self.batch_first else x.transpose(0, 1)
+        lengths = 1 + (3 * x[:, 0, 0].abs()).long() % steps
+        if self.packed:
+            if self.sort:  # sorted by the model, restored after
+                lengths, order = lengths.sort(descending=True)
+                sequences = sequences[order] if self.batch_first else sequences[:, order]
+            sequences = pack_padded_sequence(
+                sequences, lengths, batch_first=self.batch_first, enforce_sorted=self.sort
+            )
+        args = (sequences,)
+        if self.initial:
+            h = torch.tanh(self.start(x[:, 0])).view(size, self.states, 4).transpose(0, 1)
+            if self.packed and self.sort:
+                h = h[:, order]
+            args += ((h.contiguous(), 0.5 * h.contiguous()) if self.kind == "lstm" else h,)
+        out, state = self.rnn(*args)
+        if self.packed:
+            out = pad_packed_sequence(out, batch_first=self.batch_first, total_length=steps)[0]
+        out = out if self.batch_first else out.transpose(0, 1)
+        state = state if self.kind == "lstm" else (state,)
+        if self.packed and self.sort:  # back in the order of the batch
+            out, state = out[order.argsort()], [s[:, order.argsort()] for s in state]
+        loss = self.head(torch.tanh(out)).sum((1, 2))
+        if self.final:
+            loss = loss + (state[0] ** 2).sum((0, 2)) + state[-1].sum((0, 2))
+        return loss
+
+
+def _squared(output, target):
+    return (output - target) ** 2
+
+
+def check(kind, batch_first, layers, bidirectional, initial, final, packed, sort, size=4):
+    torch.manual_seed(layers + 2 * size)
+    model = Reader(kind, batch_first, layers, bidirectional, initial, final, packed, sort).double()
+    x = torch.randn(size, 5, 3, dtype=torch.float64)
+    y = torch.randn(size, dtype=torch.float64)
+    sources = statistics(model, _squared, x, y)
+    rule = "LSTM" if kind == "lstm" else kind[:3].upper()
+    assert {s for n, s in sources.items() if n.startswith("rnn.")} == {rule}, sources
+    assert set(sources.values()) <= {rule, "Linear", "unused"}, sources
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(batch_first=True, layers=1, bidirectional=False, initial=False, final=False),
+        dict(batch_first=False, layers=2, bidirectional=True, initial=True, final=True),
+        dict(batch_first=True, layers=2, bidirectional=True, initial=True, final=True),
+    ],
+)
+@pytest.mark.parametrize("packed, sort", [(False, False), (True, False), (True, True)])
+def test_recurrent_layers_are_exact_on_the_per_layer_path(kind, layout, packed, sort):
+    check(kind, packed=packed, sort=sort, **layout)
+
+
+@settings(max_examples=12, deadline=None, database=None)
+@given(
+    kind=st.sampled_from(sorted(KINDS)),
+    flags=st.tuples(*[st.booleans()] * 6),
+    layers=st.integers(1, 2),
+    size=st.integers(1, 5),
+)
+def test_any_layout_is_exact(kind, flags, layers, size):
+    batch_first, bidirectional, initial, final, packed, sort = flags
+    check(kind, batch_first, layers, bidirectional, initial, final, packed, sort and packed, size)
+
+
+def test_clipping_on_packed_sequences_with_a_final_state():
+    torch.manual_seed(0)
+    model = Reader("lstm", True, 2, True, True, True, True, False).double()
+    x = torch.randn(6, 5, 3, dtype=torch.float64)
+    y = torch.randn(6, dtype=torch.float64)
+    reference = reference_grads(model, _squared, x, y)
+    norms = sum(g.flatten(1).square().sum(1) for g in reference.values()).sqrt()
+    factors = (0.5 / norms).clamp(max=1)
+    assert bool((factors < 1).any())
+    engine = pergrad.PerExample(model, _squared, max_example_norm=0.5)
+    engine.backward(x, y)
+    assert {s for n, s in engine.sources.items() if n.startswith("rnn.")} == {"LSTM"}
+    for name, p in model.named_parameters():
+        g = reference[name] * factors.view(-1, *[1] * p.dim())
+        torch.testing.assert_close(p.grad, g.mean(0), rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(p.grad_stats.sq_mean, g.square().mean(0), rtol=1e-9, atol=1e-12)
+
+
+def test_a_sequence_of_several_examples_goes_to_a_whole_model_mode():
+    """Rows of two examples in one sequence: the recurrence mixes them, and the numbers come
+    from running one example at a time."""
+    torch.manual_seed(0)
+
+    class Swapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 1)
+
+        def forward(self, x):
+            x = torch.cat([x[:, :2], x.flip(0)[:, 2:]], 1)  # late steps from another example
+            return self.head(self.rnn(x)[0][:, -1]).squeeze(1)
+
+    x, y = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    with pytest.warns(pergrad.FallbackWarning) as record:
+        sources = statistics(Swapped().double(), _squared, x, y)
+    assert any("holds values of other examples" in str(w.message) for w in record)
+    assert set(sources.values()) == {"loop"}
