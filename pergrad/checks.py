@@ -162,7 +162,9 @@ def per_example_loss(loss: object, batch_size: int, whole_batch: int | None = No
         raise InputError(
             "the losses do not depend on any trainable parameter (they have no autograd "
             "graph): loss_fn must not detach them, call .item() or run under torch.no_grad(), "
-            "and the model's output must reach them"
+            "the model's output must reach them, and the model must compute what it uses from "
+            "its parameters in each call (not keep a tensor computed from them in an earlier "
+            "one)"
         )
     return loss
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import (
     TorchDispatchMode,
@@ -1031,6 +1032,78 @@ def _pack(mode, func, args, kwargs, out):
     full = _full(mode.tag(x), tuple(x.shape)).contiguous()
     data, _ = func(full, lengths, batch_first)
     return [_compact(data), torch.tensor(single(mode.tag(lengths), tuple(lengths.shape)))]
+
+
+@_handles(aten.mkldnn_rnn_layer)
+def _recurrence(mode, func, args, kwargs, out):
+    """oneDNN's recurrent layer (a float32 LSTM on CPU) on steps ``(T, B, in)`` from states
+    ``(B, H)``: see :func:`_sequences`; its workspace from every sequence."""
+    x, states = args[0], [a for a in args[5:7] if isinstance(a, Tensor)]
+    column = _sequences(mode, x, 1, [(s, 0) for s in states])
+    size = len(column)
+    workspace = torch.tensor(single(_compact(column.contiguous()), (size,)))
+    each = _compact(column.view(size, 1))
+    return [_compact(column.view(1, size, 1)), each, each, workspace]
+
+
+class Recurrences(TorchFunctionMode):
+    """Entered inside a :class:`Provenance`, runs ``torch.rnn_tanh``, ``rnn_relu``, ``gru``
+    and ``lstm`` (which decompose into some twenty operations per step) whole, out of its
+    sight, and tags their outputs and final states by sequence (:func:`_sequences`): the
+    tags their steps would give, or wider, at the cost of one operation."""
+
+    def __init__(self, tracker: Provenance):
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        tracker = self.tracker
+        followed = func in _RECURRENT and not kwargs and len(args) == 9
+        if not followed or _get_current_dispatch_mode() is not tracker or args[0].dim() < 2:
+            return func(*args, **(kwargs or {}))
+        with tracker.paused():
+            out = func(*args)
+        packed = isinstance(args[1], Tensor) and not args[1].is_floating_point()
+        hx = args[2] if packed else args[1]
+        states = [(h, 1) for h in ((hx,) if isinstance(hx, Tensor) else hx)]
+        if packed:
+            rows = torch.cat([torch.arange(n) for n in args[1].tolist()])
+            sequences = _sequences(tracker, args[0], 0, states, rows)
+            tracker.set(out[0], _compact(sequences[rows].view(-1, 1)))
+        else:
+            batch_first = args[8]
+            sequences = _sequences(tracker, args[0], 0 if batch_first else 1, states)
+            shape = (-1, 1, 1) if batch_first else (1, -1, 1)
+            tracker.set(out[0], _compact(sequences.view(shape)))
+        for state in out[1:]:
+            tracker.set(state, _compact(sequences.view(1, -1, 1)))
+        return out
+
+
+_RECURRENT = frozenset({torch.rnn_tanh, torch.rnn_relu, torch.gru, torch.lstm})
+
+
+def _sequences(mode, x: Tensor, dim: int, states, rows: Tensor | None = None) -> Tensor:
+    """The examples of each sequence of a recurrent layer, ``(B,)``: the union of its steps'
+    (along ``dim`` of ``x``; packed, the rows of ``x`` that ``rows`` gives to it) and of its
+    initial states' (``(tensor, dim)`` each). All its steps are taken together: an
+    over-approximation of each step's output, which comes from the steps before it."""
+    if rows is None:
+        found = _per_index(mode, x, dim)
+    else:
+        size = int(rows.max()) + 1 if len(rows) else 0
+        found = _scatter_union(torch.full((size,), NONE), rows, _per_index(mode, x, 0))
+    tags = [found, *(_per_index(mode, state, at) for state, at in states)]
+    return _full(_combine(tags, (len(found),)), (len(found),))
+
+
+def _per_index(mode, x: Tensor, dim: int) -> Tensor:
+    """The union of ``x``'s tags over every dimension but ``dim``: ``(x.shape[dim],)``."""
+    shape = tuple(x.shape)
+    tag = reduce(mode.tag(x), shape, [d for d in range(len(shape)) if d != dim % len(shape)])
+    index = [0] * len(shape)
+    index[dim] = slice(None)
+    return _full(tag, shape)[tuple(index)].contiguous()
 
 
 @_handles(aten.masked_select)

@@ -6,7 +6,8 @@ is active during the per-layer path's forward pass, every torch function that re
 watched parameter is seen:
 
 - a function of parameters alone (``W[expert]``, ``W.t()``, ``-torch.exp(A_log)``, a table
-  indexed by a buffer, a weight normalized from its direction and norm) is a *derivation*:
+  indexed by a buffer, a weight normalized from its direction and norm, ``W.type_as(x)``,
+  which reads only ``x``'s dtype) is a *derivation*:
   its result is computed as usual and watched too, with the way to compute it again from
   the parameters;
 - any other function is a *use*: the call becomes a layer of its own, an :class:`OpUse`,
@@ -113,7 +114,7 @@ class Uses(TorchFunctionMode):
         others = [x for i, x in enumerate(leaves) if isinstance(x, Tensor) and i not in hits]
         names = tuple(dict.fromkeys(n for i in hits for n in self._watched[id(leaves[i])][1]))
         slots = {i: self._watched[id(leaves[i])][2] for i in hits}
-        if all(map(self._constant, others)):
+        if func in _CONVERSIONS or all(map(self._constant, others)):
             output = func(*args, **kwargs)
             self._derived(func, leaves, spec, slots, names, output)
             return output
@@ -180,6 +181,10 @@ class Uses(TorchFunctionMode):
             elif isinstance(x, (list, tuple)) and any(map(self._is_watched, x)):
                 return True
         return False
+
+
+_CONVERSIONS = frozenset({Tensor.type_as, Tensor.to})
+"""Functions that read only the dtype and device of their other tensors (``W.type_as(x)``)."""
 
 
 def _rows(value: Tensor, batch: int, rows: int | None) -> Tensor:

@@ -200,6 +200,15 @@ def test_an_operation_pergrad_does_not_follow_sends_the_model_to_a_whole_model_m
 B, T, D = 4, 6, 3
 PERMUTATION = torch.tensor([2, 0, 3, 1])
 LAYER = nn.Linear(D, D).double()
+GRU = nn.GRU(D, D, batch_first=True).double()
+LSTM = nn.LSTM(D, D, num_layers=2, bidirectional=True).double()
+
+
+def _packed_through_a_gru(x):
+    lengths = 1 + (10 * x[:, 0, 0].abs()).long() % T
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    return nn.utils.rnn.pad_packed_sequence(GRU(packed)[0], batch_first=True, total_length=T)[0]
+
 
 OPERATIONS = {  # each (B, T, D) -> (B, T, D); True where it combines examples
     "flattened through a layer": (lambda x: LAYER(x.flatten(0, 1)).view(B, T, D), False),
@@ -229,6 +238,13 @@ OPERATIONS = {  # each (B, T, D) -> (B, T, D); True where it combines examples
         lambda x: x.view(B, 3, 2, D).reshape(B * 3, 2, D).flip(1).reshape(B, T, D),
         False,
     ),
+    "packed, through a GRU, padded": (_packed_through_a_gru, False),
+    "through a time-first LSTM from a state": (
+        lambda x: LSTM(x.transpose(0, 1), (x[:, :4].transpose(0, 1).contiguous(),) * 2)[
+            0
+        ].transpose(0, 1)[..., :D],
+        False,
+    ),
     "batch mean": (lambda x: x - x.mean(0), True),
     "batch softmax": (lambda x: x.softmax(0), True),
     "attention over the batch": (
@@ -242,7 +258,7 @@ OPERATIONS = {  # each (B, T, D) -> (B, T, D); True where it combines examples
 
 def _tagged(f, x):
     tracker = provenance.Provenance()
-    with tracker:
+    with tracker, provenance.Recurrences(tracker):
         tracker.set(x, provenance.batch(x.dim(), len(x)))
         out = f(x)
     return out, provenance.table(tracker.tag(out), tuple(out.shape)).expand(out.shape)

@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from zoo import reference_grads, statistics
 
 import pergrad
+from pergrad import provenance
 
 KINDS = {
     "rnn_tanh": lambda **o: nn.RNN(3, 4, **o),
@@ -146,3 +147,24 @@ def test_a_sequence_of_several_examples_goes_to_a_whole_model_mode():
         sources = statistics(Swapped().double(), _squared, x, y)
     assert any("holds values of other examples" in str(w.message) for w in record)
     assert set(sources.values()) == {"loop"}
+
+
+def test_a_float32_lstm_on_cpu_is_followed_through_its_fused_kernel():
+    """In float32 on CPU, ``nn.LSTM`` runs oneDNN's kernel, one operation per layer: each
+    column of its output and final states holds its own example's data, and the rule gives
+    every example its gradients."""
+    torch.manual_seed(0)
+    model = Reader("lstm", True, 2, True, True, True, False, False)
+    x, y = torch.randn(4, 5, 3), torch.randn(4)
+    tracker = provenance.Provenance()
+    with tracker:
+        tracker.set(x, provenance.batch(3, 4))
+        out = model(x)
+    tags = provenance.table(tracker.tag(out), tuple(out.shape)).expand(out.shape)
+    assert torch.equal(tags, torch.arange(4)), tags
+    engine = pergrad.PerExample(model, _squared)
+    grads = engine.grads(x, y)
+    assert {s for n, s in engine.sources.items() if n.startswith("rnn.")} == {"LSTM"}
+    reference = reference_grads(model, _squared, x, y)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, reference[name], rtol=1e-4, atol=1e-5, msg=name)

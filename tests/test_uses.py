@@ -79,6 +79,18 @@ class Permuted(nn.Module):
         return (torch.tanh(x[order]) @ self.layer.weight.T)[order.argsort()]
 
 
+class Converted(nn.Module):
+    """A parent's use of a layer's weight cast to the input's dtype, as mixed-precision code
+    writes ``W.type_as(x)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return torch.tanh(self.layer(x)) @ self.layer.weight.type_as(x)
+
+
 @pytest.mark.parametrize(
     "model, shape, out",
     [
@@ -86,8 +98,9 @@ class Permuted(nn.Module):
         (Scaled, (5, 3, 3), (5, 3, 4)),
         (Convolved, (5, 4, 6), (5, 4, 6)),
         (Permuted, (5, 3), (5, 2)),
+        (Converted, (5, 3), (5, 3)),
     ],
-    ids=["fused_experts", "scaled", "convolved", "permuted"],
+    ids=["fused_experts", "scaled", "convolved", "permuted", "converted"],
 )
 def test_uses_outside_their_layers_are_exact_on_the_per_layer_path(model, shape, out):
     torch.manual_seed(0)
