@@ -94,7 +94,7 @@ class Record:
             deltas = self.all_deltas()
             return Call(
                 self.args, self.kwargs, deltas[0], frozenset(), tuple(deltas), self._examples,
-                self.size,
+                self.size, tuple(self._batch_outputs()),
             )  # fmt: skip
         if self.moved is not None:
             return self._regrouped()

@@ -168,3 +168,22 @@ def test_a_float32_lstm_on_cpu_is_followed_through_its_fused_kernel():
     reference = reference_grads(model, _squared, x, y)
     for name, g in grads.items():
         torch.testing.assert_close(g, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_rule_steps_aside_where_its_run_differs_from_the_layer(monkeypatch):
+    """The rule compares its own run of the recurrence with what the layer returned."""
+    from pergrad.rules import recurrent
+
+    run = recurrent._Sequences.run
+    monkeypatch.setattr(
+        recurrent._Sequences,
+        "run",
+        lambda self, u, k: (lambda o, s: (o * 1.01, s))(*run(self, u, k)),
+    )
+    torch.manual_seed(0)
+    model = Reader("gru", True, 1, False, False, False, False, False).double()
+    x, y = torch.randn(3, 5, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    with pytest.warns(pergrad.FallbackWarning) as record:
+        sources = statistics(model, _squared, x, y)
+    assert any("differs from the layer's output" in str(w.message) for w in record)
+    assert sources["rnn.weight_ih_l0"] != "GRU"

@@ -37,6 +37,8 @@ class Call:
             example of each index along ``dim`` (``-1``: an index that holds no example's
             data); it raises where an index holds several.
         size: ``own_layout``: the number of examples ``B``.
+        outputs: ``own_layout``: every floating-point tensor the layer returned, as
+            ``output_grads`` lists their ``δ``.
     """
 
     args: tuple
@@ -46,6 +48,7 @@ class Call:
     output_grads: tuple[Tensor, ...] = ()
     examples: Callable[[Tensor, int], Tensor] | None = None
     size: int | None = None
+    outputs: tuple[Tensor, ...] = ()
 
     @property
     def input(self) -> Tensor:

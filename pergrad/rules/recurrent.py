@@ -4,22 +4,25 @@ loss.
 
 Every step of every layer and direction forms an input part ``u_t = W_ih x_t + b_ih`` and a
 hidden part ``v_t = W_hh h_{t-1} + b_hh`` of its gates, so, with ``δu_t`` and ``δv_t`` the
-gradients of the loss at them (equal, but for a GRU's ``n`` gate, where ``v`` is scaled by
-``r``),
+gradients of the loss at them,
 
     g_b(W_ih) = Σ_t δu_bt x_btᵀ,   g_b(b_ih) = Σ_t δu_bt,
     g_b(W_hh) = Σ_t δv_bt h_b,t-1ᵀ,   g_b(b_hh) = Σ_t δv_bt,
 
-as for a ``Linear`` over the steps. The rule reads the call in the layer's own layout
-(``own_layout``): each *column* of the layer's batch (an index along its batch dimension, or
-a packed sequence in the order its ``unsorted_indices`` restore) is one sequence, whose rows
-and initial state must hold one example's data or none's (:attr:`Call.examples`). It runs the
-recurrence on the columns, padded to the longest, with the layer's own weights in PyTorch's
-gate order (LSTM ``i, f, g, o``; GRU ``r, z, n``), a step changing only the sequences that
-have not ended; takes every ``δu_t`` and ``δv_t`` from one backward pass of the ``δ`` of the
-output and of the final states through it; forms the sums above per column, and adds each
-column's to its example's. The unrolled outputs and final states are compared with the
-layer's own on every call; where they differ, the rule steps aside.
+as for a ``Linear`` over the steps. The gates take ``u_t + v_t`` (``δv_t = δu_t``), but for a
+GRU's ``n`` gate, which takes ``u^n_t + r_t ⊙ v^n_t`` (``δv^n_t = r_t ⊙ δu^n_t``).
+
+The rule runs each layer again with PyTorch's own kernel on its input parts ``u`` (all steps
+in one product), given as the input of a layer whose input weights select them and whose
+hidden weights are the layer's: one backward pass of the ``δ`` of the output and of the final
+states through those runs gives every ``δu_t``. The states ``h_{t-1}`` are the runs' outputs
+one step back (the initial state first), and ``r_t`` is recomputed from them. Everything is
+read in the layer's own layout (``own_layout``): each *column* of its batch (an index along
+its batch dimension, or a packed sequence in the order its ``unsorted_indices`` restore) is
+one sequence, whose rows and initial state must hold one example's data or none's
+(:attr:`Call.examples`); each column's sums go to its example. The runs' outputs and final
+states are compared with the layer's own on every call; where they differ, the rule steps
+aside.
 
 Outside the rule: LSTM's ``proj_size``, dropout between layers in training mode, unbatched
 input, and a sequence holding no example's data whose output reaches the loss.
@@ -28,11 +31,19 @@ input, and a sequence holding no example's data whose output reaches the loss.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from pergrad.checks import agree
 from pergrad.rules.base import Call, register_rule
+
+_KERNELS = {
+    "RNN_TANH": torch.rnn_tanh,
+    "RNN_RELU": torch.rnn_relu,
+    "GRU": torch.gru,
+    "LSTM": torch.lstm,
+}
 
 
 def _supports(layer: nn.RNNBase) -> str | None:
@@ -43,124 +54,84 @@ def _supports(layer: nn.RNNBase) -> str | None:
     return None
 
 
-class _Unrolled:
-    """The recurrence of one layer and direction on the columns, keeping what the
-    per-example gradients need: its inputs ``x``, the states ``h_{t-1}`` and the
-    pre-activations."""
-
-    def __init__(self, layer: nn.RNNBase, suffix: str, x: Tensor, state, active, reverse: bool):
-        get = lambda name: getattr(layer, f"{name}{suffix}", None)  # noqa: E731
-        self.names = {
-            kind: f"{kind}{suffix}" for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        }
-        w_ih, w_hh, b_ih, b_hh = (get(k) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-        self.x = x
-        self.inputs = _tracked(torch.nn.functional.linear(x, w_ih.detach(), _detach(b_ih)))
-        mode = layer.mode
-        steps = range(x.shape[1])
-        h, c = state
-        hidden_parts, previous, outputs = [], [], [None] * x.shape[1]
-        for t in reversed(steps) if reverse else steps:
-            previous.append(h)
-            part = _tracked(torch.nn.functional.linear(h, w_hh.detach(), _detach(b_hh)))
-            hidden_parts.append(part)
-            z = self.inputs[:, t]
-            new_c = None
-            if mode == "LSTM":
-                i, f, g, o = (z + part).chunk(4, dim=-1)
-                new_c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                new_h = torch.sigmoid(o) * torch.tanh(new_c)
-            elif mode == "GRU":
-                r_i, z_i, n_i = z.chunk(3, dim=-1)
-                r_h, z_h, n_h = part.chunk(3, dim=-1)
-                r, update = torch.sigmoid(r_i + r_h), torch.sigmoid(z_i + z_h)
-                new_h = (1 - update) * torch.tanh(n_i + r * n_h) + update * h
-            else:
-                act = torch.tanh if mode == "RNN_TANH" else torch.relu
-                new_h = act(z + part)
-            if active is None:
-                h, c = new_h, new_c
-                outputs[t] = h
-            else:  # a sequence that has ended keeps its state and outputs zeros
-                h = torch.where(active[:, t], new_h, h)
-                c = None if new_c is None else torch.where(active[:, t], new_c, c)
-                outputs[t] = new_h * active[:, t]
-        if reverse:
-            previous.reverse()
-            hidden_parts.reverse()
-        self.previous = torch.stack(previous, 1)  # h_{t-1}: (B, T, H)
-        self.hidden_parts = hidden_parts  # W_hh h_{t-1} + b_hh, one (B, G) per step
-        self.output = torch.stack(outputs, 1)  # (B, T, H)
-        self.final = (h, c)
-
-    def grads(self, input_grad: Tensor, hidden_grads: list[Tensor]) -> dict[str, Tensor]:
-        """Per-column gradients from ``δ`` at the input part ``(B, T, G)`` and at each
-        step's hidden part."""
-        hidden_grad = torch.stack(hidden_grads, 1)  # (B, T, G)
-        return {
-            self.names["weight_ih"]: torch.einsum("btg,bti->bgi", input_grad, self.x.detach()),
-            self.names["weight_hh"]: torch.einsum(
-                "btg,bth->bgh", hidden_grad, self.previous.detach()
-            ),
-            self.names["bias_ih"]: input_grad.sum(1),
-            self.names["bias_hh"]: hidden_grad.sum(1),
-        }
-
-
-def _tracked(tensor: Tensor) -> Tensor:
-    """``tensor``, with autograd asked to give its gradient (a leaf where nothing before it
-    needs one: the first layer's input part, the first step's hidden part)."""
-    return tensor if tensor.requires_grad else tensor.requires_grad_()
-
-
-def _detach(tensor: Tensor | None) -> Tensor | None:
-    return None if tensor is None else tensor.detach()
-
-
-class _Columns:
-    """A call's sequences as columns ``(B', T, …)`` in the layer's batch order, each
-    column's example, and, for packed sequences, which steps of each column exist."""
+class _Sequences:
+    """A call's sequences: its input in the layer's layout, its initial states, and how to
+    read a tensor of that layout as columns ``(B', T, …)`` in the layer's batch order."""
 
     def __init__(self, layer: nn.RNNBase, call: Call):
         x = call.args[0] if call.args else call.kwargs["input"]
         hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+        self.layer = layer
         self.packed = x if isinstance(x, PackedSequence) else None
-        if self.packed is not None:
-            self.x, lengths = pad_packed_sequence(x, batch_first=True)
-            rows = call.examples(x.data, 0)
-            ids = self.like_input(rows.unsqueeze(1), padding=-1).squeeze(2)  # (B', T)
-            steps = torch.arange(self.x.shape[1], device=ids.device)
-            self.active = (steps < lengths.to(ids.device).unsqueeze(1)).unsqueeze(2)
-        elif x.dim() == 3:
-            self.x = x if layer.batch_first else x.transpose(0, 1)
-            ids = call.examples(x, 0 if layer.batch_first else 1).unsqueeze(1)
-            self.active = None
-        else:
+        if self.packed is None and x.dim() != 3:
             raise ValueError("unbatched input: outside the rule")
-        self.x = self.x.detach()
-        size = len(self.x)
+        self.data = (x.data if self.packed is not None else x).detach()
+        if self.packed is not None:
+            ids = self.columns(call.examples(x.data, 0).unsqueeze(1), padding=-1).squeeze(2)
+            self.lengths = pad_packed_sequence(x, batch_first=True)[1]
+            self.size = len(ids)
+        else:
+            ids = call.examples(x, 0 if layer.batch_first else 1).unsqueeze(1)
+            self.size = x.shape[0 if layer.batch_first else 1]
+            self.lengths = torch.full((self.size,), x.shape[1 if layer.batch_first else 0])
         states = [] if hx is None else [hx] if isinstance(hx, Tensor) else list(hx)
         self.examples = _union([ids, *(call.examples(s, 1).unsqueeze(1) for s in states)])
-        directions = 2 if layer.bidirectional else 1
-        zeros = self.x.new_zeros(layer.num_layers * directions, size, layer.hidden_size)
-        h0 = states[0].detach() if states else zeros
-        c0 = states[1].detach() if len(states) > 1 else zeros
-        self.initial = [(h0[k], c0[k] if layer.mode == "LSTM" else None) for k in range(len(h0))]
+        count = layer.num_layers * (2 if layer.bidirectional else 1)
+        zeros = self.data.new_zeros(count, self.size, layer.hidden_size)
+        kinds = 2 if layer.mode == "LSTM" else 1
+        self.initial = [states[i].detach() if states else zeros for i in range(kinds)]
 
-    def like_input(self, data: Tensor, padding: float = 0.0) -> Tensor:
-        """Packed rows ``(N, …)`` laid out as the input's columns ``(B', T, …)``."""
-        packed = self.packed
-        sequence = PackedSequence(
-            data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
-        )
+    def columns(self, rows: Tensor, padding: float = 0.0) -> Tensor:
+        """A tensor of the layer's layout (its input's or output's, or a packed sequence's
+        rows) as columns ``(B', T, …)``."""
+        if self.packed is None:
+            return rows if self.layer.batch_first else rows.transpose(0, 1)
+        p = self.packed
+        sequence = PackedSequence(rows, p.batch_sizes, p.sorted_indices, p.unsorted_indices)
         return pad_packed_sequence(sequence, batch_first=True, padding_value=padding)[0]
 
-    def output(self, layer: nn.RNNBase, output: Tensor | PackedSequence) -> Tensor:
-        """The layer's output (or its ``δ``) as columns ``(B', T, …)``."""
-        if self.packed is not None:
-            data = output.data if isinstance(output, PackedSequence) else output
-            return self.like_input(data)
-        return output if layer.batch_first else output.transpose(0, 1)
+    def run(self, u: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
+        """Layer ``k`` run by PyTorch's kernel on its input parts ``u`` (both directions'
+        side by side): its output, in the layer's layout, and final states, in column
+        order."""
+        layer, directions = self.layer, 2 if self.layer.bidirectional else 1
+        gates = u.shape[-1] // directions
+        params = []
+        for d in range(directions):
+            select = u.new_zeros(gates, gates * directions)
+            select[:, d * gates : (d + 1) * gates] = torch.eye(gates, dtype=u.dtype)
+            suffix = f"_l{k}" + ("_reverse" if d else "")
+            params.append(select)
+            params.append(getattr(layer, f"weight_hh{suffix}").detach())
+            if layer.bias:
+                params += [u.new_zeros(gates), getattr(layer, f"bias_hh{suffix}").detach()]
+        hx = [h[k * directions : (k + 1) * directions] for h in self.initial]
+        if self.packed is not None and self.packed.sorted_indices is not None:
+            hx = [h.index_select(1, self.packed.sorted_indices) for h in hx]
+        hx = tuple(hx) if layer.mode == "LSTM" else hx[0]
+        kernel, options = _KERNELS[layer.mode], (layer.bias, 1, 0.0, False, layer.bidirectional)
+        if self.packed is None:
+            found = kernel(u, hx, params, *options, layer.batch_first)
+        else:
+            found = kernel(u, self.packed.batch_sizes, hx, params, *options)
+        output, states = found[0], list(found[1:])
+        if self.packed is not None and self.packed.unsorted_indices is not None:
+            states = [s.index_select(1, self.packed.unsorted_indices) for s in states]
+        return output, states
+
+    def previous(self, output: Tensor, k: int, d: int) -> Tensor:
+        """``h_{t-1}`` of layer ``k``, direction ``d``, as columns ``(B', T, H)``: its output
+        one step back, the initial state first (the reverse direction starts at each
+        sequence's last step)."""
+        size, directions = self.layer.hidden_size, 2 if self.layer.bidirectional else 1
+        h = self.columns(output)[..., d * size : (d + 1) * size]
+        first = self.initial[0][k * directions + d].unsqueeze(1)
+        if d == 0:
+            return torch.cat([first, h[:, :-1]], 1)
+        later = torch.cat([h[:, 1:], torch.zeros_like(h[:, :1])], 1)
+        steps = torch.arange(h.shape[1], device=h.device)
+        inside = (steps + 1 < self.lengths.to(h.device).unsqueeze(1)).unsqueeze(2)
+        return torch.where(inside, later, first)
 
 
 def _union(ids: list[Tensor]) -> Tensor:
@@ -178,60 +149,94 @@ def _union(ids: list[Tensor]) -> Tensor:
 
 
 def recurrent(layer: nn.RNNBase, call: Call) -> dict[str, Tensor]:
-    columns = _Columns(layer, call)
+    sequences = _Sequences(layer, call)
     directions = 2 if layer.bidirectional else 1
     with torch.enable_grad():
-        sequence, runs = columns.x, []
+        inputs, parts, outputs, finals = sequences.data, [], [], []
         for k in range(layer.num_layers):
-            found = []
-            for d, reverse in enumerate((False, True)[:directions]):
-                suffix = f"_l{k}" + ("_reverse" if reverse else "")
-                state = columns.initial[k * directions + d]
-                found.append(_Unrolled(layer, suffix, sequence, state, columns.active, reverse))
-            runs += found
-            sequence = torch.cat([run.output for run in found], dim=-1)
-        finals = [torch.stack([run.final[i] for run in runs]) for i in range(_states(layer))]
-        tensors = [t for run in runs for t in (run.inputs, *run.hidden_parts)]
-        deltas = [columns.output(layer, call.output_grads[0]), *call.output_grads[1:]]
-        found = torch.autograd.grad([sequence, *finals], tensors, deltas, allow_unused=True)
-    with torch.no_grad():  # the layer's own outputs (its forward alone, no hooks)
-        output, state = type(layer).forward(layer, *call.args, **call.kwargs)
-    expected = [columns.output(layer, output), *([state] if isinstance(state, Tensor) else state)]
-    if not all(agree(u.detach(), e) for u, e in zip([sequence, *finals], expected)):
-        raise ValueError("the unrolled recurrence differs from the layer's output")
-    grads, offset = {}, 0
-    for run in runs:
-        count = 1 + len(run.hidden_parts)
-        parts = [
-            torch.zeros_like(t) if g is None else g
-            for t, g in zip(tensors[offset : offset + count], found[offset : offset + count])
-        ]
-        grads.update(run.grads(parts[0], parts[1:]))
-        offset += count
-    return _by_example(layer, grads, columns.examples, deltas, call.batch_size)
+            names = [f"_l{k}" + ("_reverse" if d else "") for d in range(directions)]
+            u = [
+                _tracked(
+                    F.linear(
+                        inputs,
+                        getattr(layer, f"weight_ih{n}").detach(),
+                        getattr(layer, f"bias_ih{n}").detach() if layer.bias else None,
+                    )
+                )
+                for n in names
+            ]
+            output, states = sequences.run(torch.cat(u, -1), k)
+            parts.append((inputs, u))
+            outputs.append(output)
+            finals.append(states)
+            inputs = output
+        finals = [torch.cat([f[i] for f in finals]) for i in range(len(finals[0]))]
+        tensors = [t for _, u in parts for t in u]
+        found = torch.autograd.grad(
+            [inputs, *finals], tensors, list(call.output_grads), allow_unused=True
+        )
+    ran = [inputs, *finals]
+    same = all(agree(r.detach(), e) for r, e in zip(ran, call.outputs))
+    if len(ran) != len(call.outputs) or not same:
+        raise ValueError("the recurrence run again differs from the layer's output")
+    grads = {}
+    with torch.no_grad():
+        for k, (x, u) in enumerate(parts):
+            x = sequences.columns(x)
+            for d, part in enumerate(u):
+                delta = found[k * directions + d]
+                delta = torch.zeros_like(part) if delta is None else delta
+                grads.update(_sums(layer, sequences, k, d, x, part, delta, outputs[k]))
+    return _by_example(grads, sequences, call.output_grads, call.batch_size)
 
 
-def _states(layer: nn.RNNBase) -> int:
-    return 2 if layer.mode == "LSTM" else 1
+def _sums(layer, sequences: _Sequences, k: int, d: int, x, u, delta, output) -> dict:
+    """Each column's ``g`` of layer ``k``, direction ``d``, from ``δu`` (in the layer's
+    layout)."""
+    suffix = f"_l{k}" + ("_reverse" if d else "")
+    delta_u = sequences.columns(delta)
+    previous = sequences.previous(output, k, d)
+    delta_v = delta_u
+    if layer.mode == "GRU":  # δv^n = r ⊙ δu^n
+        w_hh = getattr(layer, f"weight_hh{suffix}")
+        b_hh = getattr(layer, f"bias_hh{suffix}") if layer.bias else None
+        v = F.linear(previous, w_hh, b_hh)
+        r = torch.sigmoid(sequences.columns(u.detach()).chunk(3, -1)[0] + v.chunk(3, -1)[0])
+        reset, update, new = delta_u.chunk(3, -1)
+        delta_v = torch.cat([reset, update, r * new], -1)
+    found = {
+        f"weight_ih{suffix}": torch.einsum("btg,bti->bgi", delta_u, x),
+        f"weight_hh{suffix}": torch.einsum("btg,bth->bgh", delta_v, previous),
+    }
+    if layer.bias:
+        found[f"bias_ih{suffix}"] = delta_u.sum(1)
+        found[f"bias_hh{suffix}"] = delta_v.sum(1)
+    return found
 
 
-def _by_example(layer, grads: dict[str, Tensor], examples: Tensor, deltas, size: int):
+def _tracked(tensor: Tensor) -> Tensor:
+    """``tensor``, with autograd asked to give its gradient (a leaf where nothing before it
+    needs one: the first layer's input parts)."""
+    return tensor if tensor.requires_grad else tensor.requires_grad_()
+
+
+def _by_example(grads: dict[str, Tensor], sequences: _Sequences, deltas, size: int):
     """Each column's gradients added to its example's.
 
     Raises:
         ValueError: the output of a column that holds no example's data reaches the loss.
     """
+    examples = sequences.examples
     none = examples < 0
     if bool(none.any()):
-        reached = deltas[0][none].abs().sum() + sum(d[:, none].abs().sum() for d in deltas[1:])
+        reached = sequences.columns(deltas[0])[none].abs().sum()
+        reached = reached + sum(d[:, none].abs().sum() for d in deltas[1:])
         if bool(reached > 0):
             raise ValueError("a sequence holding no example's data reaches the loss")
-    owned = dict(layer.named_parameters())
     keep = ~none
     return {
         name: g.new_zeros(size, *g.shape[1:]).index_add_(0, examples[keep], g[keep])
         for name, g in grads.items()
-        if name in owned
     }
 
 
