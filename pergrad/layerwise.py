@@ -217,7 +217,7 @@ class _Forward:
         given = [x for x in (*batch.tensors(inputs), target) if x.dim() and len(x) == self.size]
         for x in given:
             self.tracker.set(x, provenance.batch(x.dim(), self.size))
-        with self.tracker, provenance.Recurrences(self.tracker):
+        with self.tracker:
             with self.uses:
                 output = batch.run(self.owner.model, inputs)
             losses = checks.per_example_loss(self.owner.loss_fn(output, target), self.size)

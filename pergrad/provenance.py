@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import (
     TorchDispatchMode,
@@ -267,6 +266,32 @@ class Provenance(TorchDispatchMode):
         tag = _compact(torch.where(newer, tags[where], own))
         self.set(x, tag)
         return tag
+
+    def call(self, func, args: tuple, kwargs: dict):
+        """``func(*args, **kwargs)``, where the recurrent kernels ``torch.rnn_tanh``,
+        ``rnn_relu``, ``gru`` and ``lstm`` (which decompose into some twenty operations per
+        step) run whole, out of this mode's sight, their outputs and final states tagged by
+        sequence (:func:`_sequences`): the tags their steps would give, or wider, at the cost
+        of one operation. For a ``TorchFunctionMode`` active inside this one."""
+        followed = func in _RECURRENT and not kwargs and len(args) == 9
+        if not followed or _get_current_dispatch_mode() is not self or args[0].dim() < 2:
+            return func(*args, **kwargs)
+        with self.paused():
+            out = func(*args)
+        packed = isinstance(args[1], Tensor) and not args[1].is_floating_point()
+        hx = args[2] if packed else args[1]
+        states = [(h, 1) for h in ((hx,) if isinstance(hx, Tensor) else hx)]
+        if packed:
+            rows = torch.cat([torch.arange(n) for n in args[1].tolist()])
+            sequences = _sequences(self, args[0], 0, states, rows)
+            self.set(out[0], _compact(sequences[rows].view(-1, 1)))
+        else:
+            batch_first = args[8]
+            sequences = _sequences(self, args[0], 0 if batch_first else 1, states)
+            self.set(out[0], _compact(sequences.view((-1, 1, 1) if batch_first else (1, -1, 1))))
+        for state in out[1:]:
+            self.set(state, _compact(sequences.view(1, -1, 1)))
+        return out
 
     def _untraceable(self) -> Tag:
         if not self.unknown or self.unknown[-1] != _ALIASED:
@@ -1044,40 +1069,6 @@ def _recurrence(mode, func, args, kwargs, out):
     workspace = torch.tensor(single(_compact(column.contiguous()), (size,)))
     each = _compact(column.view(size, 1))
     return [_compact(column.view(1, size, 1)), each, each, workspace]
-
-
-class Recurrences(TorchFunctionMode):
-    """Entered inside a :class:`Provenance`, runs ``torch.rnn_tanh``, ``rnn_relu``, ``gru``
-    and ``lstm`` (which decompose into some twenty operations per step) whole, out of its
-    sight, and tags their outputs and final states by sequence (:func:`_sequences`): the
-    tags their steps would give, or wider, at the cost of one operation."""
-
-    def __init__(self, tracker: Provenance):
-        super().__init__()
-        self.tracker = tracker
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        tracker = self.tracker
-        followed = func in _RECURRENT and not kwargs and len(args) == 9
-        if not followed or _get_current_dispatch_mode() is not tracker or args[0].dim() < 2:
-            return func(*args, **(kwargs or {}))
-        with tracker.paused():
-            out = func(*args)
-        packed = isinstance(args[1], Tensor) and not args[1].is_floating_point()
-        hx = args[2] if packed else args[1]
-        states = [(h, 1) for h in ((hx,) if isinstance(hx, Tensor) else hx)]
-        if packed:
-            rows = torch.cat([torch.arange(n) for n in args[1].tolist()])
-            sequences = _sequences(tracker, args[0], 0, states, rows)
-            tracker.set(out[0], _compact(sequences[rows].view(-1, 1)))
-        else:
-            batch_first = args[8]
-            sequences = _sequences(tracker, args[0], 0 if batch_first else 1, states)
-            shape = (-1, 1, 1) if batch_first else (1, -1, 1)
-            tracker.set(out[0], _compact(sequences.view(shape)))
-        for state in out[1:]:
-            tracker.set(state, _compact(sequences.view(1, -1, 1)))
-        return out
 
 
 _RECURRENT = frozenset({torch.rnn_tanh, torch.rnn_relu, torch.gru, torch.lstm})

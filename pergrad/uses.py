@@ -77,7 +77,9 @@ class OpUse(nn.Module):
 class Uses(TorchFunctionMode):
     """Watches the parameters ``params`` (name -> parameter) during a forward pass; each use
     is handed to ``record(op_use, tensors, output)``, which returns the output the model
-    receives (see the module doc); ``tensors``: the operation's other tensor arguments."""
+    receives (see the module doc); ``tensors``: the operation's other tensor arguments. Every
+    other call goes to ``tracker`` (:meth:`pergrad.provenance.Provenance.call`: recurrent
+    kernels run whole)."""
 
     def __init__(
         self, params: dict[str, Tensor], size: int, tracker: provenance.Provenance, record
@@ -104,7 +106,7 @@ class Uses(TorchFunctionMode):
         if func is Tensor.register_hook and torch.is_grad_enabled():
             return self._hooked(func, *args, **kwargs)
         if not self._any_watched(args, kwargs) or not torch.is_grad_enabled():
-            return func(*args, **kwargs)
+            return self.tracker.call(func, args, kwargs)
         if _in_place(getattr(func, "__name__", "")):  # a parameter's: autograd finds it
             return func(*args, **kwargs)
         if torch._C._functorch.peek_interpreter_stack() is not None:  # in the model's vmap

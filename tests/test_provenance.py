@@ -12,6 +12,7 @@ from zoo import CROSS_ENTROPY, statistics
 
 import pergrad
 from pergrad import provenance
+from pergrad.uses import Uses
 
 
 def _squared(output, target):
@@ -258,7 +259,7 @@ OPERATIONS = {  # each (B, T, D) -> (B, T, D); True where it combines examples
 
 def _tagged(f, x):
     tracker = provenance.Provenance()
-    with tracker, provenance.Recurrences(tracker):
+    with tracker, Uses({}, len(x), tracker, record=None):  # recurrent kernels run whole
         tracker.set(x, provenance.batch(x.dim(), len(x)))
         out = f(x)
     return out, provenance.table(tracker.tag(out), tuple(out.shape)).expand(out.shape)
