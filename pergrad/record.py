@@ -343,17 +343,14 @@ def tensors(args: tuple, kwargs: dict):
 
 def all_tensors(args: tuple, kwargs: dict) -> list[Tensor]:
     """Every tensor among the inputs, nested ones too (an LSTM's ``(h, c)``, a packed
-    sequence's), in lists, tuples and dicts (what a module call takes, without pytree's
-    cost on every call)."""
-    found, left = [], [kwargs, args]
-    while left:
-        x = left.pop()
+    sequence's) in lists, tuples and dicts: what a module call takes, without pytree's cost
+    on every call."""
+    found = []
+    for x in (*args, *kwargs.values()):
         if isinstance(x, Tensor):
             found.append(x)
-        elif isinstance(x, (list, tuple)):
-            left.extend(reversed(x))
-        elif isinstance(x, dict):
-            left.extend(reversed(x.values()))
+        elif isinstance(x, (list, tuple, dict)):
+            found.extend(all_tensors(tuple(x.values()) if isinstance(x, dict) else x, {}))
     return found
 
 
