@@ -283,17 +283,38 @@ def test_a_process_group_without_torch_distributed_initialized():
         pergrad.PerExample(_model(), CROSS_ENTROPY, process_group=object())
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+"""What a gloo rank sometimes prints (and then aborts, exit code -6) when its worker threads
+outlive the interpreter's teardown, after the example's work is done
+(pytorch/pytorch#179291)."""
+
+
+def launch(command, done_when: str, **options) -> str:
+    """Run ``command(port)``; again, on a fresh port, only where the first try did all its
+    work (printed ``done_when``) and a rank then aborted in the interpreter's teardown.
+    Returns what it printed."""
+    for _ in range(2):
+        done = subprocess.run(command(str(_free_port())), capture_output=True, text=True, **options)
+        output = done.stdout + done.stderr
+        teardown = TEARDOWN_ABORT in output or "exitcode: -6" in output  # SIGABRT
+        if done.returncode == 0 or not (done_when in done.stdout and teardown):
+            break
+    assert done.returncode == 0, output[-3000:]
+    return done.stdout
+
+
 def run_data_parallel_example(processes: int) -> None:
     """``examples/data_parallel.py`` under ``torchrun``: every rank ends with the same
     parameters (``nccl`` where there is a GPU, else ``gloo``)."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-        f"--master_port={_free_port()}", str(ROOT / "examples" / "data_parallel.py"),
-        "--steps", "5",
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"identical parameters on all {processes} ranks: True" in done.stdout
+    same = f"identical parameters on all {processes} ranks: True"
+
+    def command(port: str) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+            f"--master_port={port}", str(ROOT / "examples" / "data_parallel.py"), "--steps", "5",
+        ]  # fmt: skip
+
+    assert same in launch(command, same, timeout=180, cwd=ROOT)
 
 
 def test_the_data_parallel_example_runs_with_torchrun():

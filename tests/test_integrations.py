@@ -5,36 +5,20 @@ parameters (the examples check it across ranks)."""
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_distributed import _free_port
+from test_distributed import launch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SAME = "identical parameters on all 2 ranks: True"
 
 
-TEARDOWN_ABORT = "terminate called without an active exception"
-"""What a gloo rank sometimes prints when its worker threads outlive the interpreter's
-teardown, after the example's work is done (pytorch/pytorch#179291)."""
-
-
 def _run(command) -> str:
-    """Run ``command(port)`` once; again, on a fresh port, only where the first try did all its
-    work and a rank aborted in the interpreter's teardown."""
+    """Run ``command(port)`` in ``examples/`` (:func:`test_distributed.launch`)."""
     environment = {**os.environ, "PYTHONPATH": str(EXAMPLES)}
-    for _ in range(2):
-        done = subprocess.run(
-            command(str(_free_port())), capture_output=True, text=True, timeout=300,
-            cwd=EXAMPLES, env=environment,
-        )  # fmt: skip
-        output = done.stdout + done.stderr
-        if done.returncode == 0 or not (SAME in done.stdout and TEARDOWN_ABORT in output):
-            break
-    assert done.returncode == 0, output[-3000:]
-    return done.stdout
+    return launch(command, SAME, timeout=300, cwd=EXAMPLES, env=environment)
 
 
 @pytest.mark.parametrize("example", ["hf_trainer.py", "accelerate_loop.py"])
