@@ -8,6 +8,7 @@ from pergrad import losses, testing
 from pergrad.checks import InputError
 from pergrad.engine import PerExample
 from pergrad.fallback import FallbackWarning
+from pergrad.micro import MicroBatches
 from pergrad.modes import ModeError
 from pergrad.noise import NoiseScale, noise_scale
 from pergrad.rules import Call, register_rule
@@ -19,6 +20,7 @@ __all__ = [
     "FallbackWarning",
     "GradStats",
     "InputError",
+    "MicroBatches",
     "ModeError",
     "NoiseScale",
     "PerExample",

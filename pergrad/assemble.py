@@ -33,6 +33,9 @@ class LayerwiseResult:
         quantity: what :meth:`values` gives, as the pass was asked.
         losses: ``(B,)``.
         uncovered: why each parameter the pass does not cover is left (name -> reason).
+        crossed: whether an example's loss holds values of other examples (after an
+            operation pergrad does not follow): then the batch's forward pass is not each
+            example's, and only a mode that runs one example at a time may compute it.
         sources: where each covered parameter's values came from, once formed: its layer type
             (a rule), the type followed by ``" (local)"`` (``torch.func`` over that layer), a
             torch function followed by ``" (op)"`` (a use at that operation), several joined
@@ -50,6 +53,7 @@ class LayerwiseResult:
     ):
         self.quantity = quantity
         self.losses = losses
+        self.crossed = False
         self.uncovered = uncovered
         self.sources: dict[str, str] = {}
         self._params, self._records, self._warned = params, records, warned

@@ -95,7 +95,7 @@ class Auto:
             def whole_model() -> dict[str, Tensor]:
                 """Per-example gradients of what the layers leave, each computed once."""
                 left = {name: why for name, why in done.uncovered.items() if name not in rest}
-                rest.update(self._uncovered(params, left, inputs, target))
+                rest.update(self._uncovered(params, left, inputs, target, done.crossed))
                 return rest
 
             def sq_norms() -> Tensor:
@@ -111,13 +111,16 @@ class Auto:
         return Chunk(found, done.losses, sources)
 
     def _uncovered(
-        self, params: Params, uncovered: dict[str, str], inputs: tuple, target: Tensor
+        self, params: Params, uncovered: dict[str, str], inputs: tuple, target: Tensor, crossed
     ) -> dict[str, Tensor]:
-        """Per-example gradients, from a whole-model mode, of what the layers leave."""
+        """Per-example gradients, from a whole-model mode, of what the layers leave; where
+        an example's loss holds values of other examples (``crossed``), from a mode that runs
+        one example at a time."""
         if not uncovered:
             return {}
+        left = {name: params[name] for name in uncovered}
         with torch.enable_grad():
-            grads, _ = self._whole_model({name: params[name] for name in uncovered}, inputs, target)
+            grads, _ = self._whole_model(left, inputs, target, crossed)
         if not set(uncovered) <= self._warned:
             self._warned |= set(uncovered)
             listed = "; ".join(f"'{name}': {reason}" for name, reason in uncovered.items())
@@ -128,13 +131,16 @@ class Auto:
             )
         return grads
 
-    def _whole_model(self, params: Params, inputs: tuple, target: Tensor) -> PerExampleResult:
+    def _whole_model(
+        self, params: Params, inputs: tuple, target: Tensor, crossed: bool
+    ) -> PerExampleResult:
         """The kept whole-model mode's result, or the first of ``MODES`` (after the kept one,
         if it fails) that runs the model (``"loop"`` always can); warn unless it is the
-        first tried."""
-        order = list(MODES)
+        first tried. Where examples' values cross (``crossed``), ``"hooks"``, which reads
+        the batch's forward pass, is passed over."""
+        order = [name for name in MODES if not (crossed and name == "hooks")]
         start, reasons = 0, []
-        if self.whole is not None:
+        if self.whole is not None and self.whole.name in order:
             try:
                 return self.whole(params, inputs, target)
             except ModeError as error:

@@ -1,12 +1,15 @@
 """What data-parallel training checks on ``torch.distributed``: that it is initialized, and
-that every rank starts from the same parameters. The statistics themselves are sums, which
-:meth:`pergrad.stats.Sums.all_reduce` sums over the process group."""
+that every rank starts from the same parameters; and the sum of every rank's statistics
+(:meth:`pergrad.stats.Sums.all_reduce`), where any rank's error reaches them all."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from pergrad.checks import InputError
+from pergrad.stats import Sums
 
 
 def check_initialized(group: object) -> None:
@@ -54,3 +57,30 @@ def check_same_parameters(params: dict[str, Tensor], group: object) -> None:
             f"before building the model, or broadcast from rank 0 "
             f"(for p in model.parameters(): torch.distributed.broadcast(p.data, src=0))."
         )
+
+
+def reduce(
+    sums: Sums | None, failure: Exception | None, params: dict, group: object, checked: bool
+) -> Sums:
+    """Sum ``sums`` over ``group``, every rank taking part whether or not its own share
+    raised (``failure``, with ``sums`` then ignored): then every rank raises, this one its own
+    error. Unless ``checked``, the ranks' parameters are compared first.
+
+    Raises:
+        InputError: the batch is empty on every rank.
+        RuntimeError: the ranks start from different parameters, or another rank raised.
+    """
+    if not checked:
+        check_same_parameters(params, group)
+    sums = sums if sums is not None and failure is None else Sums(params)
+    failed = sums.all_reduce(group, failed=failure is not None)
+    if failure is not None:
+        raise failure
+    if failed:
+        raise RuntimeError(
+            f"{failed} other rank(s) raised in this backward, so nothing was accumulated on "
+            f"any rank; their error says why and what to do."
+        )
+    if sums.count == 0:
+        raise InputError("the batch is empty on every rank: pass examples")
+    return sums

@@ -209,29 +209,12 @@ class PerExample:
         stats.zero_grad(self.model.parameters())
 
     def _reduce(self, sums: stats.Sums | None, failure: Exception | None) -> stats.Sums:
-        """Sum over the process group, every rank taking part whether or not its own share
-        raised (``failure``): then every rank raises, this one its own error.
-
-        Raises:
-            InputError: the batch is empty on every rank.
-            RuntimeError: the ranks start from different parameters, or another rank raised.
-        """
+        """Sum over the process group (:func:`pergrad.distributed.reduce`), the ranks'
+        parameters compared on the first call."""
         params = sums.params if sums is not None else checks.trainable(self._module)
-        if not self._ranks_checked:
-            distributed.check_same_parameters(params, self.process_group)
-            self._ranks_checked = True
-        sums = sums if sums is not None and failure is None else stats.Sums(params)
-        failed = sums.all_reduce(self.process_group, failed=failure is not None)
-        if failure is not None:
-            raise failure
-        if failed:
-            raise RuntimeError(
-                f"{failed} other rank(s) raised in this backward, so nothing was accumulated on "
-                f"any rank; their error says why and what to do."
-            )
-        if sums.count == 0:
-            raise checks.InputError("the batch is empty on every rank: pass examples")
-        return sums
+        found = distributed.reduce(sums, failure, params, self.process_group, self._ranks_checked)
+        self._ranks_checked = True
+        return found
 
     def _verify(
         self, structure: Structure, inputs: batch.Inputs, target: Tensor, chunk, random

@@ -147,6 +147,7 @@ class _Forward:
         self.entered: list[tuple[nn.Module, bool]] = []  # running calls: parameters detached?
         self.recursive: set[int] = set()  # modules called inside a call of themselves
         self.placed: list[str] = []  # layers whose output rows were given examples by place
+        self.crossed = False  # whether an example's loss holds values of other examples
 
     def run(self, inputs: batch.Inputs, target: Tensor) -> LayerwiseResult:
         """Run the model forward and backward with the hooks in place; the parameters each
@@ -208,9 +209,11 @@ class _Forward:
         uncovered = assemble.uncovered(
             self.params, self.records, others, owners, self.untraced, self.uses.unseen
         )
-        return LayerwiseResult(
+        result = LayerwiseResult(
             self.params, self.records, self.quantity, losses.detach(), uncovered, self.owner.warned
         )
+        result.crossed = self.crossed
+        return result
 
     def _forward(self, inputs: batch.Inputs, target: Tensor) -> tuple[Tensor, object]:
         """The model and the loss under :attr:`tracker`, each input's row ``b`` example ``b``."""
@@ -238,6 +241,7 @@ class _Forward:
         own = (ids == torch.arange(self.size)) | (ids == provenance.NONE)
         if bool(own.all()):
             return
+        self.crossed = True
         tracker = self.tracker
         if self.placed and not tracker.unknown:  # maybe those rows, not the model, mix
             self.untraced = (

@@ -273,24 +273,44 @@ class Provenance(TorchDispatchMode):
         step) run whole, out of this mode's sight, their outputs and final states tagged by
         sequence (:func:`_sequences`): the tags their steps would give, or wider, at the cost
         of one operation. For a ``TorchFunctionMode`` active inside this one."""
+        if func is torch._pad_packed_sequence and not kwargs and len(args) == 5:
+            return self._padded(func(*args), args)
         followed = func in _RECURRENT and not kwargs and len(args) == 9
         if not followed or _get_current_dispatch_mode() is not self or args[0].dim() < 2:
             return func(*args, **kwargs)
         with self.paused():
             out = func(*args)
         packed = isinstance(args[1], Tensor) and not args[1].is_floating_point()
-        hx = args[2] if packed else args[1]
+        hx, weights = (args[2], args[3]) if packed else (args[1], args[2])
         states = [(h, 1) for h in ((hx,) if isinstance(hx, Tensor) else hx)]
         if packed:
             rows = torch.cat([torch.arange(n) for n in args[1].tolist()])
-            sequences = _sequences(self, args[0], 0, states, rows)
+            sequences = _sequences(self, args[0], 0, states, weights, rows)
             self.set(out[0], _compact(sequences[rows].view(-1, 1)))
         else:
             batch_first = args[8]
-            sequences = _sequences(self, args[0], 0 if batch_first else 1, states)
+            sequences = _sequences(self, args[0], 0 if batch_first else 1, states, weights)
             self.set(out[0], _compact(sequences.view((-1, 1, 1) if batch_first else (1, -1, 1))))
         for state in out[1:]:
             self.set(state, _compact(sequences.view(1, -1, 1)))
+        return out
+
+    def _padded(self, out: tuple, args: tuple) -> tuple:
+        """Packed sequences padded back: padded to the batch's longest sequence (no
+        ``total_length``, or one equal to it), a shorter sequence's padding exists because of
+        the other examples' lengths: it counts as theirs (``MIXED``), and where it reaches a
+        loss, pergrad cannot tell (a ``total_length`` longer than every sequence can)."""
+        padded, lengths = out
+        batch_sizes, batch_first, length = args[1], args[2], args[4]
+        if length != len(batch_sizes) or bool((lengths == length).all()):
+            return out
+        steps = torch.arange(length)
+        after = steps.unsqueeze(0) >= lengths.cpu().unsqueeze(1)  # (B', T): past the end
+        after = after if batch_first else after.T
+        tag = _full(self.tag(padded), tuple(padded.shape)).clone()
+        tag[after] = MIXED
+        self.set(padded, _compact(tag))
+        self.unknown.append("padding to the batch's longest sequence (no total_length)")
         return out
 
     def _untraceable(self) -> Tag:
@@ -1064,7 +1084,7 @@ def _recurrence(mode, func, args, kwargs, out):
     """oneDNN's recurrent layer (a float32 LSTM on CPU) on steps ``(T, B, in)`` from states
     ``(B, H)``: see :func:`_sequences`; its workspace from every sequence."""
     x, states = args[0], [a for a in args[5:7] if isinstance(a, Tensor)]
-    column = _sequences(mode, x, 1, [(s, 0) for s in states])
+    column = _sequences(mode, x, 1, [(s, 0) for s in states], args[1:5])
     size = len(column)
     workspace = torch.tensor(single(_compact(column.contiguous()), (size,)))
     each = _compact(column.view(size, 1))
@@ -1074,17 +1094,22 @@ def _recurrence(mode, func, args, kwargs, out):
 _RECURRENT = frozenset({torch.rnn_tanh, torch.rnn_relu, torch.gru, torch.lstm})
 
 
-def _sequences(mode, x: Tensor, dim: int, states, rows: Tensor | None = None) -> Tensor:
+def _sequences(mode, x: Tensor, dim: int, states, weights, rows: Tensor | None = None) -> Tensor:
     """The examples of each sequence of a recurrent layer, ``(B,)``: the union of its steps'
-    (along ``dim`` of ``x``; packed, the rows of ``x`` that ``rows`` gives to it) and of its
-    initial states' (``(tensor, dim)`` each). All its steps are taken together: an
-    over-approximation of each step's output, which comes from the steps before it."""
+    (along ``dim`` of ``x``; packed, the rows of ``x`` that ``rows`` gives to it), of its
+    initial states' (``(tensor, dim)`` each), and of every example any of the ``weights``
+    comes from. All its steps are taken together: an over-approximation of each step's
+    output, which comes from the steps before it."""
     if rows is None:
         found = _per_index(mode, x, dim)
     else:
         size = int(rows.max()) + 1 if len(rows) else 0
         found = _scatter_union(torch.full((size,), NONE), rows, _per_index(mode, x, 0))
     tags = [found, *(_per_index(mode, state, at) for state, at in states)]
+    for w in weights:  # every example a weight comes from reaches every sequence
+        tags.append(torch.tensor(single(mode.tag(w), tuple(w.shape))))
+        if int(tags[-1]) != NONE:
+            mode.mixing.append("a recurrent layer whose weights come from an example")
     return _full(_combine(tags, (len(found),)), (len(found),))
 
 

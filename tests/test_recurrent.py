@@ -58,7 +58,9 @@ class Reader(nn.Module):
             args += ((h.contiguous(), 0.5 * h.contiguous()) if self.kind == "lstm" else h,)
         out, state = self.rnn(*args)
         if self.packed:
-            out = pad_packed_sequence(out, batch_first=self.batch_first, total_length=steps)[0]
+            # longer than any sequence: the padding is there whatever the other examples
+            out = pad_packed_sequence(out, batch_first=self.batch_first, total_length=steps + 1)
+            out = out[0].narrow(1 if self.batch_first else 0, 0, steps)
         out = out if self.batch_first else out.transpose(0, 1)
         state = state if self.kind == "lstm" else (state,)
         if self.packed and self.sort:  # back in the order of the batch
@@ -187,3 +189,45 @@ def test_the_rule_steps_aside_where_its_run_differs_from_the_layer(monkeypatch):
         sources = statistics(model, _squared, x, y)
     assert any("differs from the layer's output" in str(w.message) for w in record)
     assert sources["rnn.weight_ih_l0"] != "GRU"
+
+
+class PaddedToTheLongest(nn.Module):
+    """Packed sequences padded back to the batch's longest, then averaged over time: an
+    example's mean depends on the other examples' lengths."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 1)
+
+    def forward(self, x):
+        lengths = 1 + (3 * x[:, 0, 0].abs()).long() % x.shape[1]
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out = pad_packed_sequence(self.rnn(packed)[0], batch_first=True)[0]
+        return self.head(out.mean(1)).squeeze(1)
+
+
+def test_padding_to_the_batchs_longest_sequence_is_run_one_example_at_a_time():
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    x[0, 0, 0] = 1.4  # one sequence of all 5 steps, the others shorter
+    with pytest.warns(pergrad.FallbackWarning) as record:
+        sources = statistics(PaddedToTheLongest().double(), _squared, x, y)
+    assert any("batch's longest sequence" in str(w.message) for w in record)
+    assert set(sources.values()) == {"loop"}
+
+
+def test_recurrent_weights_computed_from_an_example_are_refused():
+    class FromData(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 1)
+
+        def forward(self, x):
+            weights = [w * (1 + torch.tanh(x[0, 0, 0])) for w in self.rnn._flat_weights]
+            h0 = x.new_zeros(1, len(x), 4)
+            out = torch.gru(x, h0, weights, True, 1, 0.0, False, False, True)[0]
+            return self.head(out[:, -1]).squeeze(1)
+
+    x, y = torch.randn(3, 5, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    with pytest.raises(pergrad.InputError, match="weights come from an example"):
+        pergrad.PerExample(FromData().double(), _squared).grads(x, y)
