@@ -116,7 +116,8 @@ class Uses(TorchFunctionMode):
         others = [x for i, x in enumerate(leaves) if isinstance(x, Tensor) and i not in hits]
         names = tuple(dict.fromkeys(n for i in hits for n in self._watched[id(leaves[i])][1]))
         slots = {i: self._watched[id(leaves[i])][2] for i in hits}
-        if func in _CONVERSIONS or all(map(self._constant, others)):
+        converted = func in _CONVERSIONS and hits == [0]  # W.type_as(x), not x.type_as(W)
+        if converted or all(map(self._constant, others)):
             output = func(*args, **kwargs)
             self._derived(func, leaves, spec, slots, names, output)
             return output
