@@ -205,10 +205,16 @@ GRU = nn.GRU(D, D, batch_first=True).double()
 LSTM = nn.LSTM(D, D, num_layers=2, bidirectional=True).double()
 
 
-def _packed_through_a_gru(x):
+def _packed_through_a_gru(x, longest=False):
+    """Packed, through a GRU, padded back: past the longest sequence (``T + 1``, cut to ``T``),
+    or, ``longest``, to the batch's longest, which depends on every example's length."""
     lengths = 1 + (10 * x[:, 0, 0].abs()).long() % T
     packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-    return nn.utils.rnn.pad_packed_sequence(GRU(packed)[0], batch_first=True, total_length=T)[0]
+    out = GRU(packed)[0]
+    if longest:
+        out = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)[0]
+        return torch.cat([out, out.new_zeros(B, T - out.shape[1], D)], 1)
+    return nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T + 1)[0][:, :T]
 
 
 OPERATIONS = {  # each (B, T, D) -> (B, T, D); True where it combines examples
@@ -240,6 +246,10 @@ OPERATIONS = {  # each (B, T, D) -> (B, T, D); True where it combines examples
         False,
     ),
     "packed, through a GRU, padded": (_packed_through_a_gru, False),
+    "packed, through a GRU, padded to the longest": (
+        lambda x: _packed_through_a_gru(x, longest=True),
+        True,
+    ),
     "through a time-first LSTM from a state": (
         lambda x: LSTM(x.transpose(0, 1), (x[:, :4].transpose(0, 1).contiguous(),) * 2)[
             0
