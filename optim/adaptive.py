@@ -93,7 +93,9 @@ class RMSprop(_Adaptive):
             statistics in this optimizer's metric ``1/(√s + ε)`` and averaged over
             ``gain_horizon`` examples: ``B`` while the gradient noise dominates, falling
             toward 1 past the critical batch size, so one ``lr`` survives large batches
-            (MATH.md).
+            (MATH.md); ``"sqrt"``: by ``√B·lr·…`` with ``ε/√B`` in place of ``ε`` —
+            with ``second_moment="batch"``, the square-root rule of Malladi et al. (2022) for
+            Adam and RMSprop in per-example units (horizons in examples).
         gain_horizon: the examples the gain's noise and signal estimates span. Short enough
             to follow the noise scale as it grows during training: averaged over a long
             horizon, the large gradients of the first steps dominate and ``r`` lags far
@@ -171,7 +173,7 @@ class RMSprop(_Adaptive):
             examples=examples,
             grad_weight=weights.grad,
             sq_weight=weights.sq,
-            eps=group["eps"],
+            eps=_eps(group, examples),
             power=group["power"],
             weight_decay=group["weight_decay"],
             foreach=self._foreach(params, group),
@@ -204,7 +206,9 @@ class Adam(_Adaptive):
             statistics in this optimizer's metric ``1/(√s + ε)`` and averaged over
             ``gain_horizon`` examples: ``B`` while the gradient noise dominates, falling
             toward 1 past the critical batch size, so one ``lr`` survives large batches
-            (MATH.md).
+            (MATH.md); ``"sqrt"``: by ``√B·lr·…`` with ``ε/√B`` in place of ``ε`` —
+            with ``second_moment="batch"``, the square-root rule of Malladi et al. (2022) for
+            Adam and RMSprop in per-example units (horizons in examples).
         gain_horizon: the examples the gain's noise and signal estimates span. Short enough
             to follow the noise scale as it grows during training: averaged over a long
             horizon, the large gradients of the first steps dominate and ``r`` lags far
@@ -271,7 +275,12 @@ class Adam(_Adaptive):
             examples=examples,
             grad_weight=weights.grad,
             sq_weight=weights.sq,
-            eps=group["eps"],
+            eps=_eps(group, examples),
             weight_decay=group["weight_decay"],
             foreach=self._foreach(params, group),
         )
+
+
+def _eps(group: dict[str, Any], examples: float) -> float:
+    """``ε``, or, with ``batch_scaling="sqrt"`` (``examples = √B``), ``ε/√B``."""
+    return group["eps"] / examples if group["batch_scaling"] == "sqrt" else group["eps"]

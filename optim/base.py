@@ -15,7 +15,7 @@ import pergrad.noise
 from optim import functional as F
 
 SECOND_MOMENTS = ("example", "batch")
-BATCH_SCALINGS = ("linear", "gain")
+BATCH_SCALINGS = ("linear", "gain", "sqrt")
 
 
 class PerExampleOptimizer(torch.optim.Optimizer):
@@ -161,7 +161,10 @@ class PerExampleOptimizer(torch.optim.Optimizer):
                     F.average_weight(count, seen, group["grad_horizon"]),
                     F.average_weight(count, seen, group.get("sq_horizon", math.inf)),
                 )
-                self._update_group(params, group, count if gain is None else gain, weights)
+                examples = count if gain is None else gain
+                if group["batch_scaling"] == "sqrt":
+                    examples = math.sqrt(count)
+                self._update_group(params, group, examples, weights)
         return loss
 
     def _check_statistics(self) -> None:

@@ -25,7 +25,8 @@ class SGD(PerExampleOptimizer):
         weight_decay: ``λ``, decoupled and per example: ``Φ −= B·lr·λ·Φ`` before the update.
         batch_scaling: ``"linear"``: a step moves by ``B·lr·m``; ``"gain"``: by ``r·lr·m``,
             ``r = B(σ² + |G|²)/(σ² + B|G|²)`` the gain ratio estimated from the per-example
-            statistics and averaged over ``gain_horizon`` examples (MATH.md).
+            statistics and averaged over ``gain_horizon`` examples (MATH.md); ``"sqrt"``: by
+            ``√B·lr·m``.
         gain_horizon: the examples the gain's noise and signal estimates span.
         foreach: one multi-tensor kernel per operation for all parameters of a group
             (``torch._foreach_*``) instead of a loop over them, with the same numbers bit for

@@ -25,6 +25,7 @@ def run(kind: str, phi: Tensor, stream: list[Tensor], **h) -> Tensor:
     power, centered = h.get("power", 0.5), h.get("centered", False)
     example = h.get("second_moment", "example") == "example"
     gain = h.get("batch_scaling", "linear") == "gain"
+    sqrt = h.get("batch_scaling", "linear") == "sqrt"  # √B·lr, ε/√B
     n_r = h.get("gain_horizon", 1000)
     phi = phi.clone()
     m = s = a = torch.zeros_like(phi)
@@ -55,9 +56,13 @@ def run(kind: str, phi: Tensor, stream: list[Tensor], **h) -> Tensor:
                 signal = (1 - w_r) * signal + w_r * float(signal_now)
             sigma2, g2 = max(noise, 0.0), max(signal, 0.0)
             r = B if sigma2 + g2 == 0 else B * (sigma2 + g2) / (sigma2 + B * g2)
+        e = eps
+        if sqrt:
+            r = B**0.5
+            e = eps / B**0.5
         phi = phi - r * lr * lam * phi
         if kind == "sgd":
             phi = phi - r * lr * m
         else:
-            phi = phi - r * lr * m / (spread**power + eps)
+            phi = phi - r * lr * m / (spread**power + e)
     return phi

@@ -19,6 +19,7 @@ OPTIONS = {
         {"lr": 0.05, "grad_horizon": 40},
         {"lr": 0.05, "grad_horizon": 7, "weight_decay": 0.1},
         {"lr": 0.05, "grad_horizon": 7, "batch_scaling": "gain", "gain_horizon": 30},
+        {"lr": 0.05, "grad_horizon": 7, "batch_scaling": "sqrt"},
     ],
     "rmsprop": [
         {"lr": 0.01},
@@ -28,6 +29,7 @@ OPTIONS = {
         {"lr": 0.001, "sq_horizon": 50, "power": 1.0, "eps": 0.1},
         {"lr": 0.01, "sq_horizon": 30, "centered": True, "batch_scaling": "gain"},
         {"lr": 0.01, "sq_horizon": 300, "batch_scaling": "gain", "gain_horizon": 20},
+        {"lr": 0.01, "sq_horizon": 50, "second_moment": "batch", "batch_scaling": "sqrt"},
     ],
     "adam": [
         {"lr": 0.01},
@@ -37,6 +39,16 @@ OPTIONS = {
         {"lr": 0.01, "grad_horizon": 16, "sq_horizon": 100, "batch_scaling": "gain"},
         {"lr": 0.01, "sq_horizon": 40, "second_moment": "batch", "batch_scaling": "gain"},
         {"lr": 0.01, "sq_horizon": 500, "batch_scaling": "gain", "gain_horizon": 12},
+        {
+            "lr": 0.01,
+            "grad_horizon": 16,
+            "sq_horizon": 100,
+            "second_moment": "batch",
+            "batch_scaling": "sqrt",
+            "eps": 1e-3,
+            "weight_decay": 0.1,
+        },
+        {"lr": 0.01, "sq_horizon": 100, "batch_scaling": "sqrt"},
     ],
 }
 CASES_ = [(kind, options) for kind, all_options in OPTIONS.items() for options in all_options]
