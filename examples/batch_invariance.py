@@ -15,7 +15,10 @@ Optimizers compared (keys of summary.json):
   number of single-example steps the batch is worth, in place of ``B``;
 - ``standard``: ``optim.Adam(second_moment="batch")``: the same, fed ``ĝ²`` (linear lr scaling);
 - ``torch_sqrt``: ``torch.optim.Adam`` matched at B = 32, lr scaled by ``√(B/32)`` (common
-  practice); ``torch_linear`` (with ``--tune``): the same, scaled by ``B/32``;
+  practice); with ``--tune`` also ``torch_linear``: the same, scaled by ``B/32``;
+  ``torch_sde``: Malladi et al.'s square-root rule from B = 32, ``κ = B/32``: lr by ``√κ``,
+  ``1 − β₁`` and ``1 − β₂`` by ``κ``, ``ε`` by ``1/√κ``; ``torch_halflife``: lr by ``√κ``,
+  ``β₁`` and ``β₂`` raised to ``κ`` (their half-lives fixed in examples), ``ε`` as it is;
 - ``sgd`` (with ``--sgd``): ``optim.SGD`` with momentum as a running average.
 
 Writes to ``--out``: ``loss.png`` (train loss against examples seen, one panel per optimizer,
@@ -54,8 +57,10 @@ import pergrad
 REFERENCE_BATCH = 32
 """The batch size at which ``torch_sqrt`` matches the per-example hyperparameters."""
 
-OPTIMIZERS = ("invariant", "invariant_gain", "standard", "torch_sqrt", "torch_linear", "sgd")
-TORCH = ("torch_sqrt", "torch_linear")
+TORCH = ("torch_sqrt", "torch_linear", "torch_sde", "torch_halflife")
+OPTIMIZERS = ("invariant", "invariant_gain", "standard", *TORCH, "sgd")
+EPS = 1e-8
+"""``torch.optim.Adam``'s ``ε`` at B = 32 (its default, and ``optim.Adam``'s)."""
 
 
 def example_order(size: int, total: int, seed: int) -> Tensor:
@@ -78,9 +83,15 @@ def make_optimizer(name: str, params, batch: int, lr: float, args) -> torch.opti
         return optim.Adam(params, lr=lr, second_moment="batch", **horizons)
     if name in TORCH:
         matched = optim.convert.to_torch_adam(lr, **horizons, batch_size=REFERENCE_BATCH)
-        ratio = batch / REFERENCE_BATCH
-        scale = math.sqrt(ratio) if name == "torch_sqrt" else ratio
-        return torch.optim.Adam(params, lr=matched["lr"] * scale, betas=matched["betas"])
+        kappa = batch / REFERENCE_BATCH
+        betas, eps = matched["betas"], EPS
+        if name == "torch_sde":
+            betas = tuple(max(0.0, 1 - kappa * (1 - beta)) for beta in betas)
+            eps = EPS / math.sqrt(kappa)
+        elif name == "torch_halflife":
+            betas = tuple(beta**kappa for beta in betas)
+        scale = kappa if name == "torch_linear" else math.sqrt(kappa)
+        return torch.optim.Adam(params, lr=matched["lr"] * scale, betas=betas, eps=eps)
     if name == "sgd":
         return optim.SGD(params, lr=args.sgd_lr, grad_horizon=args.grad_horizon)
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")

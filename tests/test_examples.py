@@ -58,7 +58,7 @@ def test_tune_writes_the_best_lr_the_transfer_and_the_lr_plot(tmp_path, capsys):
     summary = batch_invariance.main(argv)
     assert json.loads((tmp_path / "tune.json").read_text()) == summary
     assert (tmp_path / "lr.png").stat().st_size > 10_000
-    assert set(summary) == {"invariant", "invariant_gain", "standard", "torch_sqrt", "torch_linear"}
+    assert set(summary) == {"invariant", "invariant_gain", "standard", *batch_invariance.TORCH}
     for entry in summary.values():
         assert set(entry["best"]) == set(entry["transfer"]) == set(entry["grid"]) == {"8", "32"}
         for b, best in entry["best"].items():
@@ -67,6 +67,26 @@ def test_tune_writes_the_best_lr_the_transfer_and_the_lr_plot(tmp_path, capsys):
             assert entry["transfer"][b] >= 1
         assert entry["transfer"]["32"] == 1  # the reference transfers to itself
     assert "transfer" in capsys.readouterr().out
+
+
+def test_the_torch_baselines_follow_their_published_rules():
+    """From B = 32 to 128 (κ = 4): Malladi et al.'s rule scales lr by 2, 1 − β by 4 and ε by
+    1/2; the half-life rule raises β to the 4th; every rule is torch_sqrt's at B = 32."""
+    args = batch_invariance.parse(["--grad-horizon", "320", "--sq-horizon", "3200"])
+    param = [torch.nn.Parameter(torch.zeros(1))]
+
+    def made(name, batch):
+        return batch_invariance.make_optimizer(name, param, batch, 1e-4, args).defaults
+
+    at_32 = made("torch_sqrt", 32)
+    assert at_32["betas"] == pytest.approx((0.9, 0.99)) and at_32["lr"] == pytest.approx(32e-4)
+    for name in ("torch_sde", "torch_halflife"):
+        assert made(name, 32)["betas"] == pytest.approx(at_32["betas"])
+        assert made(name, 32)["eps"] == pytest.approx(at_32["eps"])
+    sde, halflife = made("torch_sde", 128), made("torch_halflife", 128)
+    assert sde["lr"] == pytest.approx(64e-4) == halflife["lr"]
+    assert sde["betas"] == pytest.approx((0.6, 0.96)) and sde["eps"] == pytest.approx(0.5e-8)
+    assert halflife["betas"] == pytest.approx((0.9**4, 0.99**4)) and halflife["eps"] == 1e-8
 
 
 def test_jobs_run_the_same_runs_in_several_processes(tmp_path):
