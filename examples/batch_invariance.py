@@ -29,10 +29,14 @@ measured by ``pergrad.noise_scale`` in the invariant runs, the batch sizes marke
 
 ``--tune`` instead runs every optimizer at every learning rate of ``--lr-grid`` (per example;
 for the ``torch_*`` ones, the per-example lr at B = 32, scaled by their rule) and batch size,
-and writes ``tune.json`` (``{optimizer: {"best": {B: {"lr", "loss"}}, "transfer": {B: ratio},
-"grid": {B: {lr: loss}}}}``, loss = final held-out loss, transfer = the loss at B of the lr
-best at B = 32 over the best loss at B) and ``lr.png`` (loss against lr, one line per batch
-size, one panel per optimizer: for an invariant method the lines' minima line up).
+with ``--seeds`` runs per cell (3 by default, each with its own weights and order of
+examples), and writes ``tune.json`` (``{optimizer: {"best": {B: {"lr", "loss", "loss_std"}},
+"transfer": {B: ratio}, "transfer_std": {B: std}, "grid": {B: {lr: loss}}, "grid_std": {B:
+{lr: std}}}}``, loss = final held-out loss averaged over seeds, std = its sample standard
+deviation, transfer = the loss at B of the lr best at B = 32 over the best loss at B, taken
+per seed and averaged) and ``lr.png`` (loss against lr, one line per batch size with a band
+of ± one standard deviation, one panel per optimizer: for an invariant method the lines'
+minima line up).
 """
 
 from __future__ import annotations
@@ -115,11 +119,13 @@ def test_figures(model: nn.Module, task: Task) -> tuple[float, float]:
     return (loss if math.isfinite(loss) else math.inf), accuracy
 
 
-def train(task: Task, name: str, batch: int, order: Tensor, args, progress, lr=None) -> dict:
-    """One run: returns the loss curve ``[(examples seen, train loss)]``, the critical batch
-    size measured along the way ``[(examples seen, B_noise)]`` (pergrad's optimizers, B ≥ 2),
-    and final figures."""
-    torch.manual_seed(args.seed)
+def train(
+    task: Task, name: str, batch: int, order: Tensor, args, progress, lr=None, seed=None
+) -> dict:
+    """One run, its weights drawn under ``seed`` (``--seed`` by default): returns the loss
+    curve ``[(examples seen, train loss)]``, the critical batch size measured along the way
+    ``[(examples seen, B_noise)]`` (pergrad's optimizers, B ≥ 2), and final figures."""
+    torch.manual_seed(args.seed if seed is None else seed)
     model = task.make_model()
     opt = make_optimizer(name, model.parameters(), batch, args.lr if lr is None else lr, args)
     engine = pergrad.PerExample(model, task.loss_fn)
@@ -163,17 +169,26 @@ def run(task: Task, args) -> dict:
     the runs go to ``N`` processes, each with ``1/N`` of the threads."""
     from tqdm.auto import tqdm
 
-    order = example_order(len(task.train[1]), args.examples, args.seed)
     rates = args.lr_grid if args.tune else [None]
-    cells = [(n, b, lr) for n in args.optimizers for b in args.batch_sizes for lr in rates]
+    seeds = _seeds(args)
+    cells = [
+        (n, b, lr, seed)
+        for n in args.optimizers
+        for b in args.batch_sizes
+        for lr in rates
+        for seed in seeds
+    ]
     results: dict = {}
-    bar = tqdm(total=len(cells) * len(order), unit="ex", disable=not args.progress, smoothing=0)
+    total = len(cells) * args.examples
+    bar = tqdm(total=total, unit="ex", disable=not args.progress, smoothing=0)
     with bar:
         if args.jobs == 1:
-            for name, batch, lr in cells:
+            for name, batch, lr, seed in cells:
+                order = example_order(len(task.train[1]), args.examples, seed)
                 bar.set_description(f"{name} B={batch}" + (f" lr={lr:g}" if lr else ""))
-                _store(results, name, batch, lr, train(task, name, batch, order, args, bar, lr))
-            return results
+                done = train(task, name, batch, order, args, bar, lr, seed)
+                _store(results, name, batch, lr, seed, done)
+            return {name: _in_order(results[name], args) for name in args.optimizers}
         bar.set_description(f"{len(cells)} runs in {args.jobs} processes")
         threads = max(1, torch.get_num_threads() // args.jobs)
         context = multiprocessing.get_context("spawn")  # fork is unsafe once torch has threads
@@ -181,16 +196,22 @@ def run(task: Task, args) -> dict:
             futures = {pool.submit(_train_in_worker, args, threads, *cell): cell for cell in cells}
             for future in as_completed(futures):
                 _store(results, *futures[future], future.result())
-                bar.update(len(order))
+                bar.update(args.examples)
     return {name: _in_order(results[name], args) for name in args.optimizers}
 
 
-def _train_in_worker(args, threads: int, name: str, batch: int, lr: float | None) -> dict:
+def _train_in_worker(args, threads: int, name: str, batch: int, lr, seed: int) -> dict:
     """One run of :func:`run` in a process of its own, with ``threads`` threads."""
     torch.set_num_threads(threads)
     task = _task(args.data, args.seed)
-    order = example_order(len(task.train[1]), args.examples, args.seed)
-    return train(task, name, batch, order, args, _NoProgress(), lr)
+    order = example_order(len(task.train[1]), args.examples, seed)
+    return train(task, name, batch, order, args, _NoProgress(), lr, seed)
+
+
+def _seeds(args) -> list[int]:
+    """The seeds of a cell's runs: each draws its own weights and order of examples (the
+    split stays ``--seed``'s)."""
+    return [args.seed + k for k in range(args.seeds)]
 
 
 @functools.cache
@@ -204,38 +225,82 @@ class _NoProgress:
         pass
 
 
-def _store(results: dict, name: str, batch: int, lr: float | None, done: dict) -> None:
+def _store(results: dict, name: str, batch: int, lr: float | None, seed: int, done) -> None:
     runs = results.setdefault(name, {})
     if lr is None:
         runs[batch] = done
     else:
-        runs.setdefault(batch, {})[lr] = done
+        runs.setdefault(batch, {}).setdefault(lr, {})[seed] = done
 
 
 def _in_order(runs: dict, args) -> dict:
-    """Runs that finished in any order, keyed in the order of the command line."""
+    """Runs that finished in any order, keyed in the order of the command line (with
+    ``--tune``, ``{B: {lr: [run per seed]}}``)."""
     ordered = {b: runs[b] for b in args.batch_sizes}
     if args.tune:
-        ordered = {b: {lr: r[lr] for lr in args.lr_grid} for b, r in ordered.items()}
+        seeds = _seeds(args)
+        ordered = {
+            b: {lr: [r[lr][seed] for seed in seeds] for lr in args.lr_grid}
+            for b, r in ordered.items()
+        }
     return ordered
 
 
 def tune_summary(results: dict) -> dict:
-    """The shape of tune.json: per optimizer and B, the best lr and its held-out loss, the
-    transfer of the lr best at the reference batch size, and the whole grid."""
+    """The shape of tune.json: per optimizer and B, the lr best on average over the seeds, its
+    mean held-out loss and the standard deviation over seeds; the transfer of the lr best at
+    the reference batch size, taken per seed (its own best lr at the reference), averaged,
+    with its standard deviation; and the whole grid of mean losses."""
     summary = {}
     for name, by_batch in results.items():
-        grid = {b: {lr: r["test_loss"] for lr, r in runs.items()} for b, runs in by_batch.items()}
-        best = {b: min(losses.items(), key=lambda item: item[1]) for b, losses in grid.items()}
-        reference_lr = best[REFERENCE_BATCH][0]
+        losses = {
+            b: {lr: [r["test_loss"] for r in runs] for lr, runs in grid.items()}
+            for b, grid in by_batch.items()
+        }
+        mean = {b: {lr: _mean(v) for lr, v in g.items()} for b, g in losses.items()}
+        best = {b: min(g.items(), key=lambda item: item[1])[0] for b, g in mean.items()}
+        seeds = len(next(iter(losses[REFERENCE_BATCH].values())))
+        transfers = {b: [] for b in losses}
+        for k in range(seeds):
+            at_reference = losses[REFERENCE_BATCH]
+            reference_lr = min(at_reference, key=lambda lr: at_reference[lr][k])
+            for b, g in losses.items():
+                best_k = min(v[k] for v in g.values())
+                transfers[b].append(g[reference_lr][k] / best_k)
         summary[name] = {
-            "best": {str(b): {"lr": lr, "loss": _finite(loss)} for b, (lr, loss) in best.items()},
-            "transfer": {str(b): _finite(grid[b][reference_lr] / best[b][1]) for b in grid},
+            "best": {
+                str(b): {
+                    "lr": lr,
+                    "loss": _finite(mean[b][lr]),
+                    "loss_std": _finite(_std(losses[b][lr])),
+                }
+                for b, lr in best.items()
+            },
+            "transfer": {str(b): _finite(_mean(t)) for b, t in transfers.items()},
+            "transfer_std": {str(b): _finite(_std(t)) for b, t in transfers.items()},
             "grid": {
-                str(b): {f"{lr:g}": _finite(v) for lr, v in g.items()} for b, g in grid.items()
+                str(b): {f"{lr:g}": _finite(v) for lr, v in g.items()} for b, g in mean.items()
+            },
+            "grid_std": {
+                str(b): {f"{lr:g}": _finite(_std(v)) for lr, v in g.items()}
+                for b, g in losses.items()
             },
         }
     return summary
+
+
+def _mean(values: list[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+def _std(values: list[float]) -> float:
+    """The sample standard deviation (0 for one value; infinite where a run diverged)."""
+    if len(values) < 2:
+        return 0.0
+    if not all(map(math.isfinite, values)):
+        return math.inf
+    mean = _mean(values)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def _finite(value: float) -> float | None:
@@ -246,24 +311,30 @@ def _finite(value: float) -> float | None:
 def tune_table(summary: dict, batch_sizes: Sequence[int]) -> str:
     """Best held-out loss (its lr) per optimizer and B, and the transfer of the lr best at
     the reference batch size."""
-    header = f"{'optimizer':<15}" + "".join(f"{'B=' + str(b):>22}" for b in batch_sizes)
+    header = f"{'optimizer':<15}" + "".join(f"{'B=' + str(b):>29}" for b in batch_sizes)
     lines = [header, "-" * len(header)]
     for name, entry in summary.items():
         best = [entry["best"][str(b)] for b in batch_sizes]
         cells = "".join(
-            f"{_cell(r['loss'])} ({r['lr']:.0e}) / {_ratio(entry['transfer'][str(b)])}"
+            f"{_cell(r['loss'])}±{_spread(r['loss_std'])} ({r['lr']:.0e}) / "
+            f"{_ratio(entry['transfer'][str(b)])}"
             for r, b in zip(best, batch_sizes)
         )
         lines.append(f"{name:<15}{cells}")
     lines.append(
-        f"cells: best held-out loss (its lr) / transfer: loss at the lr best at "
-        f"B={REFERENCE_BATCH}, over the best loss at B (1 = the lr carries over)"
+        f"cells: best held-out loss ± its standard deviation over seeds (its lr) / transfer: "
+        f"loss at the lr best at B={REFERENCE_BATCH}, over the best loss at B (1 = the lr "
+        f"carries over), each seed's, averaged"
     )
     return "\n".join(lines)
 
 
 def _cell(loss: float | None) -> str:
     return f"{loss:>8.3g}" if loss is not None else f"{'diverged':>8}"
+
+
+def _spread(std: float | None) -> str:
+    return f"{std:<6.2g}" if std is not None else f"{'inf':<6}"
 
 
 def _ratio(ratio: float | None) -> str:
@@ -374,6 +445,17 @@ def plot_lr(summary: dict, path: Path, title: str) -> None:
             )
             lrs, values = zip(*points)
             ax.plot(lrs, values, marker="o", markersize=3, color=f"C{i}", label=f"B={batch}")
+            spread = summary[name].get("grid_std", {}).get(batch, {})
+            band = sorted(
+                (float(lr), losses[lr], spread[lr])
+                for lr in losses
+                if losses[lr] is not None and spread.get(lr) is not None
+            )
+            if band:  # ± one standard deviation over seeds
+                x, mean, std = zip(*band)
+                low = [max(m - d, 1e-12) for m, d in zip(mean, std)]
+                high = [min(m + d, top) for m, d in zip(mean, std)]
+                ax.fill_between(x, low, high, color=f"C{i}", alpha=0.15, linewidth=0)
             off = [(lr, v) for lr, v in points if v >= top]
             if off:
                 ax.plot(*zip(*off), "x", color=f"C{i}", markersize=7)
@@ -453,6 +535,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--points", type=int, default=60, help="points on each loss curve")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, split and order")
     parser.add_argument(
+        "--seeds",
+        type=int,
+        help="--tune: runs per cell, each with its own weights and order of examples (seeds "
+        "--seed, --seed + 1, ...); tables show mean ± standard deviation [default: 3]",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="folder for the plots and the JSON [default: runs/batch_invariance/DATA]",
@@ -475,6 +563,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.seeds is not None and (args.seeds < 1 or not args.tune):
+        parser.error(f"--seeds takes a number >= 1, with --tune; got {args.seeds}")
+    args.seeds = args.seeds or (3 if args.tune else 1)
     quick, full = ([8, 32, 128], 12_000), ([8, 32, 128, 512], 60_000)
     batch_sizes, examples = quick if args.quick else full
     args.out = args.out or Path("runs/batch_invariance") / args.data

@@ -53,7 +53,7 @@ def test_batch_invariance_writes_table_png_and_json(
 
 
 def test_tune_writes_the_best_lr_the_transfer_and_the_lr_plot(tmp_path, capsys):
-    argv = ["--tune", "--quick", "--batch-sizes", "8", "32", "--examples", "600"]
+    argv = ["--tune", "--quick", "--batch-sizes", "8", "32", "--examples", "600", "--seeds", "1"]
     argv += ["--lr-grid", "3e-4", "3e-3", "--points", "3", "--no-progress", "--out", str(tmp_path)]
     summary = batch_invariance.main(argv)
     assert json.loads((tmp_path / "tune.json").read_text()) == summary
@@ -66,7 +66,32 @@ def test_tune_writes_the_best_lr_the_transfer_and_the_lr_plot(tmp_path, capsys):
             assert best["loss"] == min(v for v in entry["grid"][b].values() if v is not None)
             assert entry["transfer"][b] >= 1
         assert entry["transfer"]["32"] == 1  # the reference transfers to itself
+        assert entry["transfer_std"] == {"8": 0.0, "32": 0.0}  # one seed
     assert "transfer" in capsys.readouterr().out
+
+
+def test_tune_averages_over_seeds_and_says_how_far_they_spread(tmp_path):
+    """Each seed draws its own weights and order; a cell is their mean and sample standard
+    deviation, and transfer is each seed's, averaged."""
+    argv = ["--tune", "--quick", "--batch-sizes", "8", "32", "--examples", "300", "--seeds", "2"]
+    argv += ["--lr-grid", "3e-4", "3e-3", "--points", "2", "--no-progress", "--out", str(tmp_path)]
+    summary = batch_invariance.main(argv)
+    runs = batch_invariance.run(batch_invariance._task("digits", 0), batch_invariance.parse(argv))
+    for name, entry in summary.items():
+        for b, cells in runs[name].items():
+            for lr, per_seed in cells.items():
+                losses = [r["test_loss"] for r in per_seed]
+                assert len(losses) == 2 and losses[0] != losses[1]  # seeds differ
+                assert entry["grid"][str(b)][f"{lr:g}"] == pytest.approx(sum(losses) / 2)
+                spread = abs(losses[0] - losses[1]) / 2**0.5  # the sample std of two
+                assert entry["grid_std"][str(b)][f"{lr:g}"] == pytest.approx(spread)
+        assert entry["transfer_std"]["32"] == 0.0 and entry["transfer"]["32"] == 1
+    assert (tmp_path / "lr.png").stat().st_size > 10_000
+
+
+def test_seeds_need_tune():
+    with pytest.raises(SystemExit):
+        batch_invariance.parse(["--seeds", "2"])
 
 
 def test_the_torch_baselines_follow_their_published_rules():
@@ -91,7 +116,7 @@ def test_the_torch_baselines_follow_their_published_rules():
 
 def test_jobs_run_the_same_runs_in_several_processes(tmp_path):
     argv = ["--tune", "--quick", "--batch-sizes", "8", "32", "--examples", "200", "--no-progress"]
-    argv += ["--lr-grid", "3e-4", "3e-3", "--points", "2"]
+    argv += ["--lr-grid", "3e-4", "3e-3", "--points", "2", "--seeds", "1"]
     alone = batch_invariance.main([*argv, "--out", str(tmp_path / "1")])
     shared = batch_invariance.main([*argv, "--out", str(tmp_path / "2"), "--jobs", "2"])
     assert list(shared) == list(alone)
