@@ -409,7 +409,7 @@ BAD: dict[str, Bad] = {
     "second_moment='mean'": Bad(
         adam(second_moment="mean"), ValueError, "Invalid second_moment.*'example', 'batch'"
     ),
-    "batch_scaling='sqrt'": Bad(adam(batch_scaling="sqrt"), ValueError, "Invalid batch_scaling"),
+    "batch_scaling='cube'": Bad(adam(batch_scaling="cube"), ValueError, "Invalid batch_scaling"),
     "a parameter group's lr": Bad(
         lambda w: optim.Adam([{"params": w.model.parameters(), "lr": -2.0}], lr=0.1),
         ValueError,
