@@ -166,6 +166,19 @@ def _one_rank_raises(rank: int) -> str:
     return "nothing raised"
 
 
+def _micro_batches(process_group=None, rank: int | None = None) -> list[torch.Tensor]:
+    """``MicroBatches(size=2)`` statistics of the first batch, on a BatchNorm network: the
+    whole batch here, or, with a group, this rank's half (the same micro-batches)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 3))
+    model = model.double()
+    x, y = _batches()
+    half = slice(None) if rank is None else slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+    micro = pergrad.MicroBatches(model, CROSS_ENTROPY, size=2, process_group=process_group)
+    micro.backward(x[0][half], y[0][half])
+    return [t for p in model.parameters() for t in (p.grad, p.grad_stats.sq_mean)]
+
+
 def _worker(rank: int, port: int, out: Path) -> None:
     dist.init_process_group(
         "gloo",
@@ -186,6 +199,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
             results[f"{name_} {name}"] = _train(
                 None, slice(0, first) if rank == 0 else slice(first, None), ddp
             )
+    results["micro-batches"] = _micro_batches(dist.group.WORLD, rank)
     results["fsdp checkpoint"] = _fsdp_checkpoint(rank, out)
     results["one rank raises"] = _one_rank_raises(rank)
     subgroup = dist.new_group([0])  # every rank takes part in making it and the wrapper
@@ -221,6 +235,13 @@ def two_ranks(tmp_path_factory) -> list[dict]:
             process.kill()
         pytest.fail("the two gloo workers did not finish within two minutes")
     return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
+def test_micro_batches_on_two_ranks_are_those_of_the_whole_batch(two_ranks):
+    alone = _micro_batches()
+    for rank in two_ranks:
+        for p, q in zip(rank["micro-batches"], alone):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("split", sorted(SPLITS))
