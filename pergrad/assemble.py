@@ -50,10 +50,11 @@ class LayerwiseResult:
         losses: Tensor,
         uncovered: dict[str, str],
         warned: set[tuple[str, str]],
+        crossed: bool,
     ):
         self.quantity = quantity
         self.losses = losses
-        self.crossed = False
+        self.crossed = crossed
         self.uncovered = uncovered
         self.sources: dict[str, str] = {}
         self._params, self._records, self._warned = params, records, warned

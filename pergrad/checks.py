@@ -169,6 +169,14 @@ def per_example_loss(loss: object, batch_size: int, whole_batch: int | None = No
     return loss
 
 
+def model_and_loss(model: object, loss_fn: object) -> None:
+    """Raise ``TypeError`` unless ``model`` is an ``nn.Module`` and ``loss_fn`` callable."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+
+
 def finite(grads: dict[str, Tensor], what: str) -> None:
     """Raise if any gradient statistic is NaN or infinite.
 

@@ -83,10 +83,7 @@ class PerExample:
         max_example_norm: float | None = None,
         verify: bool | None = None,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        checks.model_and_loss(model, loss_fn)
         if mode != "auto" and mode not in MODES:
             raise ValueError(f"Invalid mode: {mode!r}; choose 'auto' or one of {sorted(MODES)}")
         if chunk_size is not None and (

@@ -209,11 +209,15 @@ class _Forward:
         uncovered = assemble.uncovered(
             self.params, self.records, others, owners, self.untraced, self.uses.unseen
         )
-        result = LayerwiseResult(
-            self.params, self.records, self.quantity, losses.detach(), uncovered, self.owner.warned
+        return LayerwiseResult(
+            self.params,
+            self.records,
+            self.quantity,
+            losses.detach(),
+            uncovered,
+            self.owner.warned,
+            self.crossed,
         )
-        result.crossed = self.crossed
-        return result
 
     def _forward(self, inputs: batch.Inputs, target: Tensor) -> tuple[Tensor, object]:
         """The model and the loss under :attr:`tracker`, each input's row ``b`` example ``b``."""

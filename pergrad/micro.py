@@ -54,10 +54,7 @@ class MicroBatches:
         size: int,
         process_group: object | None = None,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        checks.model_and_loss(model, loss_fn)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"Invalid size: {size!r}; pass the examples per micro-batch, >= 1")
         if process_group is not None:
