@@ -13,7 +13,11 @@ Optimizers compared (keys of summary.json):
 - ``invariant``: ``optim.Adam(second_moment="example")``, per-example hyperparameters;
 - ``invariant_gain``: the same with ``batch_scaling="gain"``: the step uses the gain ratio, the
   number of single-example steps the batch is worth, in place of ``B``;
+- ``invariant_32``: ``optim.Adam(second_moment_batch=32)``: at every B, an unbiased estimate
+  of the second moment Adam has at B = 32 (``|G|² + σ²/32``), built from per-example statistics;
 - ``standard``: ``optim.Adam(second_moment="batch")``: the same, fed ``ĝ²`` (linear lr scaling);
+- ``standard_sqrt``: the same with ``batch_scaling="sqrt"``: Malladi et al.'s square-root rule in
+  per-example units, matched to ``standard`` at B = 32;
 - ``torch_sqrt``: ``torch.optim.Adam`` matched at B = 32, lr scaled by ``√(B/32)`` (common
   practice); with ``--tune`` also ``torch_linear``: the same, scaled by ``B/32``;
   ``torch_sde``: Malladi et al.'s square-root rule from B = 32, ``κ = B/32``: lr by ``√κ``,
@@ -42,6 +46,7 @@ minima line up).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -62,7 +67,8 @@ REFERENCE_BATCH = 32
 """The batch size at which ``torch_sqrt`` matches the per-example hyperparameters."""
 
 TORCH = ("torch_sqrt", "torch_linear", "torch_sde", "torch_halflife")
-OPTIMIZERS = ("invariant", "invariant_gain", "standard", *TORCH, "sgd")
+OURS = ("invariant", "invariant_gain", "invariant_32", "standard", "standard_sqrt")
+OPTIMIZERS = (*OURS, *TORCH, "sgd")
 EPS = 1e-8
 """``torch.optim.Adam``'s ``ε`` at B = 32 (its default, and ``optim.Adam``'s)."""
 
@@ -83,8 +89,14 @@ def make_optimizer(name: str, params, batch: int, lr: float, args) -> torch.opti
     if name == "invariant_gain":
         gain = {"batch_scaling": "gain", "gain_horizon": args.gain_horizon}
         return optim.Adam(params, lr=lr, **gain, **horizons)
+    if name == "invariant_32":
+        return optim.Adam(params, lr=lr, second_moment_batch=REFERENCE_BATCH, **horizons)
     if name == "standard":
         return optim.Adam(params, lr=lr, second_moment="batch", **horizons)
+    if name == "standard_sqrt":  # √B·lr·…, ε/√B: at B = 32, standard's lr and ε
+        root = math.sqrt(REFERENCE_BATCH)
+        sqrt = {"batch_scaling": "sqrt", "eps": EPS * root}
+        return optim.Adam(params, lr=lr * root, second_moment="batch", **sqrt, **horizons)
     if name in TORCH:
         matched = optim.convert.to_torch_adam(lr, **horizons, batch_size=REFERENCE_BATCH)
         kappa = batch / REFERENCE_BATCH
@@ -103,20 +115,33 @@ def make_optimizer(name: str, params, batch: int, lr: float, args) -> torch.opti
 
 @torch.no_grad()
 def train_loss(model: nn.Module, task: Task) -> float:
-    """Mean loss over the training set (its first ``task.curve_examples`` examples)."""
+    """Mean loss over the training set (its first ``task.curve_examples`` examples), the
+    model in eval mode (BatchNorm: its running statistics)."""
     x, y = (part[: task.curve_examples] for part in task.train)
-    return task.loss_fn(model(x), y).mean().item()
+    with evaluating(model):
+        return task.loss_fn(model(x), y).mean().item()
 
 
 @torch.no_grad()
 def test_figures(model: nn.Module, task: Task) -> tuple[float, float]:
     """Mean held-out loss, and the fraction of the test set's labels (digits, or next
-    characters) predicted correctly."""
+    characters) predicted correctly, the model in eval mode."""
     x, y = task.test
-    output = model(x)
+    with evaluating(model):
+        output = model(x)
     accuracy = (output.argmax(-1) == y).float().mean().item()
     loss = task.loss_fn(output, y).mean().item()
     return (loss if math.isfinite(loss) else math.inf), accuracy
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """``model.eval()`` inside, ``model.train()`` after."""
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
 
 
 def train(
@@ -128,7 +153,10 @@ def train(
     torch.manual_seed(args.seed if seed is None else seed)
     model = task.make_model()
     opt = make_optimizer(name, model.parameters(), batch, args.lr if lr is None else lr, args)
-    engine = pergrad.PerExample(model, task.loss_fn)
+    if task.micro_batch:  # every optimizer's gradients from micro-batches, as accumulation
+        engine = pergrad.MicroBatches(model, task.loss_fn, size=task.micro_batch)
+    else:
+        engine = pergrad.PerExample(model, task.loss_fn)
     x, y = task.train
     curve, noise = [(0, train_loss(model, task))], []
     every = max(batch, len(order) // args.points)
@@ -136,11 +164,11 @@ def train(
     for start in range(0, len(order), batch):
         index = order[start : start + batch]
         opt.zero_grad()
-        if name in TORCH:
+        if name in TORCH and not task.micro_batch:
             task.loss_fn(model(x[index]), y[index]).mean().backward()
         else:
             engine.backward(x[index], y[index])
-            if len(index) > 1:
+            if name not in TORCH and len(index) > 1:
                 scale = pergrad.noise_scale(model.parameters())
                 window = [window[0] + scale.noise, window[1] + scale.signal]
         opt.step()
@@ -484,7 +512,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--data",
         choices=sorted(TASKS),
         default="digits",
-        help="digits: an MLP on 8×8 digit images; text: a causal transformer on Python's own "
+        help="digits: an MLP on 8×8 digit images; digits_bn: a CNN with BatchNorm on them, its "
+        "statistics from micro-batches of 4; text: a causal transformer on Python's own "
         "sources, one gradient per 32-character sequence",
     )
     parser.add_argument(
@@ -575,13 +604,14 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         [3e-4, 1e-3, 3e-3] if args.quick else [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
     )
     if args.tune:
-        args.optimizers = ["invariant", "invariant_gain", "standard", *TORCH]
+        args.optimizers = [*OURS, *TORCH]
         if REFERENCE_BATCH not in args.batch_sizes:
             parser.error(
                 f"--tune measures transfer from B={REFERENCE_BATCH}: include it in --batch-sizes"
             )
     else:
-        args.optimizers = ["invariant", "invariant_gain", "standard", "torch_sqrt"]
+        args.optimizers = ["invariant", "invariant_gain", "invariant_32", "standard"]
+        args.optimizers += ["torch_sqrt", "torch_sde"]
         args.optimizers += ["sgd"] if args.sgd else []
     return args
 

@@ -1,6 +1,9 @@
 """The data sets and models that ``batch_invariance.py`` trains; nothing is downloaded.
 
 - ``digits``: scikit-learn's bundled 8×8 digits and a 64-128-10 MLP; one example is one image.
+- ``digits_bn``: the same images and a small CNN with ``BatchNorm2d``, whose statistics come
+  from micro-batches of 4 (``pergrad.MicroBatches``): per-example gradients of a network in
+  training-mode BatchNorm are not defined.
 - ``text``: Python's own standard-library sources, next-character prediction with a small
   causal transformer (``Embedding`` + ``TransformerEncoderLayer`` + ``Linear``); one example is
   one sequence, whose loss is the mean over its characters.
@@ -29,7 +32,8 @@ class Task:
 
     ``loss_fn`` returns one loss per example. The train-loss curve averages over the first
     ``curve_examples`` training examples (all of them when ``None``); the training set is
-    shuffled, so these are a fixed random sample.
+    shuffled, so these are a fixed random sample. ``micro_batch``: train from micro-batches of
+    this many examples (``pergrad.MicroBatches``) instead of per-example gradients.
     """
 
     make_model: Callable[[], nn.Module]
@@ -37,6 +41,7 @@ class Task:
     test: tuple[Tensor, Tensor]
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     curve_examples: int | None = None
+    micro_batch: int | None = None
 
 
 def digits_task(seed: int) -> Task:
@@ -57,6 +62,33 @@ def digits_task(seed: int) -> Task:
         test=(to_x(x_test), to_y(y_test)),
         loss_fn=nn.CrossEntropyLoss(reduction="none"),
     )
+
+
+class DigitsCNN(nn.Module):
+    """8×8 images → conv 3×3 (16) → BatchNorm → ReLU → conv 3×3 stride 2 (32) → BatchNorm →
+    ReLU → linear (10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x.view(-1, 1, 8, 8)).flatten(1))
+
+
+def digits_bn_task(seed: int) -> Task:
+    """The digits of :func:`digits_task` and a :class:`DigitsCNN`, trained from micro-batches
+    of 4 examples (BatchNorm normalizes over each)."""
+    digits = digits_task(seed)
+    return dataclasses.replace(digits, make_model=DigitsCNN, micro_batch=4)
 
 
 SEQUENCE_LENGTH = 32
@@ -118,4 +150,8 @@ def text_task(seed: int, sequences: int = 4800, curve_examples: int = 512) -> Ta
     )
 
 
-TASKS: dict[str, Callable[[int], Task]] = {"digits": digits_task, "text": text_task}
+TASKS: dict[str, Callable[[int], Task]] = {
+    "digits": digits_task,
+    "digits_bn": digits_bn_task,
+    "text": text_task,
+}

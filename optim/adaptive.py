@@ -16,6 +16,11 @@ class _Adaptive(PerExampleOptimizer):
     """What RMSprop and Adam share: ``s``, the running average of ``q = mean_b g_b²`` (or of
     ``ĝ²``), and the metric ``1 / (s'^power + ε)`` their gain ratio is measured in."""
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("second_moment_batch", 1)
+
     def _power(self, group: dict[str, Any]) -> float:
         return 0.5
 
@@ -25,8 +30,20 @@ class _Adaptive(PerExampleOptimizer):
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # s
 
     def _second(self, p: Tensor, stats: pergrad.GradStats, group: dict[str, Any]) -> Tensor:
-        """``q = mean_b g_b²``, or ``ĝ²`` for the standard second moment."""
-        return stats.sq_mean if group["second_moment"] == "example" else p.grad.square()
+        """``q = mean_b g_b²``, or ``ĝ²`` for the standard second moment, or, with
+        ``second_moment_batch = N ≠ 1``, the unbiased estimate of ``E[ĝ²]`` at batch size
+        ``N``: ``ĝ² + (B/N − 1)/(B − 1)·(q − ĝ²)``, for ``B < N`` at least ``q/N``
+        (MATH.md)."""
+        if group["second_moment"] == "batch":
+            return p.grad.square()
+        size = group["second_moment_batch"]
+        if size == 1:
+            return stats.sq_mean
+        batch = stats.count
+        mean_square = p.grad.square()
+        weight = (batch / size - 1) / (batch - 1)
+        estimate = mean_square.add_(stats.sq_mean - mean_square, alpha=weight)
+        return estimate if batch >= size else torch.maximum(estimate, stats.sq_mean / size)
 
     def _metric(
         self, p: Tensor, stats: pergrad.GradStats, state: dict[str, Any], group: dict[str, Any]
@@ -85,6 +102,11 @@ class RMSprop(_Adaptive):
         grad_horizon: ``N_g⁰``, the examples the momentum average spans (1: no momentum).
         centered: use ``s − a²``, ``a`` the running average of ``ĝ`` with weight ``w_s``.
         second_moment: ``"example"`` (invariant) or ``"batch"`` (standard).
+        second_moment_batch: ``N``, with ``second_moment="example"``: ``s`` averages
+            ``E[ĝ²]`` at batch size ``N``, ``|G|² + σ²/N``, estimated without bias from each
+            step's per-example statistics whatever its ``B`` (``B ≥ 2``). ``1`` is
+            ``q = mean_b g_b²``; ``N = 32`` gives at every ``B`` the denominator Adam has at
+            ``B = 32``, mean-dominated where the noise is large.
         weight_decay: ``λ``, decoupled, per example: ``Φ −= B·lr·λ·Φ`` first.
         power: the denominator is ``s^power + ε``; ``½`` is RMSProp, ``1`` the dimensionally
             consistent choice the slides discuss. A research knob.
@@ -122,6 +144,7 @@ class RMSprop(_Adaptive):
         grad_horizon: float = 1,
         centered: bool = False,
         second_moment: str = "example",
+        second_moment_batch: float = 1,
         weight_decay: float = 0.0,
         power: float = 0.5,
         batch_scaling: str = "linear",
@@ -137,6 +160,7 @@ class RMSprop(_Adaptive):
             "grad_horizon": grad_horizon,
             "centered": centered,
             "second_moment": second_moment,
+            "second_moment_batch": second_moment_batch,
             "weight_decay": weight_decay,
             "power": power,
             "batch_scaling": batch_scaling,
@@ -200,6 +224,11 @@ class Adam(_Adaptive):
         sq_horizon: ``N_s⁰``, the examples the second-moment average spans.
         eps: ``ε``, added to ``√s``.
         second_moment: ``"example"`` (invariant) or ``"batch"`` (standard).
+        second_moment_batch: ``N``, with ``second_moment="example"``: ``s`` averages
+            ``E[ĝ²]`` at batch size ``N``, ``|G|² + σ²/N``, estimated without bias from each
+            step's per-example statistics whatever its ``B`` (``B ≥ 2``). ``1`` is
+            ``q = mean_b g_b²``; ``N = 32`` gives at every ``B`` the denominator Adam has at
+            ``B = 32``, mean-dominated where the noise is large.
         weight_decay: ``λ``, decoupled as in AdamW, per example: ``Φ −= B·lr·λ·Φ`` first.
         batch_scaling: ``"linear"``: a step moves by ``B·lr·…``; ``"gain"``: by ``r·lr·…``,
             ``r = B(σ² + |G|²)/(σ² + B|G|²)`` the gain ratio, estimated from the per-example
@@ -237,6 +266,7 @@ class Adam(_Adaptive):
         sq_horizon: float = 32_000,
         eps: float = 1e-8,
         second_moment: str = "example",
+        second_moment_batch: float = 1,
         weight_decay: float = 0.0,
         batch_scaling: str = "linear",
         gain_horizon: float = 1000,
@@ -250,6 +280,7 @@ class Adam(_Adaptive):
             "sq_horizon": sq_horizon,
             "eps": eps,
             "second_moment": second_moment,
+            "second_moment_batch": second_moment_batch,
             "weight_decay": weight_decay,
             "batch_scaling": batch_scaling,
             "gain_horizon": gain_horizon,

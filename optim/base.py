@@ -43,7 +43,7 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         """As ``torch.optim``'s, and the group's state is made at once (zeros), so that a
         fresh optimizer has the state a checkpoint loads into (``torch.distributed.checkpoint``
         loads in place)."""
-        _validate(param_group)
+        _validate({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for p in group["params"]:
@@ -71,7 +71,7 @@ class PerExampleOptimizer(torch.optim.Optimizer):
             ValueError: naming the hyperparameters or state buffers that are missing or foreign.
         """
         kind = type(self).__name__
-        newer = {"batch_scaling", "gain_horizon", "foreach"}
+        newer = {"batch_scaling", "gain_horizon", "foreach", "second_moment_batch"}
         required = (set(self.defaults) & HYPERPARAMETERS) - newer  # not what others add
         own = set(self.defaults) | self._legacy_keys()
         for i, group in enumerate(state_dict.get("param_groups", [])):
@@ -190,6 +190,13 @@ class PerExampleOptimizer(torch.optim.Optimizer):
                     f"batch_scaling='gain' needs one batch size per parameter group; the "
                     f"statistics cover {sorted(counts)} examples. No parameter was changed."
                 )
+            if group.get("second_moment_batch", 1) != 1 and 1 in counts:
+                raise RuntimeError(
+                    f"second_moment_batch={group['second_moment_batch']!r} separates the mean "
+                    f"gradient from its spread, which one example cannot show: use batches "
+                    f"of at least 2 examples, or second_moment_batch=1. No parameter was "
+                    f"changed."
+                )
 
     def _gain(self, params: list[Tensor], group: dict[str, Any]) -> float:
         """The smoothed gain ratio ``r = B(σ² + |G|²) / (σ² + B|G|²)`` of the group (MATH.md),
@@ -264,6 +271,11 @@ _NUMBERS: dict[str, tuple[Callable[[float], bool], str, str]] = {
     "eps": (lambda v: 0 < v < math.inf, "epsilon value", "a finite number > 0"),
     "weight_decay": (lambda v: 0 <= v < math.inf, "weight_decay value", "a finite number >= 0"),
     "power": (lambda v: 0 < v < math.inf, "power", "a finite number > 0"),
+    "second_moment_batch": (
+        lambda v: v >= 1,
+        "second_moment_batch",
+        ">= 1 (examples; inf: the mean gradient's square alone)",
+    ),
 }
 _CHOICES: dict[str, tuple] = {
     "second_moment": SECOND_MOMENTS,
@@ -309,6 +321,12 @@ def _validate(options: dict[str, Any]) -> None:
             raise ValueError(
                 f"Invalid {key}: {options[key]!r}; choose one of {', '.join(map(repr, allowed))}"
             )
+    if options.get("second_moment_batch", 1) != 1 and options.get("second_moment") == "batch":
+        raise ValueError(
+            f"Invalid second_moment_batch: {options['second_moment_batch']!r} needs "
+            f"second_moment='example' (it is built from the per-example statistics); with "
+            f"second_moment='batch' leave it at 1"
+        )
 
 
 def refuse_torch_names(kind: str, extra: dict[str, Any]) -> None:

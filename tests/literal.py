@@ -24,6 +24,7 @@ def run(kind: str, phi: Tensor, stream: list[Tensor], **h) -> Tensor:
     eps, lam = h.get("eps", 1e-8), h.get("weight_decay", 0.0)
     power, centered = h.get("power", 0.5), h.get("centered", False)
     example = h.get("second_moment", "example") == "example"
+    N = h.get("second_moment_batch", 1)  # s averages E[ĝ²] at batch size N
     gain = h.get("batch_scaling", "linear") == "gain"
     sqrt = h.get("batch_scaling", "linear") == "sqrt"  # √B·lr, ε/√B
     n_r = h.get("gain_horizon", 1000)
@@ -37,6 +38,11 @@ def run(kind: str, phi: Tensor, stream: list[Tensor], **h) -> Tensor:
         g_hat = G.sum(0) / B
         q_example = (G * G).sum(0) / B
         q = q_example if example else g_hat * g_hat
+        if example and N != 1:
+            variance = (q_example - g_hat * g_hat) * B / (B - 1)  # unbiased σ²
+            q = g_hat * g_hat - variance / B + variance / N
+            if B < N:
+                q = torch.maximum(q, q_example / N)  # μ² + σ²/N ≥ (μ² + σ²)/N
         w_g = min(1, B / min(n, n_g))
         w_s = min(1, B / min(n, n_s))
         m = (1 - w_g) * m + w_g * g_hat

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import pergrad
+
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -16,17 +18,14 @@ import batch_invariance  # noqa: E402
 import tasks  # noqa: E402
 import wrap_your_model  # noqa: E402
 
+CURVES = {"invariant", "invariant_gain", "invariant_32", "standard", "torch_sqrt", "torch_sde"}
+
 
 @pytest.mark.parametrize(
     "data, batch_sizes, examples, optimizers",
     [
-        (
-            "digits",
-            ["4", "32"],
-            "1500",
-            {"invariant", "invariant_gain", "standard", "torch_sqrt", "sgd"},
-        ),
-        ("text", ["8", "128"], "2048", {"invariant", "invariant_gain", "standard", "torch_sqrt"}),
+        ("digits", ["4", "32"], "1500", {*CURVES, "sgd"}),
+        ("text", ["8", "128"], "2048", CURVES),
     ],
 )
 def test_batch_invariance_writes_table_png_and_json(
@@ -58,7 +57,7 @@ def test_tune_writes_the_best_lr_the_transfer_and_the_lr_plot(tmp_path, capsys):
     summary = batch_invariance.main(argv)
     assert json.loads((tmp_path / "tune.json").read_text()) == summary
     assert (tmp_path / "lr.png").stat().st_size > 10_000
-    assert set(summary) == {"invariant", "invariant_gain", "standard", *batch_invariance.TORCH}
+    assert set(summary) == {*batch_invariance.OURS, *batch_invariance.TORCH}
     for entry in summary.values():
         assert set(entry["best"]) == set(entry["transfer"]) == set(entry["grid"]) == {"8", "32"}
         for b, best in entry["best"].items():
@@ -112,6 +111,37 @@ def test_the_torch_baselines_follow_their_published_rules():
     assert sde["lr"] == pytest.approx(64e-4) == halflife["lr"]
     assert sde["betas"] == pytest.approx((0.6, 0.96)) and sde["eps"] == pytest.approx(0.5e-8)
     assert halflife["betas"] == pytest.approx((0.9**4, 0.99**4)) and halflife["eps"] == 1e-8
+
+
+def test_our_square_root_rule_steps_as_standard_at_the_reference_batch_size():
+    """``standard_sqrt`` is ``optim.Adam(batch_scaling="sqrt")`` with lr and ε converted so that
+    at B = 32 it takes ``standard``'s step; at B = 128 the step's lr is twice as large."""
+    args = batch_invariance.parse([])
+    per_example = torch.randn(32, 5, generator=torch.Generator().manual_seed(0))
+    steps = {}
+    for name in ("standard", "standard_sqrt"):
+        param = torch.nn.Parameter(torch.zeros(5))
+        opt = batch_invariance.make_optimizer(name, [param], 32, 1e-3, args)
+        pergrad.zero_grad([param])
+        param.grad = per_example.mean(0)
+        param.grad_stats = pergrad.GradStats(32, per_example.square().mean(0))
+        opt.step()
+        steps[name] = param.detach()
+    torch.testing.assert_close(steps["standard_sqrt"], steps["standard"])
+
+
+def test_digits_bn_trains_a_batchnorm_network_from_micro_batches(tmp_path):
+    """The BatchNorm CNN runs through pergrad.MicroBatches for every optimizer (per-example
+    gradients of training-mode BatchNorm are not defined) and learns."""
+    argv = ["--data", "digits_bn", "--batch-sizes", "8", "32", "--examples", "640"]
+    argv += ["--points", "2", "--no-progress", "--out", str(tmp_path)]
+    summary = batch_invariance.main(argv)
+    assert set(summary) == CURVES
+    for entry in summary.values():
+        for run in entry["runs"].values():
+            assert run["test_acc"] > 0.5  # ten classes: chance is 0.1
+    model = tasks.digits_bn_task(0).make_model()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
 
 def test_jobs_run_the_same_runs_in_several_processes(tmp_path):

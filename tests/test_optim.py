@@ -5,6 +5,8 @@ import io
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from literal import feed, run
 from zoo import CASES, CROSS_ENTROPY
 
@@ -30,6 +32,7 @@ OPTIONS = {
         {"lr": 0.01, "sq_horizon": 30, "centered": True, "batch_scaling": "gain"},
         {"lr": 0.01, "sq_horizon": 300, "batch_scaling": "gain", "gain_horizon": 20},
         {"lr": 0.01, "sq_horizon": 50, "second_moment": "batch", "batch_scaling": "sqrt"},
+        {"lr": 0.01, "sq_horizon": 30, "centered": True, "second_moment_batch": 4},
     ],
     "adam": [
         {"lr": 0.01},
@@ -49,12 +52,23 @@ OPTIONS = {
             "weight_decay": 0.1,
         },
         {"lr": 0.01, "sq_horizon": 100, "batch_scaling": "sqrt"},
+        {"lr": 0.01, "grad_horizon": 16, "sq_horizon": 100, "second_moment_batch": 32},
+        {"lr": 0.01, "sq_horizon": 50, "second_moment_batch": 3, "batch_scaling": "gain"},
+        {"lr": 0.01, "sq_horizon": 50, "second_moment_batch": float("inf"), "eps": 1e-2},
     ],
 }
 CASES_ = [(kind, options) for kind, all_options in OPTIONS.items() for options in all_options]
 
 
-def _stream(seed: int, sizes=(4, 4, 1, 7, 16, 3, 32, 5, 2, 64, 9)) -> list[torch.Tensor]:
+SIZES = (4, 4, 1, 7, 16, 3, 32, 5, 2, 64, 9)
+
+
+def _sizes(options: dict, sizes=SIZES) -> tuple[int, ...]:
+    """``sizes``, with 2 for 1 where ``second_moment_batch`` needs two examples a step."""
+    return tuple(max(b, 2) for b in sizes) if "second_moment_batch" in options else sizes
+
+
+def _stream(seed: int, sizes=SIZES) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     mean = torch.randn(5, generator=gen, dtype=torch.float64)
     return [mean + torch.randn(b, 5, generator=gen, dtype=torch.float64) for b in sizes]
@@ -62,7 +76,7 @@ def _stream(seed: int, sizes=(4, 4, 1, 7, 16, 3, 32, 5, 2, 64, 9)) -> list[torch
 
 @pytest.mark.parametrize(("kind", "options"), CASES_, ids=[f"{k}-{o}" for k, o in CASES_])
 def test_optimizer_follows_math_md_over_a_stream_of_varying_batch_sizes(kind, options):
-    stream = _stream(0)
+    stream = _stream(0, _sizes(options))
     phi = torch.randn(5, dtype=torch.float64)
     param = torch.nn.Parameter(phi.clone())
     opt = KINDS[kind]([param], **options)
@@ -119,7 +133,7 @@ def test_schedulers_act_on_lr():
 
 @pytest.mark.parametrize(("kind", "options"), CASES_, ids=[f"{k}-{o}" for k, o in CASES_])
 def test_state_dict_round_trip_continues_bit_for_bit(kind, options):
-    stream = _stream(4)
+    stream = _stream(4, _sizes(options))
     first = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
     second = torch.nn.Parameter(first.detach().clone())
     opt = KINDS[kind]([first], **options)
@@ -143,7 +157,7 @@ def test_state_dict_round_trip_continues_bit_for_bit(kind, options):
 def test_a_run_with_a_scheduler_resumes_bit_for_bit(kind, options):
     """A checkpoint of an optimizer and its scheduler, as trainers write them (groups carry
     the scheduler's initial_lr and keys torch adds), loads and continues the same run."""
-    stream = _stream(4)
+    stream = _stream(4, _sizes(options))
 
     def build(param):
         opt = KINDS[kind]([param], **options)
@@ -282,6 +296,7 @@ def test_a_state_saved_by_an_earlier_version_loads_with_the_new_defaults(kind):
     state = copy.deepcopy(opt.state_dict())  # not sharing the buffers opt keeps stepping
     for group in state["param_groups"]:  # what an optimizer saved before these options held
         del group["gain_horizon"], group["foreach"]
+        group.pop("second_moment_batch", None)
         if kind == "adam":
             group.update(centered=False, power=0.5)  # Adam's hidden keys of then
     second.data.copy_(first.detach())
@@ -289,6 +304,7 @@ def test_a_state_saved_by_an_earlier_version_loads_with_the_new_defaults(kind):
     resumed.load_state_dict(state)
     assert resumed.param_groups[0]["gain_horizon"] == 1000
     assert resumed.param_groups[0]["foreach"] is None
+    assert kind == "sgd" or resumed.param_groups[0]["second_moment_batch"] == 1
     assert kind != "adam" or "centered" not in resumed.param_groups[0]
     for per_example in stream[4:]:
         for param, optimizer in ((first, opt), (second, resumed)):
@@ -310,7 +326,7 @@ def test_foreach_steps_bit_for_bit_as_the_loop(kind, options):
         KINDS[kind](loop, **options, foreach=False),
         KINDS[kind](multi, **options, foreach=True),
     ]
-    for b in (4, 1, 7, 16, 3):
+    for b in _sizes(options, (4, 1, 7, 16, 3)):
         per_example = [
             torch.randn(b, *shape, generator=gen, dtype=torch.float64) for shape in shapes
         ]
@@ -320,3 +336,67 @@ def test_foreach_steps_bit_for_bit_as_the_loop(kind, options):
             optimizer.step()
         for a, b_ in zip(loop, multi):
             assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("kind", ["rmsprop", "adam"])
+def test_second_moment_batch_at_the_step_batch_size_is_the_standard_second_moment(kind):
+    """Where every step has ``B = N``, the estimate of ``E[ĝ²]`` at ``N`` is ``ĝ²`` itself."""
+    stream = _stream(8, sizes=(16,) * 6)
+    phi = torch.randn(5, dtype=torch.float64)
+    estimated, standard = (torch.nn.Parameter(phi.clone()) for _ in range(2))
+    optimizers = [
+        KINDS[kind]([estimated], lr=0.01, sq_horizon=50, second_moment_batch=16),
+        KINDS[kind]([standard], lr=0.01, sq_horizon=50, second_moment="batch"),
+    ]
+    for per_example in stream:
+        for param, optimizer in zip((estimated, standard), optimizers):
+            feed(param, per_example)
+            optimizer.step()
+    torch.testing.assert_close(estimated.detach(), standard.detach(), rtol=1e-12, atol=1e-14)
+
+
+@given(
+    size=st.sampled_from([1.0, 4.0, 32.0, float("inf")]),
+    batch=st.integers(2, 40),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=25, deadline=None)
+def test_second_moment_batch_estimates_the_mean_square_at_that_batch_size(size, batch, seed):
+    """Over many draws of ``B`` per-example gradients of known mean ``μ`` and variance ``σ²``,
+    the one-step second moment averages to ``μ² + σ²/N`` (no clamp is active: ``N ≤ B`` or
+    ``μ² ≫ σ²/B``)."""
+    gen = torch.Generator().manual_seed(seed)
+    mu, sigma = torch.tensor([3.0, -2.0], dtype=torch.float64), torch.tensor([0.5, 1.0])
+    draws = 4000
+    g = mu + sigma.double() * torch.randn(draws, batch, 2, generator=gen, dtype=torch.float64)
+    param = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = optim.Adam([param], lr=1.0, second_moment_batch=size)
+    values = []
+    for per_example in g:
+        feed(param, per_example)
+        values.append(opt._second(param, pergrad.grad_stats(param), opt.param_groups[0]))
+    values = torch.stack(values)
+    expected = mu.square() + sigma.double().square() / size
+    error = values.std(0) / draws**0.5
+    assert ((values.mean(0) - expected).abs() <= 5 * error).all()
+
+
+def test_second_moment_batch_refuses_a_single_example_before_changing_anything():
+    param = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
+    opt = optim.Adam([param], lr=0.1, second_moment_batch=8)
+    feed(param, torch.randn(1, 5, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="second_moment_batch=8.*at least 2 examples"):
+        opt.step()
+    assert torch.equal(param, torch.ones(5, dtype=torch.float64))
+    assert opt.state[param]["seen"] == 0
+
+
+def test_second_moment_batch_needs_per_example_statistics():
+    param = torch.nn.Parameter(torch.ones(5))
+    with pytest.raises(ValueError, match="second_moment_batch.*second_moment='example'"):
+        optim.Adam([param], lr=0.1, second_moment="batch", second_moment_batch=8)
+    opt = optim.Adam([param], lr=0.1, second_moment_batch=8)
+    with pytest.raises(ValueError, match="second_moment_batch"):
+        opt.add_param_group(
+            {"params": [torch.nn.Parameter(torch.ones(2))], "second_moment": "batch"}
+        )
