@@ -6,10 +6,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
 import pergrad
 from optim import functional as F
-from optim.base import PerExampleOptimizer, Weights, refuse_torch_names
+from optim.base import AverageWeights, PerExampleOptimizer, refuse_torch_names
 
 
 class _Adaptive(PerExampleOptimizer):
@@ -67,13 +68,13 @@ class _Adaptive(PerExampleOptimizer):
         return {
             "params": params,
             "grads": [p.grad for p in params],
-            "seconds": [self._second(p, pergrad.grad_stats(p), group) for p in params],
+            "sq_inputs": [self._second(p, pergrad.grad_stats(p), group) for p in params],
             "exp_avgs": [state["exp_avg"] for state in states],
             "exp_avg_sqs": [state["exp_avg_sq"] for state in states],
         }
 
     @classmethod
-    def in_sgd_units(cls, params, sgd_lr: float, *, eps: float, **options: Any):
+    def in_sgd_units(cls, params: ParamsT, sgd_lr: float, *, eps: float, **options: Any):
         """The slides' parameterization: ``lr = ε·η₀`` with ``η₀`` in SGD units, so that::
 
             Φ ← Φ − B·η₀ · m / (1 + √s/ε)
@@ -136,7 +137,7 @@ class RMSprop(_Adaptive):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float,
         *,
         sq_horizon: float = 1000,
@@ -187,17 +188,21 @@ class RMSprop(_Adaptive):
             state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # a
 
     def _update_group(
-        self, params: list[Tensor], group: dict[str, Any], examples: float, weights: Weights
+        self,
+        params: list[Tensor],
+        group: dict[str, Any],
+        step_scale: float,
+        weights: AverageWeights,
     ) -> None:
         grad_avgs = [self.state[p]["grad_avg"] for p in params] if group["centered"] else None
         F.rmsprop(
             **self._buffers(params, group),
             grad_avgs=grad_avgs,
             lr=group["lr"],
-            examples=examples,
+            step_scale=step_scale,
             grad_weight=weights.grad,
             sq_weight=weights.sq,
-            eps=_eps(group, examples),
+            eps=_eps(group, step_scale),
             power=group["power"],
             weight_decay=group["weight_decay"],
             foreach=self._foreach(params, group),
@@ -259,7 +264,7 @@ class Adam(_Adaptive):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float,
         *,
         grad_horizon: float = 320,
@@ -298,20 +303,24 @@ class Adam(_Adaptive):
         return {"centered", "power"}
 
     def _update_group(
-        self, params: list[Tensor], group: dict[str, Any], examples: float, weights: Weights
+        self,
+        params: list[Tensor],
+        group: dict[str, Any],
+        step_scale: float,
+        weights: AverageWeights,
     ) -> None:
         F.adam(
             **self._buffers(params, group),
             lr=group["lr"],
-            examples=examples,
+            step_scale=step_scale,
             grad_weight=weights.grad,
             sq_weight=weights.sq,
-            eps=_eps(group, examples),
+            eps=_eps(group, step_scale),
             weight_decay=group["weight_decay"],
             foreach=self._foreach(params, group),
         )
 
 
-def _eps(group: dict[str, Any], examples: float) -> float:
-    """``ε``, or, with ``batch_scaling="sqrt"`` (``examples = √B``), ``ε/√B``."""
-    return group["eps"] / examples if group["batch_scaling"] == "sqrt" else group["eps"]
+def _eps(group: dict[str, Any], step_scale: float) -> float:
+    """``ε``, or, with ``batch_scaling="sqrt"`` (``step_scale = √B``), ``ε/√B``."""
+    return group["eps"] / step_scale if group["batch_scaling"] == "sqrt" else group["eps"]

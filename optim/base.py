@@ -22,7 +22,9 @@ class PerExampleOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose hyperparameters are per example and whose every step
     reads its batch size, ``ĝ`` and ``q = mean_b g_b²`` from the statistics ``pergrad`` left.
 
-    Subclasses implement :meth:`_update` for one parameter.
+    Subclasses implement :meth:`_init_state` (a parameter's zero state) and
+    :meth:`_update_group` (one step of parameters that share its scalars), and may override
+    :meth:`_state_keys`, :meth:`_metric` and :meth:`_legacy_keys`.
     """
 
     def __init__(self, params, defaults: dict[str, Any]):
@@ -135,8 +137,10 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         Parameters without ``.grad`` are skipped, as in PyTorch.
 
         Raises:
-            RuntimeError: a parameter has a ``.grad`` but no per-example statistics, or a
-                ``batch_scaling="gain"`` group holds statistics of different batch sizes.
+            MissingStatisticsError: a parameter has a ``.grad`` but no per-example statistics
+                (both a ``pergrad.InputError`` and a ``RuntimeError``).
+            RuntimeError: a ``batch_scaling="gain"`` group holds statistics of different batch
+                sizes, or ``second_moment_batch ≠ 1`` meets a batch of one example.
             pergrad.InputError: a ``.grad`` changed after pergrad computed it.
         """
         loss = None
@@ -157,14 +161,14 @@ class PerExampleOptimizer(torch.optim.Optimizer):
                 key = (pergrad.grad_stats(p).count, self.state[p]["seen"])
                 buckets.setdefault(key, []).append(p)
             for (count, seen), params in buckets.items():
-                weights = Weights(
+                weights = AverageWeights(
                     F.average_weight(count, seen, group["grad_horizon"]),
                     F.average_weight(count, seen, group.get("sq_horizon", math.inf)),
                 )
-                examples = count if gain is None else gain
+                step_scale = count if gain is None else gain
                 if group["batch_scaling"] == "sqrt":
-                    examples = math.sqrt(count)
-                self._update_group(params, group, examples, weights)
+                    step_scale = math.sqrt(count)
+                self._update_group(params, group, step_scale, weights)
         return loss
 
     def _check_statistics(self) -> None:
@@ -173,7 +177,7 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         owned = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         missing = [p for p in owned if pergrad.grad_stats(p) is None]
         if missing:
-            raise RuntimeError(
+            raise MissingStatisticsError(
                 f"a parameter of shape {tuple(missing[0].shape)} has a .grad but no per-example "
                 f"statistics, so {type(self).__name__} cannot know the batch size or "
                 f"mean_b g_b². Compute gradients with "
@@ -236,10 +240,14 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _update_group(
-        self, params: list[Tensor], group: dict[str, Any], examples: float, weights: Weights
+        self,
+        params: list[Tensor],
+        group: dict[str, Any],
+        step_scale: float,
+        weights: AverageWeights,
     ) -> None:
-        """One step of ``params``, which share the step's scalars: ``examples`` is ``B`` (or
-        the gain ratio in its place)."""
+        """One step of ``params``, which share the step's scalars: ``step_scale`` is the factor
+        the step is multiplied by, ``B`` (or the gain ratio or ``√B`` in its place)."""
         raise NotImplementedError
 
     def _foreach(self, params: list[Tensor], group: dict[str, Any]) -> bool:
@@ -253,8 +261,13 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         return set()
 
 
+class MissingStatisticsError(pergrad.InputError, RuntimeError):
+    """A parameter has a ``.grad`` but no per-example statistics: ``pergrad.InputError``, as
+    pergrad raises for the same fault, and ``RuntimeError``, as ``optim`` raised before."""
+
+
 @dataclass(frozen=True)
-class Weights:
+class AverageWeights:
     """The weights ``w = min(1, B / min(n, N⁰))`` of this step in the running averages: of
     the first moment (``grad_horizon``) and of the second (``sq_horizon``; SGD has none)."""
 
@@ -300,20 +313,36 @@ HYPERPARAMETERS = (
 that this optimizer does not have marks another optimizer's state."""
 
 
+def check_number(
+    key: str,
+    value: Any,
+    valid: Callable[[float], bool],
+    word: str,
+    must: str,
+    *,
+    not_a_number: type[Exception] = TypeError,
+) -> None:
+    """Raise ``ValueError`` unless ``value`` is a number for which ``valid`` holds (NaN never
+    does), worded as ``torch.optim`` does and saying what it must be, and ``not_a_number`` for
+    something else given (``lr="0.001"``, ``True``).
+
+    ``_NUMBERS[key]`` gives ``valid, word, must`` for a hyperparameter.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise not_a_number(
+            f"Invalid {word}: {value!r} is a {type(value).__name__}; {key} must be a number"
+        )
+    if math.isnan(value) or not valid(value):
+        raise ValueError(f"Invalid {word}: {value!r}; {key} must be {must}")
+
+
 def _validate(options: dict[str, Any]) -> None:
     """Raise ``ValueError`` for a hyperparameter out of range, worded as ``torch.optim`` does
     and saying what it must be, and ``TypeError`` for a number given as something else
     (``lr="0.001"``)."""
-    for key, (ok, word, must) in _NUMBERS.items():
-        if key not in options:
-            continue
-        value = options[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(
-                f"Invalid {word}: {value!r} is a {type(value).__name__}; {key} must be a number"
-            )
-        if math.isnan(value) or not ok(value):
-            raise ValueError(f"Invalid {word}: {value!r}; {key} must be {must}")
+    for key, spec in _NUMBERS.items():
+        if key in options:
+            check_number(key, options[key], *spec)
     for key, allowed in _CHOICES.items():
         if key in options and not any(
             type(options[key]) is type(a) and options[key] == a for a in allowed

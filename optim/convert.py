@@ -7,40 +7,41 @@ averages are past their warm-up (PyTorch's bias corrections and ours differ befo
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+
+from optim.base import _NUMBERS, check_number
+
+_LIMITS: dict[str, tuple[Callable[[float], bool], str, str]] = {
+    # name: (valid, its word in the message, what it must be), as optim.base._NUMBERS
+    "batch_size": (lambda v: isinstance(v, int) and v >= 1, "batch_size", "an int >= 1"),
+    "lr": _NUMBERS["lr"],
+    "horizon": (lambda v: v >= 1, "horizon", ">= 1 (examples; inf: everything)"),
+    "beta": (lambda v: 0 <= v < 1, "beta", "in [0, 1)"),
+}
+
+
+def _check(**values: float) -> None:
+    """Raise ``ValueError`` for a value out of range or not a number, in the order given."""
+    for key, value in values.items():
+        check_number(key, value, *_LIMITS[key], not_a_number=ValueError)
 
 
 def horizon_to_beta(horizon: float, batch_size: int) -> float:
     """``β = 1 − 1/N`` with ``N = max(1, N⁰/B)`` steps."""
-    _check_batch_size(batch_size)
-    if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not horizon >= 1:
-        raise ValueError(f"Invalid horizon: {horizon!r}; it must be a number >= 1 (examples)")
+    _check(batch_size=batch_size, horizon=horizon)
     return 1 - 1 / max(1.0, horizon / batch_size)
 
 
 def beta_to_horizon(beta: float, batch_size: int) -> float:
     """``N⁰ = B / (1 − β)`` examples."""
-    _check_batch_size(batch_size)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-        raise ValueError(f"Invalid beta: {beta!r}; it must be a number in [0, 1)")
+    _check(batch_size=batch_size, beta=beta)
     return batch_size / (1 - beta)
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"Invalid batch_size: {batch_size!r}; it must be an int >= 1")
-
-
-def _check(lr: float, batch_size: int) -> None:
-    _check_batch_size(batch_size)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < math.inf:
-        raise ValueError(f"Invalid learning rate: {lr!r}; lr must be a finite number >= 0")
 
 
 def to_torch_sgd(lr: float, grad_horizon: float, batch_size: int) -> dict[str, float]:
     """``torch.optim.SGD`` arguments: ``momentum μ = 1 − 1/N_g`` and ``lr = (1 − μ)·B·η₀``
     (its buffer ``v = N_g·m``)."""
-    _check(lr, batch_size)
+    _check(batch_size=batch_size, lr=lr)
     momentum = horizon_to_beta(grad_horizon, batch_size)
     return {"lr": (1 - momentum) * batch_size * lr, "momentum": momentum}
 
@@ -48,7 +49,7 @@ def to_torch_sgd(lr: float, grad_horizon: float, batch_size: int) -> dict[str, f
 def from_torch_sgd(lr: float, momentum: float, batch_size: int) -> dict[str, float]:
     """``optim.SGD`` arguments for ``torch.optim.SGD(lr, momentum)`` at ``B``: the inverse
     of :func:`to_torch_sgd`."""
-    _check(lr, batch_size)
+    _check(batch_size=batch_size, lr=lr)
     horizon = beta_to_horizon(momentum, batch_size)
     return {"lr": lr / ((1 - momentum) * batch_size), "grad_horizon": horizon}
 
@@ -59,14 +60,14 @@ def to_torch_adam(
     """``torch.optim.Adam`` arguments: ``lr = B·η₀``, ``betas = (1 − 1/N_g, 1 − 1/N_s)``.
 
     ``torch.optim.Adam`` feeds ``ĝ²``: it matches ``optim.Adam(second_moment="batch")``."""
-    _check(lr, batch_size)
+    _check(batch_size=batch_size, lr=lr)
     betas = (horizon_to_beta(grad_horizon, batch_size), horizon_to_beta(sq_horizon, batch_size))
     return {"lr": batch_size * lr, "betas": betas}
 
 
 def from_torch_adam(lr: float, betas: tuple[float, float], batch_size: int) -> dict[str, float]:
     """``optim.Adam`` arguments for ``torch.optim.Adam(lr, betas)`` at ``B``."""
-    _check(lr, batch_size)
+    _check(batch_size=batch_size, lr=lr)
     return {
         "lr": lr / batch_size,
         "grad_horizon": beta_to_horizon(betas[0], batch_size),
@@ -76,11 +77,11 @@ def from_torch_adam(lr: float, betas: tuple[float, float], batch_size: int) -> d
 
 def to_torch_rmsprop(lr: float, sq_horizon: float, batch_size: int) -> dict[str, float]:
     """``torch.optim.RMSprop`` arguments (no momentum): ``lr = B·η₀``, ``alpha = 1 − 1/N_s``."""
-    _check(lr, batch_size)
+    _check(batch_size=batch_size, lr=lr)
     return {"lr": batch_size * lr, "alpha": horizon_to_beta(sq_horizon, batch_size)}
 
 
 def from_torch_rmsprop(lr: float, alpha: float, batch_size: int) -> dict[str, float]:
     """``optim.RMSprop`` arguments for ``torch.optim.RMSprop(lr, alpha)`` (no momentum)."""
-    _check(lr, batch_size)
+    _check(batch_size=batch_size, lr=lr)
     return {"lr": lr / batch_size, "sq_horizon": beta_to_horizon(alpha, batch_size)}

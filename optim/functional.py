@@ -1,12 +1,12 @@
 """The update rules of MATH.md as plain functions, one per optimizer, as ``torch.optim``
-writes them: each takes lists of tensors that share the step's scalars and runs a
-single-tensor loop or, with ``foreach=True``, one multi-tensor kernel per operation
+writes them: each takes lists of tensors that share the step's scalars and runs, for each
+operation, a loop over the tensors or, with ``foreach=True``, one multi-tensor kernel
 (``torch._foreach_*``), with the same arithmetic in the same order: bit for bit the same.
 
-Notation: ``B`` examples in this step (or, with ``batch_scaling="gain"``, the gain ratio in
-its place where the step is scaled), ``n`` examples seen so far (this step included),
-``ĝ = mean_b g_b`` (``p.grad``), ``q = mean_b g_b²`` (or ``ĝ²`` for the standard second
-moment), per-example horizons ``N⁰`` counted in examples.
+Notation: ``B`` examples in this step, ``S`` the factor the step is scaled by (``step_scale``:
+``B``, or the gain ratio or ``√B`` in its place), ``n`` examples seen so far (this step
+included), ``ĝ = mean_b g_b`` (``p.grad``), ``q = mean_b g_b²`` (or ``ĝ²`` for the standard
+second moment), per-example horizons ``N⁰`` counted in examples.
 """
 
 from __future__ import annotations
@@ -38,91 +38,102 @@ def gain_ratio(batch_size: int, noise: Tensor, signal: Tensor) -> Tensor:
     return torch.where(total == 0, torch.full_like(ratio, batch_size), ratio)
 
 
+def _decay(
+    params: Tensors, *, lr: float, step_scale: float, weight_decay: float, foreach: bool
+) -> None:
+    """``Φ ← Φ − S·lr·λ·Φ``, decoupled weight decay, in place; nothing with ``λ = 0``."""
+    if not weight_decay:
+        return
+    if foreach:
+        torch._foreach_mul_(params, 1 - step_scale * lr * weight_decay)
+        return
+    for param in params:
+        param.mul_(1 - step_scale * lr * weight_decay)
+
+
+def _average(averages: Tensors, inputs: Tensors, weight: float, foreach: bool) -> None:
+    """``x ← (1 − w)·x + w·y`` in place, for each running average ``x`` and its input ``y``."""
+    if foreach:
+        torch._foreach_lerp_(averages, inputs, weight)
+        return
+    for average, value in zip(averages, inputs):
+        average.lerp_(value, weight)
+
+
 def sgd(
     params: Tensors,
     grads: Tensors,
     exp_avgs: Tensors,
     *,
     lr: float,
-    examples: float,
+    step_scale: float,
     grad_weight: float,
     weight_decay: float,
     foreach: bool = False,
 ) -> None:
-    """SGD with momentum as a running average, in place, ``B`` = ``examples``::
+    """SGD with momentum as a running average, in place, ``S`` = ``step_scale``::
 
-        Φ ← Φ − B·lr·λ·Φ
+        Φ ← Φ − S·lr·λ·Φ
         m ← (1 − w_g)·m + w_g·ĝ
-        Φ ← Φ − B·lr·m
+        Φ ← Φ − S·lr·m
 
-    With ``N_g⁰ = 1``, ``m = ĝ`` and this is vanilla SGD, ``Φ −= lr · Σ_b g_b``.
+    With ``N_g⁰ = 1`` and ``S = B``, ``m = ĝ`` and this is vanilla SGD, ``Φ −= lr · Σ_b g_b``.
     """
+    _decay(params, lr=lr, step_scale=step_scale, weight_decay=weight_decay, foreach=foreach)
+    _average(exp_avgs, grads, grad_weight, foreach)
     if foreach:
-        if weight_decay:
-            torch._foreach_mul_(params, 1 - examples * lr * weight_decay)
-        torch._foreach_lerp_(exp_avgs, grads, grad_weight)
-        torch._foreach_add_(params, exp_avgs, alpha=-examples * lr)
+        torch._foreach_add_(params, exp_avgs, alpha=-step_scale * lr)
         return
-    for param, grad, exp_avg in zip(params, grads, exp_avgs):
-        if weight_decay:
-            param.mul_(1 - examples * lr * weight_decay)
-        exp_avg.lerp_(grad, grad_weight)
-        param.add_(exp_avg, alpha=-examples * lr)
+    for param, exp_avg in zip(params, exp_avgs):
+        param.add_(exp_avg, alpha=-step_scale * lr)
 
 
 def adam(
     params: Tensors,
     grads: Tensors,
-    seconds: Tensors,
+    sq_inputs: Tensors,
     exp_avgs: Tensors,
     exp_avg_sqs: Tensors,
     *,
     lr: float,
-    examples: float,
+    step_scale: float,
     grad_weight: float,
     sq_weight: float,
     eps: float,
     weight_decay: float,
     foreach: bool = False,
 ) -> None:
-    """Adam, in place, ``B`` = ``examples``; ``seconds`` are ``q`` (or ``ĝ²``)::
+    """Adam, in place, ``S`` = ``step_scale``; ``sq_inputs`` are ``q`` (or ``ĝ²``)::
 
-        Φ ← Φ − B·lr·λ·Φ                       (decoupled, as AdamW)
+        Φ ← Φ − S·lr·λ·Φ                       (decoupled, as AdamW)
         m ← (1 − w_g)·m + w_g·ĝ
         s ← (1 − w_s)·s + w_s·q
-        Φ ← Φ − B·lr·m / (√s + ε)
+        Φ ← Φ − S·lr·m / (√s + ε)
 
     ``w = min(1, B / min(n, N⁰))`` is also the bias correction (Kingma and Ba 2015).
     """
+    _decay(params, lr=lr, step_scale=step_scale, weight_decay=weight_decay, foreach=foreach)
+    _average(exp_avgs, grads, grad_weight, foreach)
+    _average(exp_avg_sqs, sq_inputs, sq_weight, foreach)
     if foreach:
-        if weight_decay:
-            torch._foreach_mul_(params, 1 - examples * lr * weight_decay)
-        torch._foreach_lerp_(exp_avgs, grads, grad_weight)
-        torch._foreach_lerp_(exp_avg_sqs, seconds, sq_weight)
         denominators = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denominators, eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denominators, value=-examples * lr)
+        torch._foreach_addcdiv_(params, exp_avgs, denominators, value=-step_scale * lr)
         return
-    for param, grad, second, exp_avg, exp_avg_sq in zip(
-        params, grads, seconds, exp_avgs, exp_avg_sqs
-    ):
-        if weight_decay:
-            param.mul_(1 - examples * lr * weight_decay)
-        exp_avg.lerp_(grad, grad_weight)
-        exp_avg_sq.lerp_(second, sq_weight)
-        param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-examples * lr)
+    for param, exp_avg, exp_avg_sq in zip(params, exp_avgs, exp_avg_sqs):
+        param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-step_scale * lr)
 
 
 def rmsprop(
     params: Tensors,
     grads: Tensors,
-    seconds: Tensors,
+    sq_inputs: Tensors,
     exp_avgs: Tensors,
     exp_avg_sqs: Tensors,
     grad_avgs: Tensors | None,
     *,
     lr: float,
-    examples: float,
+    step_scale: float,
     grad_weight: float,
     sq_weight: float,
     eps: float,
@@ -130,22 +141,22 @@ def rmsprop(
     weight_decay: float,
     foreach: bool = False,
 ) -> None:
-    """RMSProp, in place, ``B`` = ``examples``; ``seconds`` are ``q`` (or ``ĝ²``)::
+    """RMSProp, in place, ``S`` = ``step_scale``; ``sq_inputs`` are ``q`` (or ``ĝ²``)::
 
-    Φ ← Φ − B·lr·λ·Φ
+    Φ ← Φ − S·lr·λ·Φ
     m ← (1 − w_g)·m + w_g·ĝ                 (m = ĝ with grad_horizon = 1)
     s ← (1 − w_s)·s + w_s·q
     a ← (1 − w_s)·a + w_s·ĝ;  s' = s − a²   (centered: ``grad_avgs`` are a; else s' = s)
-    Φ ← Φ − B·lr·m / (s'^power + ε)         (power = ½ is RMSProp)
+    Φ ← Φ − S·lr·m / (s'^power + ε)         (power = ½ is RMSProp)
     """
+    _decay(params, lr=lr, step_scale=step_scale, weight_decay=weight_decay, foreach=foreach)
+    _average(exp_avgs, grads, grad_weight, foreach)
+    _average(exp_avg_sqs, sq_inputs, sq_weight, foreach)
+    if grad_avgs is not None:
+        _average(grad_avgs, grads, sq_weight, foreach)
     if foreach:
-        if weight_decay:
-            torch._foreach_mul_(params, 1 - examples * lr * weight_decay)
-        torch._foreach_lerp_(exp_avgs, grads, grad_weight)
-        torch._foreach_lerp_(exp_avg_sqs, seconds, sq_weight)
         spreads = exp_avg_sqs
         if grad_avgs is not None:
-            torch._foreach_lerp_(grad_avgs, grads, sq_weight)
             spreads = torch._foreach_sub(exp_avg_sqs, torch._foreach_mul(grad_avgs, grad_avgs))
             torch._foreach_clamp_min_(spreads, 0)
         if power == 0.5:
@@ -153,18 +164,11 @@ def rmsprop(
         else:
             denominators = torch._foreach_pow(spreads, power)
         torch._foreach_add_(denominators, eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denominators, value=-examples * lr)
+        torch._foreach_addcdiv_(params, exp_avgs, denominators, value=-step_scale * lr)
         return
-    for i, (param, grad, second, exp_avg, exp_avg_sq) in enumerate(
-        zip(params, grads, seconds, exp_avgs, exp_avg_sqs)
-    ):
-        if weight_decay:
-            param.mul_(1 - examples * lr * weight_decay)
-        exp_avg.lerp_(grad, grad_weight)
-        exp_avg_sq.lerp_(second, sq_weight)
+    for i, (param, exp_avg, exp_avg_sq) in enumerate(zip(params, exp_avgs, exp_avg_sqs)):
         spread = exp_avg_sq
         if grad_avgs is not None:
-            grad_avgs[i].lerp_(grad, sq_weight)
             spread = (exp_avg_sq - grad_avgs[i].mul(grad_avgs[i])).clamp_min_(0)
         denominator = spread.sqrt() if power == 0.5 else spread.pow(power)
-        param.addcdiv_(exp_avg, denominator.add_(eps), value=-examples * lr)
+        param.addcdiv_(exp_avg, denominator.add_(eps), value=-step_scale * lr)

@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
 from optim import functional as F
-from optim.base import PerExampleOptimizer, Weights, refuse_torch_names
+from optim.base import AverageWeights, PerExampleOptimizer, refuse_torch_names
 
 
 class SGD(PerExampleOptimizer):
@@ -47,7 +48,7 @@ class SGD(PerExampleOptimizer):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float,
         *,
         grad_horizon: float = 1,
@@ -73,14 +74,18 @@ class SGD(PerExampleOptimizer):
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # m
 
     def _update_group(
-        self, params: list[Tensor], group: dict[str, Any], examples: float, weights: Weights
+        self,
+        params: list[Tensor],
+        group: dict[str, Any],
+        step_scale: float,
+        weights: AverageWeights,
     ) -> None:
         F.sgd(
             params,
             [p.grad for p in params],
             [self.state[p]["exp_avg"] for p in params],
             lr=group["lr"],
-            examples=examples,
+            step_scale=step_scale,
             grad_weight=weights.grad,
             weight_decay=group["weight_decay"],
             foreach=self._foreach(params, group),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -25,7 +27,11 @@ class TrainingStep:
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, **engine_options
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        optimizer: torch.optim.Optimizer,
+        **engine_options: Any,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(

@@ -400,3 +400,13 @@ def test_second_moment_batch_needs_per_example_statistics():
         opt.add_param_group(
             {"params": [torch.nn.Parameter(torch.ones(2))], "second_moment": "batch"}
         )
+
+
+@pytest.mark.parametrize("error", [pergrad.InputError, RuntimeError])
+def test_a_grad_without_statistics_is_the_fault_pergrad_raises_for_it(error):
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = optim.SGD([param], lr=0.1)
+    param.square().sum().backward()
+    with pytest.raises(error, match="no per-example statistics"):
+        opt.step()
+    assert torch.equal(param, torch.ones(3))
