@@ -108,7 +108,8 @@ class LayerwiseResult:
             except local.LocalError as error:
                 self._leave([name], f"{record.label}: {error}")
         try:
-            values.update(quantity.joined((sums for *_, sums in self._summed_uses()), fresh=True))
+            summed = (sums for *_, sums in self._summed_uses())
+            values.update(quantity.joined(summed, in_place=True))
         except local.LocalError as error:
             self._leave(list(self._several), f"one of its uses: {error}")
         for name, found in self._several.items():
@@ -124,7 +125,7 @@ class LayerwiseResult:
 
     def _summed_uses(self):
         """``(start, stop, {name: Σ_uses g_b})`` for a few examples at a time, for parameters
-        with several uses (each sum a fresh tensor)."""
+        with several uses (each sum a tensor nothing else holds)."""
         if not self._several:
             return
         records = {id(r): r for found in self._several.values() for r, _ in found}
@@ -161,7 +162,7 @@ def uncovered(
     params: dict[str, nn.Parameter],
     records: list[Record],
     others: dict[str, Tensor | None],
-    owners: dict[str, Hooked],
+    owning_layers: dict[str, Hooked],
     untraced: str | None,
     unseen: dict[str, str],
 ) -> dict[str, str]:
@@ -179,11 +180,11 @@ def uncovered(
         if untraced is not None:
             found[name] = untraced
         elif others[name] is not None:
-            owner = owners.get(name)
+            layer = owning_layers.get(name)
             found[name] = (
                 "no layer owns it and takes it as a parameter"
-                if owner is None
-                else f"used outside the {owner.kind} layer that owns it"
+                if layer is None
+                else f"used outside the {layer.kind} layer that owns it"
             )
         elif name in problems:
             found[name] = problems[name]

@@ -45,18 +45,18 @@ class OneMode:
     """A whole-model mode asked for by name: every parameter from it, its errors raised."""
 
     def __init__(self, mode: Mode):
-        self.whole = mode
+        self.whole_model_mode = mode
 
     @property
     def mode(self) -> str:
-        return self.whole.name
+        return self.whole_model_mode.name
 
     def __call__(
         self, structure: Structure, inputs: tuple, target: Tensor, quantity: reduce.Quantity
     ) -> Chunk:
         params = structure.params
         with torch.enable_grad():
-            grads, losses = self.whole(params, inputs, target)
+            grads, losses = self.whole_model_mode(params, inputs, target)
         values = reduce.clipped(
             quantity, lambda: reduce.sq_norms(grads), lambda scale: quantity.of(grads, scale)
         )
@@ -71,7 +71,7 @@ class Auto:
         self.model = model
         self.loss_fn = loss_fn
         self.layerwise = Layerwise(model, loss_fn)
-        self.whole: Mode | None = None
+        self.whole_model_mode: Mode | None = None
         self._ran = False
         self._warned: set[str] = set()
 
@@ -79,8 +79,8 @@ class Auto:
     def mode(self) -> str:
         """``"auto"`` until the first call, then ``"layerwise"``, or the whole-model mode
         chosen for what the layers leave."""
-        if self.whole is not None:
-            return self.whole.name
+        if self.whole_model_mode is not None:
+            return self.whole_model_mode.name
         return "layerwise" if self._ran else "auto"
 
     def __call__(
@@ -140,11 +140,11 @@ class Auto:
         the batch's forward pass, is passed over."""
         order = [name for name in MODES if not (crossed and name == "hooks")]
         start, reasons = 0, []
-        if self.whole is not None and self.whole.name in order:
+        if self.whole_model_mode is not None and self.whole_model_mode.name in order:
             try:
-                return self.whole(params, inputs, target)
+                return self.whole_model_mode(params, inputs, target)
             except ModeError as error:
-                start = order.index(self.whole.name) + 1
+                start = order.index(self.whole_model_mode.name) + 1
                 reasons.append(f"mode={error.mode!r} failed: {error.reason}")
         for name in order[start:]:
             mode = MODES[name](self.model, self.loss_fn)
@@ -153,7 +153,7 @@ class Auto:
             except ModeError as error:
                 reasons.append(f"mode={error.mode!r} failed: {error.reason}")
                 continue
-            self.whole = mode
+            self.whole_model_mode = mode
             if reasons:
                 slow = " (one backward per example: correct, slow)" if name == "loop" else ""
                 warn(f"pergrad: {'; '.join(reasons)}. Using mode={name!r}{slow}.")

@@ -1,4 +1,5 @@
-"""Validation of models, inputs and losses, with messages that say what to do."""
+"""Validation of models, inputs, losses and numeric arguments, with messages that say what to
+do."""
 
 from __future__ import annotations
 
@@ -12,6 +13,34 @@ from torch.utils import _pytree as pytree
 
 class InputError(ValueError):
     """Bad input to :class:`pergrad.PerExample`: the message says what was wrong and the fix."""
+
+
+def is_positive_int(value: object) -> bool:
+    """Whether ``value`` is an ``int`` ``>= 1`` (a ``bool`` is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def positive_int(name: str, value: object, what: str) -> None:
+    """Raise ``ValueError("Invalid {name}: {value!r}; {what}")`` unless ``value`` is an ``int``
+    ``>= 1``; ``what`` says what to pass instead."""
+    if not is_positive_int(value):
+        raise ValueError(f"Invalid {name}: {value!r}; {what}")
+
+
+def positive_number(name: str, value: object, what: str) -> None:
+    """As :func:`positive_int`, for an ``int`` or ``float`` ``> 0`` (NaN is not)."""
+    if not (_is_number(value) and value > 0):
+        raise ValueError(f"Invalid {name}: {value!r}; {what}")
+
+
+def non_negative_number(name: str, value: object, what: str) -> None:
+    """As :func:`positive_int`, for an ``int`` or ``float`` ``>= 0`` (NaN is not)."""
+    if not (_is_number(value) and value >= 0):
+        raise ValueError(f"Invalid {name}: {value!r}; {what}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def batch(
@@ -206,7 +235,7 @@ def finite(grads: dict[str, Tensor], what: str) -> None:
 
 
 def agree(actual: Tensor, expected: Tensor) -> bool:
-    """Whether two computations of the same gradients agree, to a tolerance set by the dtype
+    """Whether two computations of the same values agree, to a tolerance set by the dtype
     and relative to the largest finite entry; NaN and infinities must stand in the same places."""
     tolerance = 1e-2 if expected.dtype in (torch.float16, torch.bfloat16) else 1e-4
     if actual.shape != expected.shape:

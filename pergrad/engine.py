@@ -86,18 +86,10 @@ class PerExample:
         checks.model_and_loss(model, loss_fn)
         if mode != "auto" and mode not in MODES:
             raise ValueError(f"Invalid mode: {mode!r}; choose 'auto' or one of {sorted(MODES)}")
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"Invalid chunk_size: {chunk_size!r}; use None or an int >= 1")
-        if max_example_norm is not None and (
-            isinstance(max_example_norm, bool)
-            or not isinstance(max_example_norm, (int, float))
-            or not max_example_norm > 0
-        ):
-            raise ValueError(
-                f"Invalid max_example_norm: {max_example_norm!r}; use None or a number > 0"
-            )
+        if chunk_size is not None:
+            checks.positive_int("chunk_size", chunk_size, "use None or an int >= 1")
+        if max_example_norm is not None:
+            checks.positive_number("max_example_norm", max_example_norm, "use None or a number > 0")
         if verify is not None and not isinstance(verify, bool):
             raise TypeError(f"verify must be True, False or None, got {verify!r}")
         unwrapped = wrappers.unwrap(model)

@@ -131,8 +131,8 @@ class Layerwise:
 class _Forward:
     """One batched forward and backward pass with the hooks in place."""
 
-    def __init__(self, owner: Layerwise, structure: Structure, size: int, quantity: Quantity):
-        self.owner = owner
+    def __init__(self, layerwise: Layerwise, structure: Structure, size: int, quantity: Quantity):
+        self.layerwise = layerwise
         self.params = structure.params
         self.hooked = structure.hooked
         self.size = size
@@ -171,9 +171,9 @@ class _Forward:
         try:
             losses, output = self._forward(inputs, target)
             self._check_provenance(losses)
-            if not self.owner.loss_checked:
-                checks.separable(self.owner.loss_fn, output, target, losses)
-                self.owner.loss_checked = self.size > 1
+            if not self.layerwise.loss_checked:
+                checks.separable(self.layerwise.loss_fn, output, target, losses)
+                self.layerwise.loss_checked = self.size > 1
             self._count_uses()
             try:
                 grads = torch.autograd.grad(
@@ -204,10 +204,10 @@ class _Forward:
             record.check_outputs()
             if id(record.hooked.module) in self.recursive:
                 record.problem = "it calls itself"
-        owners = {name: h for h in self.hooked for name in h.params.values()}
+        owning_layers = {name: h for h in self.hooked for name in h.params.values()}
         others = dict(zip(self.params, grads))
         uncovered = assemble.uncovered(
-            self.params, self.records, others, owners, self.untraced, self.uses.unseen
+            self.params, self.records, others, owning_layers, self.untraced, self.uses.unseen
         )
         return LayerwiseResult(
             self.params,
@@ -215,7 +215,7 @@ class _Forward:
             self.quantity,
             losses.detach(),
             uncovered,
-            self.owner.warned,
+            self.layerwise.warned,
             self.crossed,
         )
 
@@ -226,8 +226,8 @@ class _Forward:
             self.tracker.set(x, provenance.batch(x.dim(), self.size))
         with self.tracker:
             with self.uses:
-                output = batch.run(self.owner.model, inputs)
-            losses = checks.per_example_loss(self.owner.loss_fn(output, target), self.size)
+                output = batch.run(self.layerwise.model, inputs)
+            losses = checks.per_example_loss(self.layerwise.loss_fn(output, target), self.size)
         return losses, output
 
     def _check_provenance(self, losses: Tensor) -> None:
@@ -306,7 +306,7 @@ class _Forward:
         if not all(map(provenance.unmarked, tags)):
             return False
         index = self.calls[id(module)]
-        return self.owner.batched_keys(module, index, args, kwargs, self.size) == frozenset()
+        return self.layerwise.batched_keys(module, index, args, kwargs, self.size) == frozenset()
 
     def _record_hook(self, hooked: Hooked, detached: dict[str, Tensor]):
         """A forward hook, run even where the call raises: the module's parameters back as
@@ -455,7 +455,7 @@ class _Forward:
                 if not provenance.unmarked(self.tracker.tag(x))
             )
         else:
-            batched = self.owner.batched_keys(module, index, args, kwargs, self.size)
+            batched = self.layerwise.batched_keys(module, index, args, kwargs, self.size)
         record = Record(hooked, args, kwargs, batched or frozenset(), self.size)
         record.input_versions = [x._version for x in all_tensors(args, kwargs)]
         self.records.append(record)

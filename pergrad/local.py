@@ -38,10 +38,10 @@ def swap(module: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Make the module's parameters (names relative to it) the given tensors; return the old."""
     old = {}
     for name, tensor in tensors.items():
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        old[name] = owner._parameters[leaf]
-        owner._parameters[leaf] = tensor
+        submodule_name, _, leaf = name.rpartition(".")
+        submodule = module.get_submodule(submodule_name)
+        old[name] = submodule._parameters[leaf]
+        submodule._parameters[leaf] = tensor
     return old
 
 

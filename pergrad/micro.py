@@ -55,8 +55,7 @@ class MicroBatches:
         process_group: object | None = None,
     ):
         checks.model_and_loss(model, loss_fn)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"Invalid size: {size!r}; pass the examples per micro-batch, >= 1")
+        checks.positive_int("size", size, "pass the examples per micro-batch, >= 1")
         if process_group is not None:
             distributed.check_initialized(process_group)
         unwrapped = wrappers.unwrap(model)

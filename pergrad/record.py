@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from pergrad import local, provenance
-from pergrad.reduce import Quantity, Values
+from pergrad.reduce import Moments, Quantity, Values
 from pergrad.regroup import Regroup
 from pergrad.rules.base import Call, Rule
 from pergrad.structure import Hooked
@@ -174,6 +174,8 @@ class Record:
         def by_rule(rule: Rule, layer: nn.Module, call: Call) -> Values:
             closed_form = rule.moments if quantity.kind == "moments" else rule.norms
             if closed_form is not None and (found := closed_form(layer, call)) is not None:
+                if quantity.kind == "moments":  # a user's rule may give plain pairs
+                    return {name: Moments(*pair) for name, pair in found.items()}
                 return found
             grads = lambda i, j: rule.grads(layer, call.narrow(i, j))  # noqa: E731
             return quantity.in_chunks(grads, self.size, numel)

@@ -10,15 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-Moments = tuple[Tensor, Tensor]
-"""``(Σ_b g_b, Σ_b g_b²)`` of one parameter's per-example gradients over a set of examples."""
+
+class Moments(NamedTuple):
+    """The sums of one parameter's per-example gradients ``g_b`` (clipped: ``c_b·g_b``) over
+    a set of examples."""
+
+    grad_sum: Tensor
+    """``Σ_b g_b``, shaped as the parameter."""
+    sq_sum: Tensor
+    """``Σ_b g_b²``, elementwise, shaped as the parameter."""
+
 
 Values = dict[str, "Tensor | Moments"]
-"""Per parameter: per-example gradients ``(B, *shape)``, their :data:`Moments`, or ``|g_b|²``
+"""Per parameter: per-example gradients ``(B, *shape)``, their :class:`Moments`, or ``|g_b|²``
 ``(B,)``, as a :class:`Quantity` asks."""
 
 GradsFn = Callable[[int, int], dict[str, Tensor]]
@@ -67,7 +76,7 @@ class Quantity:
             return like.new_zeros(size, *like.shape)
         if self.kind == "norms":
             return like.new_zeros(size)
-        return torch.zeros_like(like), torch.zeros_like(like)
+        return Moments(torch.zeros_like(like), torch.zeros_like(like))
 
     def in_chunks(self, grads: GradsFn, size: int, numel: int) -> Values:
         """The quantity of the per-example gradients ``grads(start, stop)`` of ``size``
@@ -77,15 +86,16 @@ class Quantity:
         limit = CHUNK_ELEMENTS if self.kind == "moments" else REDUCE_ELEMENTS
         return self.joined(grads(i, j) for i, j in chunks(size, numel, limit))
 
-    def joined(self, parts: Iterable[dict[str, Tensor]], fresh: bool = False) -> Values:
+    def joined(self, parts: Iterable[dict[str, Tensor]], in_place: bool = False) -> Values:
         """The quantity of per-example gradients given a few examples at a time, in order;
-        ``fresh``: each part's tensors are held by nothing else (squared in place)."""
+        ``in_place``: each part's tensors are held by nothing else, so moments may square them
+        in place."""
         found: dict[str, list] = {}
         total: dict[str, Moments] = {}
         for part in parts:
             for name, g in part.items():
                 if self.kind == "moments":
-                    more = fresh_moments(g) if fresh else moments_of(g)
+                    more = moments_in_place(g) if in_place else moments_of(g)
                     total[name] = add_moments(total.get(name), more)
                 else:
                     found.setdefault(name, []).append(g if self.per_example else sq_norms_of(g))
@@ -109,8 +119,8 @@ def moments_of(grads: Tensor, scale: Tensor | None = None) -> Moments:
     """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients ``(B, *shape)``; with ``scale``
     (``(B,)``), those of ``c_b·g_b``: ``(Σ_b c_b g_b, Σ_b c_b² g_b²)``."""
     if scale is None:
-        return grads.sum(0), grads.square().sum(0)
-    return (
+        return Moments(grads.sum(0), grads.square().sum(0))
+    return Moments(
         torch.tensordot(scale.to(grads.dtype), grads, dims=1),
         torch.tensordot(scale.square().to(grads.dtype), grads.square(), dims=1),
     )
@@ -122,19 +132,24 @@ def moments(grads: dict[str, Tensor], scale: Tensor | None = None) -> dict[str, 
     return {name: moments_of(g, scale) for name, g in grads.items()}
 
 
-def fresh_moments(grads: Tensor) -> Moments:
-    """:func:`moments_of` for per-example gradients nothing else holds: squared in place."""
-    total = grads.sum(0)
-    return total, grads.square_().sum(0)
+def moments_in_place(grads: Tensor) -> Moments:
+    """:func:`moments_of` for per-example gradients nothing else holds: it squares ``grads``
+    in place."""
+    grad_sum = grads.sum(0)
+    return Moments(grad_sum, grads.square_().sum(0))
 
 
-def reduce_fresh(grads: Iterator[Tensor]) -> Moments:
+def chunked_moments_in_place(grads: Iterator[Tensor]) -> Moments:
     """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients given a chunk at a time, each chunk a
-    tensor nothing else holds."""
+    tensor nothing else holds (:func:`moments_in_place` squares it)."""
     total = None
     for g in grads:
-        part = fresh_moments(g)
-        total = part if total is None else (total[0].add_(part[0]), total[1].add_(part[1]))
+        part = moments_in_place(g)
+        if total is None:
+            total = part
+        else:
+            total.grad_sum.add_(part.grad_sum)
+            total.sq_sum.add_(part.sq_sum)
     return total
 
 
@@ -142,7 +157,7 @@ def add_moments(total: Moments | None, more: Moments) -> Moments:
     """The moments of two sets of examples together (``total`` may be ``None``: none yet)."""
     if total is None:
         return more
-    return total[0] + more[0], total[1] + more[1]
+    return Moments(total.grad_sum + more.grad_sum, total.sq_sum + more.sq_sum)
 
 
 def sq_norms_of(grads: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pergrad.checks import InputError, finite
+from pergrad.checks import InputError, finite, is_positive_int, non_negative_number
 from pergrad.reduce import Moments
 
 ATTRIBUTE = "grad_stats"
@@ -80,8 +80,8 @@ class Sums:
     losses: list[Tensor] = field(default_factory=list)
 
     def add(self, moments: dict[str, Moments], losses: Tensor) -> None:
-        """Add a chunk of examples: its moments (fresh tensors, which the first chunk's
-        become and later chunks add into) and its per-example losses."""
+        """Add a chunk of examples: its moments (tensors nothing else holds, which the first
+        chunk's become and later chunks add into) and its per-example losses."""
         for name, (grad_sum, sq_sum) in moments.items():
             if name in self.grad:
                 self.grad[name] += grad_sum
@@ -154,22 +154,23 @@ class Sums:
 
     def merge_into(self) -> None:
         """Merge into each parameter's ``.grad`` and ``.grad_stats``:
-        ``mean ← (n·mean + Σ) / (n + count)``; the sums are fresh tensors, which it may take
-        over. Nothing changes if any parameter is refused.
+        ``mean ← (n·mean + Σ) / (n + count)``; the sums are tensors nothing else holds,
+        which it may take over. Nothing changes if any parameter is refused.
 
         Raises:
             InputError: a parameter has a ``.grad`` that ``pergrad`` did not compute, or that
                 changed since it did.
         """
         check_unchanged(self.params)
-        # fresh: no statistics yet, or statistics without a .grad (cleared)
-        fresh = {n for n, p in self.params.items() if p.grad is None or grad_stats(p) is None}
-        if fresh:  # the sums become the means, divided in place in one multi-tensor kernel
+        # no statistics yet, or statistics without a .grad (cleared)
+        first_merge = {n for n, p in self.params.items() if p.grad is None or grad_stats(p) is None}
+        if first_merge:  # the sums become the means, divided in place in one multi-tensor kernel
             torch._foreach_div_(
-                [*(self.grad[n] for n in fresh), *(self.sq[n] for n in fresh)], self.count
+                [*(self.grad[n] for n in first_merge), *(self.sq[n] for n in first_merge)],
+                self.count,
             )
         for name, p in self.params.items():
-            if name in fresh:
+            if name in first_merge:
                 grad, sq = self.grad[name], self.sq[name]
                 if grad.dtype != p.dtype:  # autocast computes some in lower precision
                     grad, sq = grad.to(p.dtype), sq.to(p.dtype)
@@ -235,7 +236,7 @@ def _malformed(p: Tensor) -> str | None:
     if not isinstance(stats, GradStats):
         return f"grad_stats is a {type(stats).__name__}, not a GradStats"
     count, sq_mean = stats.count, stats.sq_mean
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    if not is_positive_int(count):
         return f"count is {count!r}"
     if not isinstance(sq_mean, Tensor):
         return f"sq_mean is a {type(sq_mean).__name__}"
@@ -296,8 +297,7 @@ def clip_grad_norm_(params: Tensor | Iterable[Tensor], max_norm: float) -> Tenso
         TypeError: ``params`` is a module or holds something other than tensors.
         InputError: a ``.grad`` has no statistics or changed after pergrad computed it.
     """
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm >= 0:
-        raise ValueError(f"Invalid max_norm: {max_norm!r}; pass a number >= 0 (inf: no clipping)")
+    non_negative_number("max_norm", max_norm, "pass a number >= 0 (inf: no clipping)")
     params = parameters(params, "clip_grad_norm_")
     owned = {f"#{i} (shape {tuple(p.shape)})": p for i, p in enumerate(params)}
     owned = {name: p for name, p in owned.items() if p.grad is not None}

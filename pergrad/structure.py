@@ -34,8 +34,8 @@ class Hooked:
         self.slots = [self._slot(name) for name in self.params]
 
     def _slot(self, name: str) -> tuple[dict, str]:
-        owner, _, leaf = name.rpartition(".")
-        return self.module.get_submodule(owner)._parameters, leaf
+        submodule_name, _, leaf = name.rpartition(".")
+        return self.module.get_submodule(submodule_name)._parameters, leaf
 
     def swap(self, tensors: dict[str, Tensor]) -> None:
         """Make the module's parameters ``tensors`` (by their names in the model)."""
@@ -67,7 +67,10 @@ class Structure:
         self.modules = list(model.modules())
         self.key = _fingerprint(self.modules)
         self.params = checks.trainable(model)
-        self.named = [(name, m) for name, m in model.named_modules() if checks.may_mix(m)]
+        self.mixing_candidates = [
+            (name, m) for name, m in model.named_modules() if checks.may_mix(m)
+        ]
+        """``(name, module)`` of the layers that mix examples in some configurations."""
         self.compiled = any(map(is_compiled, self.modules))
         """Whether some submodule is compiled by ``torch.compile``: pergrad then runs the
         model with compiled code run eagerly, so that its hooks are not traced."""
@@ -84,7 +87,7 @@ class Structure:
         Raises:
             InputError: see :func:`pergrad.checks.no_batch_mixing`.
         """
-        checks.no_batch_mixing(self.named)
+        checks.no_batch_mixing(self.mixing_candidates)
 
     @property
     def hooked(self) -> list[Hooked]:

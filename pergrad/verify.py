@@ -139,9 +139,9 @@ def moments(
     expected = reduce.clipped(
         quantity, lambda: reduce.sq_norms(grads), lambda scale: quantity.of(grads, scale)
     )
-    totals = {name: (values[name][0], expected[name][0]) for name in values}
-    squares = {name: (values[name][1], expected[name][1]) for name in values}
-    wrong = sorted(set(_disagree(totals, 0.0)) | set(_disagree(squares, 0.0)))
+    grad_sums = {name: (values[name].grad_sum, expected[name].grad_sum) for name in values}
+    sq_sums = {name: (values[name].sq_sum, expected[name].sq_sum) for name in values}
+    wrong = sorted(set(_disagree(grad_sums, 0.0)) | set(_disagree(sq_sums, 0.0)))
     if wrong:
         raise VerificationError(
             f"the moments of parameter(s) {', '.join(wrong)} disagree with those of their "

@@ -40,9 +40,10 @@ class PerExampleTrainer(Trainer):
             (``args.label_names``, ``"labels"`` by default), taken out of the model's inputs.
         engine_options: keyword arguments of :class:`pergrad.PerExample` (``mode``,
             ``chunk_size``, ``max_example_norm``).
-        optimizers: ``(optimizer, scheduler)`` as for ``Trainer``; the optimizer must read
-            pergrad's statistics: an ``optim`` optimizer.
-        *args, **kwargs: ``Trainer``'s.
+        *args: ``Trainer``'s positional arguments.
+        **kwargs: ``Trainer``'s keyword arguments; among them ``optimizers``, ``(optimizer,
+            scheduler)`` as for ``Trainer``, whose optimizer must read pergrad's statistics:
+            an ``optim`` optimizer.
 
     Raises:
         InputError: no ``per_example_loss`` or no optimizer given, ``fp16`` asked for

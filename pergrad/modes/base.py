@@ -59,9 +59,9 @@ def _innermost_layer(model: nn.Module, error: BaseException) -> str | None:
     found = None
     tb = error.__traceback__
     while tb is not None:
-        owner = tb.tb_frame.f_locals.get("self")
-        if id(owner) in names and isinstance(owner, nn.Module):
-            name = names[id(owner)] or "<root>"
-            found = f"'{name}' ({type(owner).__name__})"
+        frame_self = tb.tb_frame.f_locals.get("self")
+        if id(frame_self) in names and isinstance(frame_self, nn.Module):
+            name = names[id(frame_self)] or "<root>"
+            found = f"'{name}' ({type(frame_self).__name__})"
         tb = tb.tb_next
     return found

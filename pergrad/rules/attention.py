@@ -63,7 +63,7 @@ def _projections(layer: nn.MultiheadAttention, call: Call):
 
 def _moments(layer: nn.MultiheadAttention, call: Call) -> dict[str, Moments]:
     inputs, grads, attended = _projections(layer, call)
-    stacked = lambda parts: tuple(map(torch.cat, zip(*parts)))  # noqa: E731  q, k, v rows
+    stacked = lambda parts: Moments(*map(torch.cat, zip(*parts)))  # noqa: E731  q, k, v rows
     found = {
         "in_proj_weight": stacked([linear.weight_moments(x, g) for x, g in zip(inputs, grads)]),
         "out_proj.weight": linear.weight_moments(attended, call.output_grad),

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pergrad.reduce import REDUCE_ELEMENTS, Moments, chunks, reduce_fresh
+from pergrad.reduce import REDUCE_ELEMENTS, Moments, chunked_moments_in_place, chunks
 from pergrad.rules.base import Call, pair_moments, pairs_cheaper, register_rule
 
 Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -99,15 +99,17 @@ def _moments(layer: Conv, call: Call) -> dict[str, Moments]:
     found = {}
     if pairs_cheaper(batch * layer.groups, count, shape[0] // layer.groups, shape[1:].numel()):
         a, d = patches(x, layer), _grouped_delta(layer, delta)
-        total = torch.bmm(d.flatten(1, 2).mT, a.flatten(1, 2))
-        found["weight"] = (total.reshape(shape), pair_moments(d, a).reshape(shape))
+        grad_sum = torch.bmm(d.flatten(1, 2).mT, a.flatten(1, 2))
+        found["weight"] = Moments(grad_sum.reshape(shape), pair_moments(d, a).reshape(shape))
     else:
         patch = 0 if _grouped_cheaper(layer, delta) else layer.groups * shape[1:].numel() * count
         parts = chunks(batch, max(shape.numel(), patch), REDUCE_ELEMENTS)
-        found["weight"] = reduce_fresh(_weight_grads(layer, x[i:j], delta[i:j]) for i, j in parts)
+        found["weight"] = chunked_moments_in_place(
+            _weight_grads(layer, x[i:j], delta[i:j]) for i, j in parts
+        )
     if layer.bias is not None:
         g = delta.flatten(2).sum(-1)
-        found["bias"] = (g.sum(0), g.square().sum(0))
+        found["bias"] = Moments(g.sum(0), g.square().sum(0))
     return found
 
 

@@ -40,10 +40,10 @@ def _moments(layer: nn.Embedding, call: Call) -> dict[str, Moments]:
     unique, per_example_rows = _example_rows(layer, call)
     vocabulary, width = layer.weight.shape
     rows = unique % vocabulary
-    total, squares = (per_example_rows.new_zeros(vocabulary, width) for _ in range(2))
-    total.index_add_(0, rows, per_example_rows)
-    squares.index_add_(0, rows, per_example_rows.square())
-    return {"weight": (total, squares)}
+    grad_sum, sq_sum = (per_example_rows.new_zeros(vocabulary, width) for _ in range(2))
+    grad_sum.index_add_(0, rows, per_example_rows)
+    sq_sum.index_add_(0, rows, per_example_rows.square())
+    return {"weight": Moments(grad_sum, sq_sum)}
 
 
 def _norms(layer: nn.Embedding, call: Call) -> dict[str, Tensor]:

@@ -12,8 +12,11 @@ from pergrad.rules.base import Call, register_rule
 
 
 def _moments(layer: nn.Module, call: Call) -> dict[str, Moments]:
-    total, squares = linear.weight_moments(call.input, call.output_grad)
-    return {"weight": (total.T, squares.T), "bias": linear.bias_moments(call.output_grad)}
+    weight = linear.weight_moments(call.input, call.output_grad)
+    return {
+        "weight": Moments(weight.grad_sum.T, weight.sq_sum.T),
+        "bias": linear.bias_moments(call.output_grad),
+    }
 
 
 def _norms(layer: nn.Module, call: Call) -> dict[str, Tensor] | None:

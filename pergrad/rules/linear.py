@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pergrad.reduce import REDUCE_ELEMENTS, Moments, chunks, reduce_fresh
+from pergrad.reduce import REDUCE_ELEMENTS, Moments, chunked_moments_in_place, chunks
 from pergrad.rules.base import (
     Call,
     gram_cheaper,
@@ -39,14 +39,14 @@ def bias_grads(delta: Tensor) -> Tensor:
 def weight_moments(a: Tensor, delta: Tensor) -> Moments:
     """``(Σ_b g_b, Σ_b g_b²)`` of :func:`weight_grads` without all ``B`` gradients at once."""
     if a.dim() == 2:
-        return delta.T @ a, delta.square().T @ a.square()
+        return Moments(delta.T @ a, delta.square().T @ a.square())
     a, delta = positions(a), positions(delta)
     (batch, count, columns), rows = a.shape, delta.shape[-1]
     if pairs_cheaper(batch, count, rows, columns):
-        total = delta.reshape(-1, rows).T @ a.reshape(-1, columns)
-        return total, pair_moments(delta.unsqueeze(0), a.unsqueeze(0))[0]
+        grad_sum = delta.reshape(-1, rows).T @ a.reshape(-1, columns)
+        return Moments(grad_sum, pair_moments(delta.unsqueeze(0), a.unsqueeze(0))[0])
     parts = chunks(batch, rows * columns, REDUCE_ELEMENTS)
-    return reduce_fresh(torch.bmm(delta[i:j].mT, a[i:j]) for i, j in parts)
+    return chunked_moments_in_place(torch.bmm(delta[i:j].mT, a[i:j]) for i, j in parts)
 
 
 def weight_norms(a: Tensor, delta: Tensor) -> Tensor | None:
@@ -67,16 +67,16 @@ def bias_norms(delta: Tensor) -> Tensor:
 
 def bias_moments(delta: Tensor) -> Moments:
     g = bias_grads(delta)
-    return g.sum(0), g.square().sum(0)
+    return Moments(g.sum(0), g.square().sum(0))
 
 
 def _moments(layer: nn.Linear, call: Call) -> dict[str, Moments]:
     a, delta = call.input, call.output_grad
     if a.dim() == 2:  # δ² serves the weight's squares and the bias's
         squares = delta.square()
-        found = {"weight": (torch.mm(delta.t(), a), torch.mm(squares.t(), a.square()))}
+        found = {"weight": Moments(torch.mm(delta.t(), a), torch.mm(squares.t(), a.square()))}
         if layer.bias is not None:
-            found["bias"] = (torch.sum(delta, 0), torch.sum(squares, 0))
+            found["bias"] = Moments(torch.sum(delta, 0), torch.sum(squares, 0))
         return found
     found = {"weight": weight_moments(a, delta)}
     if layer.bias is not None:
