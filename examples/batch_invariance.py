@@ -69,6 +69,8 @@ REFERENCE_BATCH = 32
 TORCH = ("torch_sqrt", "torch_linear", "torch_sde", "torch_halflife")
 OURS = ("invariant", "invariant_gain", "invariant_32", "standard", "standard_sqrt")
 OPTIMIZERS = (*OURS, *TORCH, "sgd")
+AT_REFERENCE = (*TORCH, "standard_sqrt")
+"""Optimizers whose lr is the per-example lr at B = 32, scaled by their rule."""
 EPS = 1e-8
 """``torch.optim.Adam``'s ``ε`` at B = 32 (its default, and ``optim.Adam``'s)."""
 
@@ -396,27 +398,82 @@ def table(summary: dict, batch_sizes: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path, title: str) -> None:
-    """One panel per optimizer, one line per batch size, loss against examples seen."""
+STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ("-", "v"), ("--", "P")]
+"""Line style and marker per batch size, so that lines lying on each other stay visible."""
+
+LOSS_UNIT = "cross-entropy, nats"
+
+OPTIMIZER_TITLES = {
+    "invariant": "optim.Adam, q = mean g²",
+    "invariant_gain": "optim.Adam, q, gain ratio",
+    "invariant_32": "optim.Adam, E[ĝ²] at B=32",
+    "standard": "optim.Adam, ĝ² (linear)",
+    "standard_sqrt": "optim.Adam, ĝ², √ rule",
+    "torch_sqrt": "torch Adam, √B lr",
+    "torch_linear": "torch Adam, B lr",
+    "torch_sde": "torch Adam, Malladi's SDE rule",
+    "torch_halflife": "torch Adam, √B lr, β^κ",
+    "sgd": "optim.SGD, momentum",
+}
+
+
+def panel_title(name: str, lr: float | None = None) -> str:
+    """``name``, what it is, and its lr (per example; torch's: per example at B = 32)."""
+    title = f"{name}: {OPTIMIZER_TITLES.get(name, name)}"
+    if lr is not None:
+        where = f" at B={REFERENCE_BATCH}" if name in AT_REFERENCE else ""
+        title += f"\nlr {lr:g} per example{where}"
+    return title
+
+
+def panels(plt, count: int, size: tuple[float, float]) -> tuple:
+    """A figure of ``count`` panels, three to a row, sharing the y axis; the unused ones
+    removed. Returns the figure and the panels in reading order."""
+    columns = min(3, count)
+    rows = math.ceil(count / columns)
+    fig, grid = plt.subplots(
+        rows, columns, figsize=(size[0] * columns, size[1] * rows), sharey=True, squeeze=False
+    )
+    axes = list(grid.flat)
+    for ax in axes[count:]:
+        ax.remove()
+    return fig, axes[:count]
+
+
+def plot(results: dict, path: Path, title: str, lrs: dict[str, float]) -> None:
+    """One panel per optimizer (its lr in the title), one line per batch size, loss against
+    examples seen; each batch size has its own dash and markers, and a panel whose final
+    losses agree within 5% says that its lines coincide."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(results)
-    fig, axes = plt.subplots(
-        1, len(names), figsize=(4.2 * len(names), 3.6), sharey=True, squeeze=False
-    )
-    for ax, name in zip(axes[0], names):
-        for batch, r in results[name].items():
+    fig, axes = panels(plt, len(names), (4.4, 3.6))
+    for ax, name in zip(axes, names):
+        finals = []
+        for i, (batch, r) in enumerate(results[name].items()):
             seen, loss = zip(*r["curve"])
-            ax.plot(seen, loss, label=f"B={batch}")
-        ax.set_title(name)
+            dash, marker = STYLES[i % len(STYLES)]
+            every = (i * max(1, len(seen) // 24), max(1, len(seen) // 6))  # staggered
+            ax.plot(
+                seen, loss, dash, marker=marker, markevery=every, markersize=4,
+                color=f"C{i}", linewidth=1.4, label=f"B={batch}",
+            )  # fmt: skip
+            finals.append(loss[-1])
+        if finals and max(finals) <= 1.05 * min(finals):
+            ax.text(
+                0.97, 0.97, "lines coincide\n(final losses within 5%)", transform=ax.transAxes,
+                ha="right", va="top", fontsize=8, bbox={"facecolor": "white", "alpha": 0.8},
+            )  # fmt: skip
+        ax.set_title(panel_title(name, lrs.get(name)), fontsize=9)
         ax.set_xlabel("examples seen")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("train loss")
-    axes[0][-1].legend(title="batch size")
+        ax.legend(title="batch size", fontsize=8, title_fontsize=8, loc="lower left")
+    for ax in axes[:: min(3, len(names))]:
+        ax.set_ylabel(f"train loss ({LOSS_UNIT})")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -463,16 +520,17 @@ def plot_lr(summary: dict, path: Path, title: str) -> None:
     names = list(summary)
     best = [r["loss"] for e in summary.values() for r in e["best"].values() if r["loss"]]
     top = 2 * max(best, default=1.0)
-    fig, axes = plt.subplots(
-        1, len(names), figsize=(3.6 * len(names), 3.4), sharey=True, squeeze=False
-    )
-    for ax, name in zip(axes[0], names):
+    fig, axes = panels(plt, len(names), (4.0, 3.4))
+    for ax, name in zip(axes, names):
         for i, (batch, losses) in enumerate(summary[name]["grid"].items()):
             points = sorted(
                 (float(lr), top if v is None else min(v, top)) for lr, v in losses.items()
             )
             lrs, values = zip(*points)
-            ax.plot(lrs, values, marker="o", markersize=3, color=f"C{i}", label=f"B={batch}")
+            dash, marker = STYLES[i % len(STYLES)]
+            ax.plot(
+                lrs, values, dash, marker=marker, markersize=3, color=f"C{i}", label=f"B={batch}"
+            )
             spread = summary[name].get("grid_std", {}).get(batch, {})
             band = sorted(
                 (float(lr), losses[lr], spread[lr])
@@ -487,16 +545,20 @@ def plot_lr(summary: dict, path: Path, title: str) -> None:
             off = [(lr, v) for lr, v in points if v >= top]
             if off:
                 ax.plot(*zip(*off), "x", color=f"C{i}", markersize=7)
-        ax.set_title(name, fontsize=10)
+        ax.set_title(panel_title(name), fontsize=9)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_ylim(0.95 * min(best, default=top / 4), top * 1.05)
         for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
             axis(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.set_xlabel("lr (per example; torch_*: at B=32)")
+        grid = sorted({float(lr) for losses in summary[name]["grid"].values() for lr in losses})
+        ax.set_xticks(grid, [f"{lr:g}" for lr in grid], fontsize=7)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(f"lr per example{' at B=32' if name in AT_REFERENCE else ''}")
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].set_ylabel("final held-out loss (×: worse than the top)")
-    axes[0][-1].legend(fontsize=8)
+        ax.legend(title="batch size", fontsize=7, title_fontsize=7)
+    for ax in axes[:: min(3, len(names))]:
+        ax.set_ylabel(f"held-out loss ({LOSS_UNIT})\n×: off the top; bands: ±1 sd")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -634,7 +696,8 @@ def main(argv: Sequence[str] | None = None, task: Task | None = None) -> dict:
         return summary
     summary = summarize(results)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot(results, args.out / "loss.png", title)
+    lrs = {name: args.sgd_lr if name == "sgd" else args.lr for name in results}
+    plot(results, args.out / "loss.png", title, lrs)
     plot_noise(results, args.batch_sizes, args.out / "noise.png", title)
     print(table(summary, args.batch_sizes))
     print(
