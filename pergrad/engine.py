@@ -34,7 +34,7 @@ class PerExample:
             ``DistributedDataParallel`` wrapper is seen through: pergrad runs the module it
             wraps and sums over its process group (DDP's own reducer never runs). A
             ``torch.compile``'d model runs uncompiled, with a warning. ``DataParallel``,
-            DeepSpeed and FSDP are refused (:mod:`pergrad.wrappers`).
+            DeepSpeed and FSDP's first version are refused (:mod:`pergrad.wrappers`).
         loss_fn: ``loss_fn(output, target) -> Tensor`` of shape ``(B,)``, one loss per example,
             e.g. ``nn.CrossEntropyLoss(reduction="none")``.
         mode: ``"func"`` (``torch.func`` ``vmap(grad)``), ``"hooks"`` (Opacus hooks), ``"loop"``

@@ -14,17 +14,10 @@ def test_ci_runs_the_test_line_written_in_the_readme():
     assert ci_line in (ROOT / "README.md").read_text()
 
 
-def test_readme_python_blocks_run_as_written_each_on_its_own():
+def test_the_readme_stays_short_and_for_users():
     text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
-    assert blocks
-    rules = dict(pergrad.rules.RULES)
-    try:
-        for block in blocks:
-            exec(compile(block, "README.md", "exec"), {})  # a fresh namespace: no leftovers
-    finally:  # the README registers a rule of its own
-        pergrad.rules.RULES.clear()
-        pergrad.rules.RULES.update(rules)
+    assert len(text.splitlines()) <= 200
+    assert not re.search(r"\b(issue|session|lent)\b", text, flags=re.IGNORECASE)
 
 
 def test_public_names():
