@@ -7,12 +7,15 @@ count examples; each step reads its batch size from the statistics. See docs/MAT
 from optim import convert, functional
 from optim.adaptive import Adam, RMSprop
 from optim.base import PerExampleOptimizer
+from optim.batch_size import AdaptiveBatchSampler, BatchSizeSchedule
 from optim.sgd import SGD
 from optim.training import TrainingStep
 
 __all__ = [
     "SGD",
     "Adam",
+    "AdaptiveBatchSampler",
+    "BatchSizeSchedule",
     "PerExampleOptimizer",
     "RMSprop",
     "TrainingStep",

@@ -236,6 +236,12 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         """The weight of each coordinate in the metric of the step (``None``: all 1)."""
         return None
 
+    def metric_of(self, p: Tensor) -> Tensor | None:
+        """The weight of each coordinate of ``p`` in the metric the last step took
+        (``1/(√s + ε)`` for Adam and RMSprop, with the averages as it left them), or
+        ``None`` (all 1: SGD, or no step yet)."""
+        return None
+
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         raise NotImplementedError
 

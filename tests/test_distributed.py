@@ -179,6 +179,26 @@ def _micro_batches(process_group=None, rank: int | None = None) -> list[torch.Te
     return [t for p in model.parameters() for t in (p.grad, p.grad_stats.sq_mean)]
 
 
+def _batch_sizes(rank: int) -> list[int]:
+    """A BatchSizeSchedule over the group on statistics that differ between the ranks (each
+    its own data, no all-reduce): every rank takes the first rank's proposals."""
+    torch.manual_seed(rank)
+    model = nn.Linear(5, 1).double()
+    opt = optim.SGD(model.parameters(), lr=0.01)
+    schedule = optim.BatchSizeSchedule(
+        opt, min_size=4, max_size=256, horizon=50, process_group=dist.group.WORLD
+    )
+    engine = pergrad.PerExample(model, lambda out, y: (out.squeeze(-1) - y) ** 2)
+    sizes = []
+    for _ in range(15):
+        x = torch.randn(schedule.size, 5, dtype=torch.float64)
+        opt.zero_grad()
+        engine.backward(x, x.sum(1) * (1 + rank) + torch.randn(len(x), dtype=torch.float64))
+        opt.step()
+        sizes.append(schedule.step())
+    return sizes
+
+
 def _worker(rank: int, port: int, out: Path) -> None:
     dist.init_process_group(
         "gloo",
@@ -200,6 +220,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
                 None, slice(0, first) if rank == 0 else slice(first, None), ddp
             )
     results["micro-batches"] = _micro_batches(dist.group.WORLD, rank)
+    results["batch sizes"] = _batch_sizes(rank)
     results["fsdp checkpoint"] = _fsdp_checkpoint(rank, out)
     results["one rank raises"] = _one_rank_raises(rank)
     subgroup = dist.new_group([0])  # every rank takes part in making it and the wrapper
@@ -235,6 +256,11 @@ def two_ranks(tmp_path_factory) -> list[dict]:
             process.kill()
         pytest.fail("the two gloo workers did not finish within two minutes")
     return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
+def test_every_rank_takes_the_same_batch_size(two_ranks):
+    first, second = (ranks["batch sizes"] for ranks in two_ranks)
+    assert first == second and len(set(first)) > 1
 
 
 def test_micro_batches_on_two_ranks_are_those_of_the_whole_batch(two_ranks):

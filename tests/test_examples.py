@@ -14,6 +14,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
+import adaptive_batch  # noqa: E402
 import batch_invariance  # noqa: E402
 import tasks  # noqa: E402
 import wrap_your_model  # noqa: E402
@@ -206,3 +207,21 @@ def test_wrap_your_model_resumes_the_same_curve(tmp_path):
     assert len(resumed) == 6
     assert resumed == straight  # bit for bit
     assert straight[-1] < straight[0]
+
+
+def test_the_adaptive_batch_showcase_writes_its_json_and_plot(tmp_path, capsys):
+    argv = ["--quick", "--examples", "1200", "--points", "10", "--max-size", "64"]
+    summary = adaptive_batch.main([*argv, "--no-progress", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "adaptive.json").read_text()) == summary
+    assert (tmp_path / "adaptive.png").stat().st_size > 10_000
+    runs = summary["runs"]
+    assert set(runs) == {"fixed_8", "fixed_32", "fixed_128", "fixed_512", "adaptive"}
+    assert runs["fixed_8"]["final_test_loss"] == pytest.approx(summary["target_loss"])
+    assert runs["fixed_8"]["examples_to_target"] <= 1200  # it reaches its own final loss
+    for entry in runs.values():
+        assert {"steps_to_target", "examples_to_target", "final_test_loss"} <= set(entry)
+    sizes = [size for _, size in runs["adaptive"]["batch_sizes"]]
+    seen = [examples for examples, _ in runs["adaptive"]["batch_sizes"]]
+    assert sizes[0] == 8 and max(sizes) <= 64 and seen == sorted(seen)
+    assert sum(sizes) == 1200  # every example of the run, in batches of the proposed sizes
+    assert "examples to target" in capsys.readouterr().out
