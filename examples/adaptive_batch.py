@@ -69,7 +69,7 @@ def train(task: Task, sizes: tuple[int, int], seed: int, args, progress) -> dict
     engine = pergrad.PerExample(model, task.loss_fn)
     sampler = optim.AdaptiveBatchSampler(len(task.train[1]), schedule, seed=seed)
     x, y = task.train
-    every = args.examples // args.points
+    every = max(1, args.examples // args.points)
     curve, batches = [(0, 0, held_out_loss(model, task))], []
     seen = steps = 0
     while seen < args.examples:

@@ -462,7 +462,7 @@ def plot(results: dict, path: Path, title: str, lrs: dict[str, float]) -> None:
                 color=f"C{i}", linewidth=1.4, label=f"B={batch}",
             )  # fmt: skip
             finals.append(loss[-1])
-        if finals and max(finals) <= 1.05 * min(finals):
+        if finals and all(map(math.isfinite, finals)) and max(finals) <= 1.05 * min(finals):
             ax.text(
                 0.97, 0.97, "lines coincide\n(final losses within 5%)", transform=ax.transAxes,
                 ha="right", va="top", fontsize=8, bbox={"facecolor": "white", "alpha": 0.8},
@@ -665,6 +665,15 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.lr_grid = args.lr_grid or (
         [3e-4, 1e-3, 3e-3] if args.quick else [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
     )
+    micro = 4 if args.data == "digits_bn" else 1
+    for batch in args.batch_sizes:
+        last = args.examples % batch or batch
+        if last == 1 or last % micro or (micro > 1 and last < 2 * micro):
+            parser.error(
+                f"--examples {args.examples} leaves a last batch of {last} at B={batch}: it "
+                f"needs two examples or more (two micro-batches of {micro} for digits_bn); "
+                f"pick --examples so that it does"
+            )
     if args.tune:
         args.optimizers = [*OURS, *TORCH]
         if REFERENCE_BATCH not in args.batch_sizes:

@@ -59,11 +59,10 @@ class _Adaptive(PerExampleOptimizer):
     def _centered(self, group: dict[str, Any]) -> bool:
         return False
 
-    def metric_of(self, p: Tensor) -> Tensor | None:
+    def metric_of(self, p: Tensor, group: dict[str, Any]) -> Tensor | None:
         state = self.state.get(p)
         if not state or not state.get("seen"):
             return None
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         spread = state["exp_avg_sq"]
         if self._centered(group):
             spread = (spread - state["grad_avg"].square()).clamp(min=0)

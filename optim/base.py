@@ -236,10 +236,10 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         """The weight of each coordinate in the metric of the step (``None``: all 1)."""
         return None
 
-    def metric_of(self, p: Tensor) -> Tensor | None:
-        """The weight of each coordinate of ``p`` in the metric the last step took
-        (``1/(√s + ε)`` for Adam and RMSprop, with the averages as it left them), or
-        ``None`` (all 1: SGD, or no step yet)."""
+    def metric_of(self, p: Tensor, group: dict[str, Any]) -> Tensor | None:
+        """The weight of each coordinate of ``p`` (of ``group``) in the optimizer's metric,
+        with the averages as the last step left them: ``1/(√s + ε)`` for Adam and RMSprop,
+        ``None`` (all 1) for SGD or before any step."""
         return None
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -356,6 +356,12 @@ def _validate(options: dict[str, Any]) -> None:
             raise ValueError(
                 f"Invalid {key}: {options[key]!r}; choose one of {', '.join(map(repr, allowed))}"
             )
+    if options.get("second_moment_batch", 1) != 1 and options.get("centered"):
+        raise ValueError(
+            f"Invalid second_moment_batch: {options['second_moment_batch']!r} with "
+            f"centered=True: s − a² of an estimate at another batch size is not a variance "
+            f"and can vanish; use one or the other"
+        )
     if options.get("second_moment_batch", 1) != 1 and options.get("second_moment") == "batch":
         raise ValueError(
             f"Invalid second_moment_batch: {options['second_moment_batch']!r} needs "

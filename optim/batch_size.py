@@ -31,19 +31,20 @@ class BatchSizeSchedule:
         B_noise = noise / signal,    w = min(1, B / min(n, N))
 
     and the next size is ``B_noise`` clamped to ``[min_size, max_size]``, at most
-    ``max_growth`` times the current size, never below it (``B_noise`` grows as the loss
-    falls; a dip in its estimate does not undo a step up), optionally rounded down to a
-    power of two. While the signal estimate is not positive the size holds.
+    ``max_growth`` times the current size (or one example more), never below it
+    (``B_noise`` grows as the loss falls; a dip in its estimate does not undo a step up),
+    optionally rounded down to a power of two. While the signal estimate is not positive
+    the size holds.
 
     Args:
         optimizer: an ``optim`` optimizer; its parameters' statistics are read, weighted by
             its metric (``1/(√s + ε)`` for Adam and RMSprop, 1 for SGD).
         min_size: the first batch size, and the smallest.
         max_size: the largest (what memory allows).
-        max_growth: the largest factor from one step's size to the next, ``≥ 1``.
+        max_growth: the largest factor from one step's size to the next, ``≥ 1`` (one example
+            more is always allowed); with ``powers_of_two``, ``≥ 2``.
         horizon: ``N``, the examples the noise and signal estimates span.
-        powers_of_two: round each proposal down to a power of two (never below
-            ``min_size``).
+        powers_of_two: round each proposal down to a power of two (``min_size`` must be one).
         process_group: under data parallelism, the group whose first rank's proposal every
             rank takes (one broadcast per step), so that no rank drifts.
 
@@ -84,6 +85,11 @@ class BatchSizeSchedule:
                      ">= 1 (examples; inf: everything)")  # fmt: skip
         if not isinstance(powers_of_two, bool):
             raise TypeError(f"powers_of_two must be True or False, got {powers_of_two!r}")
+        if powers_of_two and (max_growth < 2 or min_size & (min_size - 1)):
+            raise ValueError(
+                f"powers_of_two=True needs a power of two for min_size (got {min_size}) and "
+                f"max_growth >= 2 (got {max_growth}), or the size could never grow"
+            )
         self.optimizer = optimizer
         self.min_size, self.max_size = min_size, max_size
         self.max_growth, self.horizon = float(max_growth), float(horizon)
@@ -112,13 +118,13 @@ class BatchSizeSchedule:
             pergrad.InputError: no parameter of the optimizer has per-example statistics, or
                 they cover different numbers of examples; nothing changes.
         """
-        params = [
-            p
+        pairs = [
+            (p, group)
             for group in self.optimizer.param_groups
             for p in group["params"]
             if p.grad is not None and pergrad.grad_stats(p) is not None
         ]
-        counts = {pergrad.grad_stats(p).count for p in params}
+        counts = {pergrad.grad_stats(p).count for p, _ in pairs}
         if len(counts) != 1:
             what = "none has" if not counts else f"they cover {sorted(counts)} examples"
             raise pergrad.InputError(
@@ -127,31 +133,40 @@ class BatchSizeSchedule:
                 f"step"
             )
         (batch,) = counts
+        seen, noise, signal = self.seen, self.noise, self.signal
         if batch > 1:
-            total = torch.zeros(2, dtype=torch.float64, device=params[0].device)
+            total = torch.zeros(2, dtype=torch.float64, device=pairs[0][0].device)
             with torch.no_grad():
-                for p in params:
-                    metric = self.optimizer.metric_of(p)
+                for p, group in pairs:
+                    metric = self.optimizer.metric_of(p, group)
                     here = pergrad.noise.sums(p.grad, pergrad.grad_stats(p).sq_mean, metric)
                     total = total + here.to(total.device)
-            noise, signal = pergrad.noise.estimates(batch, *total.tolist())
-            self.seen += batch
-            weight = F.average_weight(batch, self.seen, self.horizon)
-            self.noise += weight * (noise - self.noise)
-            self.signal += weight * (signal - self.signal)
-        self.size = self._agreed(self._proposal())
-        return self.size
+            noise_now, signal_now = pergrad.noise.estimates(batch, *total.tolist())
+            if not (math.isfinite(noise_now) and math.isfinite(signal_now)):
+                raise FloatingPointError(
+                    f"the noise scale of this step is not finite (noise {noise_now}, signal "
+                    f"{signal_now}): a gradient or statistic holds NaN or inf. The schedule is "
+                    f"unchanged"
+                )
+            seen += batch
+            weight = F.average_weight(batch, seen, self.horizon)
+            noise += weight * (noise_now - noise)
+            signal += weight * (signal_now - signal)
+        size = self._agreed(self._proposal(self.size, noise, signal))
+        self.seen, self.noise, self.signal, self.size = seen, noise, signal, size
+        return size
 
-    def _proposal(self) -> int:
-        """``B_noise`` within the bounds, the growth limit and (optionally) a power of two;
-        the size holds while the signal estimate is not positive (no evidence yet)."""
-        if self.signal <= 0:
-            return self.size
-        target = min(self.critical_batch, self.max_size, self.size * self.max_growth)
-        size = max(self.size, min(self.max_size, math.floor(target)))
-        if self.powers_of_two and size > self.size:
-            size = max(self.size, 2 ** math.floor(math.log2(size)))
-        return max(self.min_size, size)
+    def _proposal(self, size: int, noise: float, signal: float) -> int:
+        """``B_noise = noise / signal`` within the bounds and the growth limit (at least one
+        example more where ``B_noise`` asks for it), never below ``size``, optionally a power
+        of two; ``size`` while the signal estimate is not positive (no evidence yet)."""
+        if signal <= 0:
+            return size
+        cap = max(size + 1, math.floor(size * self.max_growth))
+        proposal = max(size, min(math.floor(noise / signal), self.max_size, cap))
+        if self.powers_of_two and proposal > size:
+            proposal = max(size, 2 ** math.floor(math.log2(proposal)))
+        return proposal
 
     def _agreed(self, size: int) -> int:
         """The first rank's ``size`` on every rank of :attr:`process_group`."""
@@ -160,8 +175,8 @@ class BatchSizeSchedule:
         import torch.distributed as dist
 
         value = torch.tensor([size], dtype=torch.int64)
-        if dist.get_backend(self.process_group) == "nccl":
-            value = value.cuda()
+        if dist.get_backend(self.process_group) == "nccl":  # on the parameters' GPU
+            value = value.to(self.optimizer.param_groups[0]["params"][0].device)
         source = dist.get_global_rank(self.process_group, 0)
         dist.broadcast(value, src=source, group=self.process_group)
         return int(value.item())
@@ -182,19 +197,23 @@ class BatchSizeSchedule:
                 f"this state lacks {', '.join(missing)}: load one saved by "
                 f"BatchSizeSchedule.state_dict()"
             )
-        if not self.min_size <= state["size"] <= self.max_size:
+        size, seen = state["size"], state["seen"]
+        noise, signal = float(state["noise"]), float(state["signal"])
+        if not (isinstance(size, int) and self.min_size <= size <= self.max_size):
             raise ValueError(
-                f"the saved size {state['size']} lies outside [{self.min_size}, "
-                f"{self.max_size}]: build the schedule with the bounds it was saved with"
+                f"the saved size {size!r} is not an int in [{self.min_size}, {self.max_size}]: "
+                f"build the schedule with the bounds it was saved with"
             )
-        self.size, self.seen = int(state["size"]), int(state["seen"])
-        self.noise, self.signal = float(state["noise"]), float(state["signal"])
+        if not (isinstance(seen, int) and seen >= 0 and math.isfinite(noise + signal)):
+            raise ValueError(f"this state is not a BatchSizeSchedule's: {state!r}")
+        self.size, self.seen, self.noise, self.signal = size, seen, noise, signal
 
 
 class AdaptiveBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of the size a :class:`BatchSizeSchedule` proposes, from a dataset in shuffled
     epochs: iterating gives one epoch, every example once, each batch as large as
-    ``schedule.size`` when it is drawn (the epoch's last may be smaller). Pass it to
+    ``schedule.size`` when it is drawn (the epoch's last may be smaller, or larger by fewer
+    examples than there are ranks). Pass it to
     ``DataLoader(dataset, batch_sampler=...)`` with ``num_workers=0``: workers draw batches
     ahead, before the schedule has seen the steps between.
 
@@ -239,13 +258,19 @@ class AdaptiveBatchSampler(torch.utils.data.Sampler[list[int]]):
         """Examples of this epoch already served."""
 
     def __iter__(self) -> Iterator[list[int]]:
-        """The rest of the current epoch; the next iteration starts the next epoch."""
-        order = torch.randperm(
-            self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)
-        )
+        """The rest of the current epoch; the next iteration starts the next epoch. An
+        epoch's last examples, fewer than the ranks, join the batch before them, so that
+        every rank has a share of every batch."""
+        if self.position >= self.size:  # the last batch was served, the epoch not closed
+            self.epoch, self.position = self.epoch + 1, 0
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator)
         while self.position < self.size:
-            batch = order[self.position : self.position + self.schedule.size].tolist()
-            self.position += len(batch)
+            end = self.position + self.schedule.size
+            if self.size - end < self.world_size:
+                end = self.size
+            batch = order[self.position : end].tolist()
+            self.position = end
             yield batch[self.rank :: self.world_size]
         self.epoch, self.position = self.epoch + 1, 0
 

@@ -175,7 +175,7 @@ class Record:
             closed_form = rule.moments if quantity.kind == "moments" else rule.norms
             if closed_form is not None and (found := closed_form(layer, call)) is not None:
                 if quantity.kind == "moments":  # a user's rule may give plain pairs
-                    return {name: Moments(*pair) for name, pair in found.items()}
+                    return {name: _moments(layer, name, pair) for name, pair in found.items()}
                 return found
             grads = lambda i, j: rule.grads(layer, call.narrow(i, j))  # noqa: E731
             return quantity.in_chunks(grads, self.size, numel)
@@ -372,3 +372,17 @@ def _examples(tag: provenance.Tag, x: Tensor) -> tuple[int, Tensor]:
 def _detached(inputs):
     detached = pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, inputs)
     return list(detached) if isinstance(detached, tuple) else detached
+
+
+def _moments(layer: nn.Module, name: str, pair: object) -> Moments:
+    """A rule's ``(Σ_b g_b, Σ_b g_b²)`` for parameter ``name``, as :class:`Moments`.
+
+    Raises:
+        TypeError: the rule returned something other than a pair.
+    """
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+        raise TypeError(
+            f"the moments rule of {type(layer).__name__} returned a {type(pair).__name__} for "
+            f"{name!r}: return (Σ_b g_b, Σ_b g_b²), two tensors shaped like the parameter"
+        )
+    return Moments(*pair)

@@ -48,15 +48,17 @@ def test_the_schedule_follows_the_noise_scale_of_gradients_of_known_law(noise_sc
 @given(
     sizes=st.lists(st.integers(2, 40), min_size=1, max_size=30),
     bounds=st.tuples(st.integers(2, 16), st.integers(16, 300)),
-    growth=st.floats(1.0, 4.0),
+    growth=st.floats(1.0, 3.0),
     powers=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 @settings(max_examples=40, deadline=None)
 def test_the_proposal_keeps_its_bounds(sizes, bounds, growth, powers, seed):
     """Whatever the statistics: within [min_size, max_size], never shrinking, at most
-    max_growth times the last size, a power of two above min_size where asked."""
+    max_growth times the last size (or one more), a power of two where asked."""
     low, high = bounds
+    if powers:
+        low, growth = 2 ** math.floor(math.log2(low)), growth + 1
     schedule, param = _schedule(
         min_size=low, max_size=high, max_growth=growth, powers_of_two=powers, horizon=50
     )
@@ -68,7 +70,7 @@ def test_the_proposal_keeps_its_bounds(sizes, bounds, growth, powers, seed):
         feed(param, scale * torch.randn(batch, 20, generator=gen, dtype=torch.float64) + 0.3)
         size = schedule.step()
         assert low <= size <= high
-        assert last <= size <= max(last, math.floor(last * growth))
+        assert last <= size <= max(last + 1, math.floor(last * growth))
         if powers and size > last:
             assert size & (size - 1) == 0
         last = size
@@ -186,3 +188,60 @@ def test_the_schedule_needs_an_optim_optimizer():
     param = nn.Parameter(torch.zeros(3))
     with pytest.raises(TypeError, match="optim optimizer"):
         optim.BatchSizeSchedule(torch.optim.SGD([param], lr=0.1), min_size=2, max_size=8)
+
+
+@pytest.mark.parametrize(("low", "growth"), [(1, 1.5), (4, 1.2), (8, 1.01)])
+def test_a_small_growth_limit_still_grows(low, growth):
+    """One example more is always allowed, so a size whose growth rounds to nothing moves."""
+    schedule, param = _schedule(min_size=low, max_growth=growth)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        feed(param, 3 * torch.randn(16, 20, generator=gen, dtype=torch.float64) + 0.5)
+        schedule.step()
+    assert schedule.size > low
+
+
+def test_non_finite_statistics_are_refused_and_change_nothing():
+    schedule, param = _schedule(min_size=4)
+    feed(param, torch.randn(8, 20, dtype=torch.float64))
+    schedule.step()
+    before = schedule.state_dict()
+    bad = torch.randn(8, 20, dtype=torch.float64)
+    bad[0, 0] = math.inf
+    feed(param, bad)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        schedule.step()
+    assert schedule.state_dict() == before
+
+
+def test_a_state_outside_the_bounds_or_not_finite_is_refused():
+    schedule, _ = _schedule(min_size=4, max_size=64)
+    with pytest.raises(ValueError, match="saved size"):
+        schedule.load_state_dict({"size": 128, "seen": 0, "noise": 0.0, "signal": 0.0})
+    with pytest.raises(ValueError, match="not a BatchSizeSchedule"):
+        schedule.load_state_dict({"size": 8, "seen": 0, "noise": math.nan, "signal": 0.0})
+    assert schedule.size == 4
+
+
+def test_every_rank_has_a_share_of_every_batch_and_epochs_close():
+    """An epoch's last examples, fewer than the ranks, join the batch before; a sampler left
+    right after its last batch starts the next epoch."""
+    schedule, _ = _schedule(min_size=4, max_size=4)
+    shares = [list(optim.AdaptiveBatchSampler(9, schedule, rank=r, world_size=4)) for r in range(4)]
+    assert all(len(batch) > 0 for share in shares for batch in share)
+    assert sorted(i for share in shares for batch in share for i in batch) == list(range(9))
+    sampler = optim.AdaptiveBatchSampler(8, schedule)
+    first = []
+    for batch in sampler:
+        first.append(batch)
+        if len(first) == 2:
+            break  # left after the epoch's last batch, the generator not closed
+    second = list(sampler)
+    assert sampler.epoch == 2 and len(second) == 2 and second != first
+
+
+def test_powers_of_two_need_a_power_of_two_start_and_room_to_double():
+    with pytest.raises(ValueError, match="powers_of_two"):
+        _schedule(min_size=24, powers_of_two=True)
+    with pytest.raises(ValueError, match="powers_of_two"):
+        _schedule(min_size=8, max_growth=1.5, powers_of_two=True)

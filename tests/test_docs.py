@@ -20,8 +20,13 @@ PAGES = sorted(
 PAGES = [page for page in PAGES if page.exists()]
 
 
+FENCE = re.compile(r"^```(\S*)[^\n]*\n(.*?)^```", flags=re.DOTALL | re.MULTILINE)
+"""A fenced block: its language (``python`` and ``bash`` are checked; ``text`` and unmarked
+blocks hold no code) and its text."""
+
+
 def blocks(page: Path, language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", page.read_text(), flags=re.DOTALL)
+    return [code for lang, code in FENCE.findall(page.read_text()) if lang == language]
 
 
 def _name(page: Path) -> str:
@@ -30,6 +35,13 @@ def _name(page: Path) -> str:
 
 PYTHON = [(page, i) for page in PAGES for i, _ in enumerate(blocks(page, "python"))]
 BASH = [(page, i) for page in PAGES for i, _ in enumerate(blocks(page, "bash"))]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[_name(p) for p in PAGES])
+def test_code_is_fenced_in_a_language_the_tests_check(page):
+    """Code in ``py``, ``sh``, ``console`` or any other fence would escape the checks below."""
+    languages = {lang for lang, _ in FENCE.findall(page.read_text())}
+    assert languages <= {"python", "bash", "text", ""}, languages
 
 
 def test_the_pages_hold_code_to_check():
@@ -49,16 +61,16 @@ def test_python_blocks_run_as_written(page, index, tmp_path, monkeypatch):
 
 
 def _commands(block: str) -> list[list[str]]:
-    """Each command of a bash block, split into words, comments and env assignments off;
-    ``a && b`` gives two commands."""
+    """Each command of a bash block, split into words; comments, prompts and environment
+    assignments off; ``a && b``, ``a; b`` and ``a | b`` give two commands."""
     commands = []
     for line in block.replace("\\\n", " ").splitlines():
-        line = line.split(" #")[0].strip()
+        line = line.split(" #")[0].strip().removeprefix("$ ")
         if not line or line.startswith("#"):
             continue
-        for part in line.split("&&"):
+        for part in re.split(r"&&|;|\|", line):
             words = shlex.split(part)
-            while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+            while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=\S*", words[0]):
                 words = words[1:]
             if words:
                 commands.append(words)
@@ -82,17 +94,19 @@ def test_bash_blocks_name_what_exists(page, index):
     extras = set(re.findall(r"^(\w+) = \[", section.split("\n[")[0], flags=re.MULTILINE))
     assert "test" in extras
     for words in _commands(blocks(page, "bash")[index]):
-        if words[:3] == ["pip", "install", "-e"] and len(words) > 3:
-            wanted = re.fullmatch(r"\.(?:\[(.*)\])?", words[3])
+        if "install" in words and "-e" in words:
+            wanted = re.fullmatch(r"\.(?:\[(.*)\])?", words[words.index("-e") + 1])
             assert wanted, words
             assert set(filter(None, (wanted.group(1) or "").split(","))) <= extras, words
         scripts = [w for w in words if w.endswith(".py")]
         for script in scripts:
             assert (ROOT / script).is_file(), f"{_name(page)}: {script} does not exist"
-        if words[0] in ("python", "python3") and scripts and words[1] == scripts[0]:
+        if scripts:  # python [-u] x.py, torchrun ... x.py, accelerate launch ... x.py
             listed = _help(ROOT / scripts[0])
-            for option in (w.split("=")[0] for w in words if w.startswith("--")):
-                assert option in listed, f"{_name(page)}: {scripts[0]} has no {option}"
+            after = words[words.index(scripts[0]) + 1 :]
+            for option in (w.split("=")[0] for w in after if w.startswith("--")):
+                pattern = rf"(?<![\w-]){re.escape(option)}(?![\w-])"
+                assert re.search(pattern, listed), f"{_name(page)}: {scripts[0]} has no {option}"
         if words[0].endswith(".sh"):
             assert (ROOT / words[0]).is_file(), words
 

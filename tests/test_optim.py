@@ -32,7 +32,7 @@ OPTIONS = {
         {"lr": 0.01, "sq_horizon": 30, "centered": True, "batch_scaling": "gain"},
         {"lr": 0.01, "sq_horizon": 300, "batch_scaling": "gain", "gain_horizon": 20},
         {"lr": 0.01, "sq_horizon": 50, "second_moment": "batch", "batch_scaling": "sqrt"},
-        {"lr": 0.01, "sq_horizon": 30, "centered": True, "second_moment_batch": 4},
+        {"lr": 0.01, "sq_horizon": 30, "power": 1.0, "eps": 0.1, "second_moment_batch": 4},
     ],
     "adam": [
         {"lr": 0.01},
@@ -389,6 +389,13 @@ def test_second_moment_batch_refuses_a_single_example_before_changing_anything()
         opt.step()
     assert torch.equal(param, torch.ones(5, dtype=torch.float64))
     assert opt.state[param]["seen"] == 0
+
+
+def test_second_moment_batch_is_refused_with_centered_rmsprop():
+    with pytest.raises(ValueError, match="centered=True"):
+        optim.RMSprop(
+            [torch.nn.Parameter(torch.ones(3))], lr=0.1, centered=True, second_moment_batch=4
+        )
 
 
 def test_second_moment_batch_needs_per_example_statistics():
