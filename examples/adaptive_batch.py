@@ -8,12 +8,14 @@ Every run sees the same examples in shuffled epochs (``optim.AdaptiveBatchSample
 ``optim.Adam(batch_scaling="gain")`` and the same ``lr`` and horizons; the adaptive run's
 batch size follows ``optim.BatchSizeSchedule`` (from ``--min-size`` up to ``--max-size``,
 toward the measured critical batch size ``B_noise``). The target is the held-out loss fixed
-``B = 8`` reaches at the end (each seed's own); a run reaches it at the first evaluation at or
-below it.
+``B = 8`` reaches after ``--examples`` examples (each seed's own); every other run may see
+``--longer`` times as many and ends at the first evaluation at or below the target (every
+``--examples / --points`` examples).
 
 Writes to ``--out``: ``adaptive.json`` — ``{"target_loss", "runs": {"fixed_8" | ... |
 "adaptive": {"steps_to_target", "examples_to_target", "final_test_loss"}}}``, means over
-seeds (``null`` where a seed never reaches the target), each with its per-seed values, the
+seeds (``null`` where a seed never reaches the target; ``final_test_loss`` where the run
+ended), each with its per-seed values, the
 adaptive run also with ``"batch_sizes": [[examples seen, B], ...]`` (the first seed's) — and
 ``adaptive.png``: held-out loss against examples seen and against steps, one line per run, and
 the adaptive batch size against examples seen beside the ``B_noise`` it measured.
@@ -49,9 +51,18 @@ def held_out_loss(model: nn.Module, task: Task) -> float:
         model.train()
 
 
-def train(task: Task, sizes: tuple[int, int], seed: int, args, progress) -> dict:
+def train(
+    task: Task,
+    sizes: tuple[int, int],
+    seed: int,
+    args,
+    progress,
+    budget: int,
+    target: float | None = None,
+) -> dict:
     """One run whose batch size the schedule proposes within ``sizes = (min, max)`` (fixed
-    where they are equal); returns its held-out loss curve ``[(examples, steps, loss)]`` and
+    where they are equal), of at most ``budget`` examples, stopping at the first evaluation
+    at or below ``target``; returns its held-out loss curve ``[(examples, steps, loss)]`` and
     its ``[(examples, B, B_noise)]``."""
     torch.manual_seed(seed)
     model = task.make_model()
@@ -72,19 +83,21 @@ def train(task: Task, sizes: tuple[int, int], seed: int, args, progress) -> dict
     every = max(1, args.examples // args.points)
     curve, batches = [(0, 0, held_out_loss(model, task))], []
     seen = steps = 0
-    while seen < args.examples:
+    while seen < budget:
         for index in sampler:
-            index = index[: args.examples - seen]
+            index = index[: budget - seen]
             opt.zero_grad()
             engine.backward(x[index], y[index])
             opt.step()
             batches.append((seen, len(index), schedule.critical_batch))
             schedule.step()
             seen, steps = seen + len(index), steps + 1
-            if seen // every > (seen - len(index)) // every or seen == args.examples:
+            if seen // every > (seen - len(index)) // every or seen == budget:
                 curve.append((seen, steps, held_out_loss(model, task)))
+                if target is not None and curve[-1][2] <= target:
+                    budget = seen  # reached: the run ends here
             progress.update(len(index))
-            if seen == args.examples:
+            if seen == budget:
                 break
     return {"curve": curve, "batches": batches}
 
@@ -195,7 +208,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--examples",
         type=int,
-        help="examples seen by every run [default: 60000; with --quick: 12000]",
+        help="examples fixed B=8 sees; its final held-out loss is the target [default: "
+        "30000; with --quick: 12000]",
     )
     parser.add_argument(
         "--seeds", type=int, help="runs per setting, seeds 0, 1, ... [default: 3; --quick: 1]"
@@ -209,7 +223,16 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--min-size", type=int, default=8, help="the adaptive run's first B")
     parser.add_argument("--max-size", type=int, default=512, help="the adaptive run's largest B")
-    parser.add_argument("--points", type=int, default=100, help="evaluations per run")
+    parser.add_argument(
+        "--longer",
+        type=int,
+        default=4,
+        help="the runs other than fixed B=8 may see this many times --examples, and stop at "
+        "the target",
+    )
+    parser.add_argument(
+        "--points", type=int, default=100, help="evaluations per --examples examples"
+    )
     parser.add_argument(
         "--out", type=Path, help="folder for the JSON and the plot [default: runs/adaptive/DATA]"
     )
@@ -223,7 +246,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds takes a number >= 1, got {args.seeds}")
     args.seeds = args.seeds or (1 if args.quick else 3)
-    args.examples = args.examples or (12_000 if args.quick else 60_000)
+    args.examples = args.examples or (12_000 if args.quick else 30_000)
+    if args.longer < 1:
+        parser.error(f"--longer takes a number >= 1, got {args.longer}")
     args.out = args.out or Path("runs/adaptive") / args.data
     return args
 
@@ -236,16 +261,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
     task = TASKS[args.data](0)
     settings = {f"fixed_{b}": (b, b) for b in FIXED} | {"adaptive": (args.min_size, args.max_size)}
     runs: dict[str, list[dict]] = {name: [] for name in settings}
-    total = len(settings) * args.seeds * args.examples
+    total = args.seeds * args.examples * (1 + (len(settings) - 1) * args.longer)
     with tqdm(total=total, unit="ex", disable=not args.progress, smoothing=0) as bar:
         for seed in range(args.seeds):
+            target = None  # fixed B = 8 runs first and sets it
             for name, sizes in settings.items():
                 bar.set_description(f"{name} seed {seed}")
-                runs[name].append(train(task, sizes, seed, args, bar))
+                budget = args.examples if target is None else args.examples * args.longer
+                run = train(task, sizes, seed, args, bar, budget, target)
+                bar.update(budget - run["curve"][-1][0])  # a run that stopped early
+                target = run["curve"][-1][2] if target is None else target
+                runs[name].append(run)
     summary = summarize(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "adaptive.json").write_text(json.dumps(summary, indent=2))
-    title = f"{args.data}: {args.examples:,} examples, lr {args.lr:g} per example, every run"
+    title = (
+        f"{args.data}: lr {args.lr:g} per example for every run; fixed B=8 sees "
+        f"{args.examples:,} examples, the others stop at its final loss"
+    )
     plot(runs, summary, args.out / "adaptive.png", title)
     print(table(summary))
     print(f"wrote {args.out / 'adaptive.json'} and {args.out / 'adaptive.png'}")

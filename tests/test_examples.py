@@ -210,7 +210,7 @@ def test_wrap_your_model_resumes_the_same_curve(tmp_path):
 
 
 def test_the_adaptive_batch_showcase_writes_its_json_and_plot(tmp_path, capsys):
-    argv = ["--quick", "--examples", "1200", "--points", "10", "--max-size", "64"]
+    argv = ["--quick", "--examples", "1200", "--points", "10", "--max-size", "64", "--longer", "2"]
     summary = adaptive_batch.main([*argv, "--no-progress", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "adaptive.json").read_text()) == summary
     assert (tmp_path / "adaptive.png").stat().st_size > 10_000
@@ -223,5 +223,6 @@ def test_the_adaptive_batch_showcase_writes_its_json_and_plot(tmp_path, capsys):
     sizes = [size for _, size in runs["adaptive"]["batch_sizes"]]
     seen = [examples for examples, _ in runs["adaptive"]["batch_sizes"]]
     assert sizes[0] == 8 and max(sizes) <= 64 and seen == sorted(seen)
-    assert sum(sizes) == 1200  # every example of the run, in batches of the proposed sizes
+    reached = runs["adaptive"]["examples_to_target"]
+    assert sum(sizes) == (2400 if reached is None else reached)  # it ends at the target
     assert "examples to target" in capsys.readouterr().out
