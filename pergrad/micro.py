@@ -11,7 +11,7 @@ random, split at random): ``E ĝ_k² = μ² + σ²/m`` and ``E Var_k(ĝ_k) = σ�
 ``mean_b g_b²`` exactly. Each micro-batch is a plain forward and backward pass, so a model
 pergrad refuses per example (``BatchNorm`` in training mode, which normalizes over the
 micro-batch as gradient accumulation does) works too; under data parallelism every rank's
-micro-batches count, in one all-reduce.
+micro-batches count, summed as ``PerExample``'s are (one all-reduce per dtype).
 """
 
 from __future__ import annotations
