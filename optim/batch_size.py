@@ -19,6 +19,7 @@ import pergrad
 import pergrad.noise
 from optim import functional as F
 from optim.base import PerExampleOptimizer, check_number
+from pergrad.checks import positive_int
 
 
 class BatchSizeSchedule:
@@ -72,8 +73,7 @@ class BatchSizeSchedule:
                 f"steps leave pergrad's statistics to read; got {type(optimizer).__name__}"
             )
         for name, value in (("min_size", min_size), ("max_size", max_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r}; pass an int >= 1 (examples)")
+            positive_int(name, value, "pass an int >= 1 (examples)")
         if max_size < min_size:
             raise ValueError(
                 f"Invalid max_size: {max_size!r} is below min_size={min_size!r}; pass "
@@ -237,8 +237,7 @@ class AdaptiveBatchSampler(torch.utils.data.Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
     ):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"Invalid size: {size!r}; pass the dataset's length, an int >= 1")
+        positive_int("size", size, "pass the dataset's length, an int >= 1")
         if not isinstance(schedule, BatchSizeSchedule):
             raise TypeError(f"schedule must be a BatchSizeSchedule, got {type(schedule).__name__}")
         if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
