@@ -234,6 +234,15 @@ def finite(grads: dict[str, Tensor], what: str) -> None:
         )
 
 
+def distinct_weights(size: int, like: Tensor) -> Tensor:
+    """Distinct weights ``c_b`` in [1, 2), one per example, for the check
+    ``Σ_b c_b g_b = ∇ Σ_b c_b ℓ_b``, which a permutation or a mix-up of per-example gradients
+    fails; float64, on ``like``'s device. Deterministic (``1 + frac(b·φ)``): no random state
+    is drawn."""
+    golden = (5**0.5 - 1) / 2
+    return (1 + torch.arange(size, dtype=torch.float64) * golden % 1).to(like.device)
+
+
 def agree(actual: Tensor, expected: Tensor) -> bool:
     """Whether two computations of the same values agree, to a tolerance set by the dtype
     and relative to the largest finite entry; NaN and infinities must stand in the same places."""

@@ -28,8 +28,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from pergrad import checks, reduce
 from pergrad import inputs as batch
-from pergrad import reduce
 
 ENVIRONMENT = "PERGRAD_VERIFY"
 """``verify=None`` means on where this environment variable is ``1`` (a test suite's switch)."""
@@ -78,13 +78,6 @@ def enabled(verify: bool | None) -> bool:
     return os.environ.get(ENVIRONMENT) == "1" if verify is None else verify
 
 
-def weights(size: int, like: Tensor) -> Tensor:
-    """Distinct weights in [1, 2), one per example: no two examples' gradients can trade
-    places unnoticed."""
-    golden = (5**0.5 - 1) / 2
-    return (1 + torch.arange(size, dtype=torch.float64) * golden % 1).to(like.device)
-
-
 def against_autograd(
     model: torch.nn.Module,
     loss_fn: Callable,
@@ -100,7 +93,7 @@ def against_autograd(
         VerificationError: naming each parameter that disagrees and where its numbers came
             from.
     """
-    c = weights(len(target), target)
+    c = checks.distinct_weights(len(target), target)
     names = list(params)
     with torch.enable_grad():
         losses = loss_fn(batch.run(model, inputs), target)

@@ -50,8 +50,8 @@ def test_verification_is_on_where_the_environment_says(monkeypatch):
         pergrad.PerExample(model, CROSS_ENTROPY, verify="yes")
 
 
-def test_the_weights_are_distinct():
-    c = verify.weights(1000, torch.zeros(1))
+def test_the_check_weights_are_distinct():
+    c = pergrad.checks.distinct_weights(1000, torch.zeros(1, dtype=torch.long))
     assert len(set(c.tolist())) == 1000 and bool((c >= 1).all() and (c < 2).all())
 
 

@@ -67,7 +67,7 @@ class HooksMode(Mode):
                 # Opacus's hooks fire only where autograd goes: ask for every trainable
                 # parameter, so that a subset (what per-layer rules leave) gets its samples too
                 everything = checks.trainable(self.model)
-                weights = _check_weights(losses)
+                weights = checks.distinct_weights(len(losses), losses).to(losses.dtype)
                 hooks.disable_hooks()
                 weighted = torch.autograd.grad(
                     (losses * weights).sum(),
@@ -123,12 +123,3 @@ class HooksMode(Mode):
                 f"are permuted or mixed between examples)",
             )
         return sample
-
-
-def _check_weights(losses: Tensor) -> Tensor:
-    """Distinct weights ``c_b`` for the check ``Σ_b c_b g_b = ∇ Σ_b c_b ℓ_b``, which a
-    permutation or a mix-up of the per-example gradients fails, drawn from a generator of
-    their own (the caller's random state is left alone)."""
-    generator = torch.Generator().manual_seed(len(losses))
-    weights = torch.rand(len(losses), generator=generator, dtype=torch.float64) + 0.5
-    return weights.to(device=losses.device, dtype=losses.dtype)
