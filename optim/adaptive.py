@@ -27,6 +27,7 @@ class _Adaptive(PerExampleOptimizer):
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["seen"] = 0  # n: examples seen, this step included
+        state["grad_mass"] = state["sq_mass"] = 0.0  # c: the averages' share of data
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # m
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # s
 
@@ -50,7 +51,7 @@ class _Adaptive(PerExampleOptimizer):
         self, p: Tensor, stats: pergrad.GradStats, state: dict[str, Any], group: dict[str, Any]
     ) -> Tensor:
         """``1 / (s'^power + ε)`` with the averages as this step will leave them."""
-        weight = F.average_weight(stats.count, state["seen"], group["sq_horizon"])
+        weight = self._weights(state, stats.count, group).sq
         spread = state["exp_avg_sq"].lerp(self._second(p, stats, group), weight)
         if self._centered(group):
             spread = (spread - state["grad_avg"].lerp(p.grad, weight).square()).clamp_(min=0)
@@ -132,6 +133,11 @@ class RMSprop(_Adaptive):
             to follow the noise scale as it grows during training: averaged over a long
             horizon, the large gradients of the first steps dominate and ``r`` lags far
             behind.
+        bias_correction: how the averages start. ``"uniform"``: ``w = min(1, B/min(n, N⁰))``,
+            the exact mean of everything seen until ``n`` reaches the horizon (the slides');
+            ``"exponential"``: Adam's, ``w = a/c`` with ``a = min(1, B/N⁰)`` and
+            ``c = (1 − a)·c₋ + a`` (``1 − β^t`` at a fixed ``B``): at a fixed batch size,
+            ``torch.optim``'s averages with ``β = 1 − B/N⁰`` (MATH.md).
         foreach: one multi-tensor kernel per operation for all parameters of a group
             (``torch._foreach_*``) instead of a loop over them, with the same numbers bit for
             bit; ``None`` (the default) uses it where every parameter is on CUDA, as
@@ -159,6 +165,7 @@ class RMSprop(_Adaptive):
         power: float = 0.5,
         batch_scaling: str = "linear",
         gain_horizon: float = 1000,
+        bias_correction: str = "uniform",
         foreach: bool | None = None,
         **unsupported: Any,
     ):
@@ -175,6 +182,7 @@ class RMSprop(_Adaptive):
             "power": power,
             "batch_scaling": batch_scaling,
             "gain_horizon": gain_horizon,
+            "bias_correction": bias_correction,
             "foreach": foreach,
         }
         super().__init__(params, defaults)
@@ -256,6 +264,11 @@ class Adam(_Adaptive):
             to follow the noise scale as it grows during training: averaged over a long
             horizon, the large gradients of the first steps dominate and ``r`` lags far
             behind.
+        bias_correction: how the averages start. ``"uniform"``: ``w = min(1, B/min(n, N⁰))``,
+            the exact mean of everything seen until ``n`` reaches the horizon (the slides');
+            ``"exponential"``: Adam's, ``w = a/c`` with ``a = min(1, B/N⁰)`` and
+            ``c = (1 − a)·c₋ + a`` (``1 − β^t`` at a fixed ``B``): at a fixed batch size,
+            ``torch.optim``'s averages with ``β = 1 − B/N⁰`` (MATH.md).
         foreach: one multi-tensor kernel per operation for all parameters of a group
             (``torch._foreach_*``) instead of a loop over them, with the same numbers bit for
             bit; ``None`` (the default) uses it where every parameter is on CUDA, as
@@ -284,6 +297,7 @@ class Adam(_Adaptive):
         weight_decay: float = 0.0,
         batch_scaling: str = "linear",
         gain_horizon: float = 1000,
+        bias_correction: str = "uniform",
         foreach: bool | None = None,
         **unsupported: Any,
     ):
@@ -298,6 +312,7 @@ class Adam(_Adaptive):
             "weight_decay": weight_decay,
             "batch_scaling": batch_scaling,
             "gain_horizon": gain_horizon,
+            "bias_correction": bias_correction,
             "foreach": foreach,
         }
         super().__init__(params, defaults)

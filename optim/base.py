@@ -16,6 +16,10 @@ from optim import functional as F
 
 SECOND_MOMENTS = ("example", "batch")
 BATCH_SCALINGS = ("linear", "gain", "sqrt")
+BIAS_CORRECTIONS = ("uniform", "exponential")
+MASSES = {"grad_mass": "grad_horizon", "sq_mass": "sq_horizon"}
+"""State of the exponential bias correction: the share of each average's weight its data
+hold, and the horizon it follows."""
 
 
 class PerExampleOptimizer(torch.optim.Optimizer):
@@ -40,6 +44,12 @@ class PerExampleOptimizer(torch.optim.Optimizer):
             group.setdefault("batch_scaling", "linear")
             group.setdefault("gain_horizon", 1000)
             group.setdefault("foreach", None)
+            group.setdefault("bias_correction", "uniform")
+            for p in group["params"]:  # states saved before the exponential rule
+                state = self.state.get(p, {})
+                for key, horizon in MASSES.items():
+                    if "seen" in state and horizon in group:  # uniform: data alone, once any
+                        state.setdefault(key, 1.0 if state["seen"] else 0.0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim``'s, and the group's state is made at once (zeros), so that a
@@ -73,7 +83,13 @@ class PerExampleOptimizer(torch.optim.Optimizer):
             ValueError: naming the hyperparameters or state buffers that are missing or foreign.
         """
         kind = type(self).__name__
-        newer = {"batch_scaling", "gain_horizon", "foreach", "second_moment_batch"}
+        newer = {
+            "batch_scaling",
+            "gain_horizon",
+            "foreach",
+            "second_moment_batch",
+            "bias_correction",
+        }
         required = (set(self.defaults) & HYPERPARAMETERS) - newer  # not what others add
         own = set(self.defaults) | self._legacy_keys()
         for i, group in enumerate(state_dict.get("param_groups", [])):
@@ -156,20 +172,41 @@ class PerExampleOptimizer(torch.optim.Optimizer):
                     self._init_state(p, state, group)
                 state["seen"] += pergrad.grad_stats(p).count
             gain = self._gain(active, group) if group["batch_scaling"] == "gain" else None
-            buckets: dict[tuple[int, int], list[Tensor]] = {}
+            buckets: dict[tuple[int, AverageWeights], list[Tensor]] = {}
             for p in active:  # parameters whose scalars agree step together (one, as a rule)
-                key = (pergrad.grad_stats(p).count, self.state[p]["seen"])
+                count = pergrad.grad_stats(p).count
+                key = (count, self._weights(self.state[p], count, group))
                 buckets.setdefault(key, []).append(p)
-            for (count, seen), params in buckets.items():
-                weights = AverageWeights(
-                    F.average_weight(count, seen, group["grad_horizon"]),
-                    F.average_weight(count, seen, group.get("sq_horizon", math.inf)),
-                )
+            for (count, weights), params in buckets.items():
                 step_scale = count if gain is None else gain
                 if group["batch_scaling"] == "sqrt":
                     step_scale = math.sqrt(count)
                 self._update_group(params, group, step_scale, weights)
+            for p in active:
+                self._advance_masses(self.state[p], pergrad.grad_stats(p).count, group)
         return loss
+
+    def _weights(self, state: dict[str, Any], count: int, group: dict[str, Any]) -> AverageWeights:
+        """This step's weights in the running averages of a parameter whose ``state["seen"]``
+        already counts the step's ``count`` examples (MATH.md, ``bias_correction``)."""
+        seen, horizons = state["seen"], (group["grad_horizon"], group.get("sq_horizon", math.inf))
+        if group["bias_correction"] == "uniform":
+            return AverageWeights(*(F.average_weight(count, seen, n) for n in horizons))
+        return AverageWeights(
+            *(
+                F.exponential_weight(count, state.get(key, 0.0), seen, n)
+                for key, n in zip(MASSES, horizons)
+            )
+        )
+
+    def _advance_masses(self, state: dict[str, Any], count: int, group: dict[str, Any]) -> None:
+        """Record the share of each average's weight its data hold after this step: ``1``
+        under the uniform rule (its averages are exact means from the first step)."""
+        for key, horizon in MASSES.items():
+            if horizon in group:
+                exponential = group["bias_correction"] == "exponential"
+                mass = state.get(key, 0.0)
+                state[key] = F.data_mass(count, mass, group[horizon]) if exponential else 1.0
 
     def _check_statistics(self) -> None:
         """Raise, before any parameter or state changes, unless every ``.grad`` comes with the
@@ -274,8 +311,9 @@ class MissingStatisticsError(pergrad.InputError, RuntimeError):
 
 @dataclass(frozen=True)
 class AverageWeights:
-    """The weights ``w = min(1, B / min(n, N⁰))`` of this step in the running averages: of
-    the first moment (``grad_horizon``) and of the second (``sq_horizon``; SGD has none)."""
+    """The weights of this step in the running averages (``w = min(1, B / min(n, N⁰))``, or
+    the exponential rule's): of the first moment (``grad_horizon``) and of the second
+    (``sq_horizon``; SGD has none)."""
 
     grad: float
     sq: float
@@ -299,6 +337,7 @@ _NUMBERS: dict[str, tuple[Callable[[float], bool], str, str]] = {
 _CHOICES: dict[str, tuple] = {
     "second_moment": SECOND_MOMENTS,
     "batch_scaling": BATCH_SCALINGS,
+    "bias_correction": BIAS_CORRECTIONS,
     "centered": (False, True),
     "foreach": (None, False, True),
 }

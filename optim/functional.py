@@ -26,6 +26,29 @@ def average_weight(batch_size: int, seen: int, horizon: float) -> float:
     return min(1.0, batch_size / min(seen, horizon))
 
 
+def exponential_weight(batch_size: int, mass: float, seen: int, horizon: float) -> float:
+    """``w = a / c``, ``c = (1 − a)·c₋ + a``, ``a = min(1, B / N⁰)``: the weight of this batch in
+    a running average with Adam's bias correction, counted in examples. ``mass`` is ``c₋``, the
+    share of the average's weight its data held before this batch (0 at the start).
+
+    ``a`` is ``1 − β`` of this step; at a fixed ``B``, ``c = 1 − β^t`` and the average is
+    ``torch.optim.Adam``'s bias-corrected one. With ``N⁰ = ∞`` (``β = 1``) it is the exact mean of
+    everything seen, ``B / n``, the limit as ``N⁰ → ∞``.
+    """
+    share = min(1.0, batch_size / horizon)
+    if share == 0:
+        return batch_size / seen
+    return share / ((1 - share) * mass + share)
+
+
+def data_mass(batch_size: int, mass: float, horizon: float) -> float:
+    """``c = (1 − a)·c₋ + a``, ``a = min(1, B / N⁰)``: the share of a running average's weight
+    its data hold after this batch (``1 − β^t`` at a fixed ``B``; the rest would be the zero
+    start's)."""
+    share = min(1.0, batch_size / horizon)
+    return (1 - share) * mass + share
+
+
 def gain_ratio(batch_size: int, noise: Tensor, signal: Tensor) -> Tensor:
     """``r = B(σ² + |G|²) / (σ² + B|G|²)``, the number of single-example steps a batch of ``B``
     is worth (McCandlish et al. 2018; AdaScale, Johnson et al. 2020): ``B`` for pure noise,

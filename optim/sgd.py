@@ -29,6 +29,9 @@ class SGD(PerExampleOptimizer):
             statistics and averaged over ``gain_horizon`` examples (MATH.md); ``"sqrt"``: by
             ``√B·lr·m``.
         gain_horizon: the examples the gain's noise and signal estimates span.
+        bias_correction: how the momentum average starts: ``"uniform"``, the exact mean of
+            everything seen until ``n`` reaches ``grad_horizon``; ``"exponential"``, Adam's
+            bias correction with ``β = 1 − B/N_g⁰`` (MATH.md).
         foreach: one multi-tensor kernel per operation for all parameters of a group
             (``torch._foreach_*``) instead of a loop over them, with the same numbers bit for
             bit; ``None`` (the default) uses it where every parameter is on CUDA, as
@@ -55,6 +58,7 @@ class SGD(PerExampleOptimizer):
         weight_decay: float = 0.0,
         batch_scaling: str = "linear",
         gain_horizon: float = 1000,
+        bias_correction: str = "uniform",
         foreach: bool | None = None,
         **unsupported: Any,
     ):
@@ -65,12 +69,14 @@ class SGD(PerExampleOptimizer):
             "weight_decay": weight_decay,
             "batch_scaling": batch_scaling,
             "gain_horizon": gain_horizon,
+            "bias_correction": bias_correction,
             "foreach": foreach,
         }
         super().__init__(params, defaults)
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["seen"] = 0  # n: examples seen, this step included
+        state["grad_mass"] = 0.0  # c: the average's share of data
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # m
 
     def _update_group(

@@ -28,9 +28,11 @@ def run(kind: str, phi: Tensor, stream: list[Tensor], **h) -> Tensor:
     gain = h.get("batch_scaling", "linear") == "gain"
     sqrt = h.get("batch_scaling", "linear") == "sqrt"  # √B·lr, ε/√B
     n_r = h.get("gain_horizon", 1000)
+    exponential = h.get("bias_correction", "uniform") == "exponential"
     phi = phi.clone()
     m = s = a = torch.zeros_like(phi)
     n = k = 0
+    c_g = c_s = 0.0  # exponential: the averages' share of weight held by data
     noise = signal = 0.0
     for G in stream:
         B = G.shape[0]
@@ -45,6 +47,12 @@ def run(kind: str, phi: Tensor, stream: list[Tensor], **h) -> Tensor:
                 q = torch.maximum(q, q_example / N)  # μ² + σ²/N ≥ (μ² + σ²)/N
         w_g = min(1, B / min(n, n_g))
         w_s = min(1, B / min(n, n_s))
+        if exponential:  # Adam's bias correction, 1 − β = B/N⁰; N⁰ = ∞: the exact mean
+            a_g, a_s = min(1, B / n_g), min(1, B / n_s)
+            c_g = (1 - a_g) * c_g + a_g
+            c_s = (1 - a_s) * c_s + a_s
+            w_g = a_g / c_g if a_g > 0 else B / n
+            w_s = a_s / c_s if a_s > 0 else B / n
         m = (1 - w_g) * m + w_g * g_hat
         if kind != "sgd":
             s = (1 - w_s) * s + w_s * q

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from literal import feed, run
-from zoo import CASES, CROSS_ENTROPY
+from zoo import CASES, CROSS_ENTROPY, mlp
 
 import optim
 import pergrad
@@ -22,6 +22,7 @@ OPTIONS = {
         {"lr": 0.05, "grad_horizon": 7, "weight_decay": 0.1},
         {"lr": 0.05, "grad_horizon": 7, "batch_scaling": "gain", "gain_horizon": 30},
         {"lr": 0.05, "grad_horizon": 7, "batch_scaling": "sqrt"},
+        {"lr": 0.05, "grad_horizon": 40, "bias_correction": "exponential"},
     ],
     "rmsprop": [
         {"lr": 0.01},
@@ -33,6 +34,13 @@ OPTIONS = {
         {"lr": 0.01, "sq_horizon": 300, "batch_scaling": "gain", "gain_horizon": 20},
         {"lr": 0.01, "sq_horizon": 50, "second_moment": "batch", "batch_scaling": "sqrt"},
         {"lr": 0.01, "sq_horizon": 30, "power": 1.0, "eps": 0.1, "second_moment_batch": 4},
+        {
+            "lr": 0.01,
+            "sq_horizon": 30,
+            "centered": True,
+            "grad_horizon": 20,
+            "bias_correction": "exponential",
+        },
     ],
     "adam": [
         {"lr": 0.01},
@@ -55,6 +63,22 @@ OPTIONS = {
         {"lr": 0.01, "grad_horizon": 16, "sq_horizon": 100, "second_moment_batch": 32},
         {"lr": 0.01, "sq_horizon": 50, "second_moment_batch": 3, "batch_scaling": "gain"},
         {"lr": 0.01, "sq_horizon": 50, "second_moment_batch": float("inf"), "eps": 1e-2},
+        {"lr": 0.01, "grad_horizon": 16, "sq_horizon": 100, "bias_correction": "exponential"},
+        {
+            "lr": 0.01,
+            "grad_horizon": 16,
+            "sq_horizon": float("inf"),
+            "second_moment": "batch",
+            "batch_scaling": "sqrt",
+            "bias_correction": "exponential",
+        },
+        {
+            "lr": 0.01,
+            "sq_horizon": 40,
+            "batch_scaling": "gain",
+            "gain_horizon": 12,
+            "bias_correction": "exponential",
+        },
     ],
 }
 CASES_ = [(kind, options) for kind, all_options in OPTIONS.items() for options in all_options]
@@ -295,8 +319,10 @@ def test_a_state_saved_by_an_earlier_version_loads_with_the_new_defaults(kind):
         opt.step()
     state = copy.deepcopy(opt.state_dict())  # not sharing the buffers opt keeps stepping
     for group in state["param_groups"]:  # what an optimizer saved before these options held
-        del group["gain_horizon"], group["foreach"]
+        del group["gain_horizon"], group["foreach"], group["bias_correction"]
         group.pop("second_moment_batch", None)
+    for saved in state["state"].values():
+        saved.pop("grad_mass"), saved.pop("sq_mass", None)
         if kind == "adam":
             group.update(centered=False, power=0.5)  # Adam's hidden keys of then
     second.data.copy_(first.detach())
@@ -304,6 +330,7 @@ def test_a_state_saved_by_an_earlier_version_loads_with_the_new_defaults(kind):
     resumed.load_state_dict(state)
     assert resumed.param_groups[0]["gain_horizon"] == 1000
     assert resumed.param_groups[0]["foreach"] is None
+    assert resumed.param_groups[0]["bias_correction"] == "uniform"
     assert kind == "sgd" or resumed.param_groups[0]["second_moment_batch"] == 1
     assert kind != "adam" or "centered" not in resumed.param_groups[0]
     for per_example in stream[4:]:
@@ -417,3 +444,41 @@ def test_a_grad_without_statistics_is_the_fault_pergrad_raises_for_it(error):
     with pytest.raises(error, match="no per-example statistics"):
         opt.step()
     assert torch.equal(param, torch.ones(3))
+
+
+@pytest.mark.parametrize("batch", [1, 8, 32, 200])
+def test_exponential_bias_correction_at_a_fixed_batch_size_is_torch_adam(batch):
+    """``bias_correction="exponential"`` with the standard second moment at a fixed ``B`` is
+    ``torch.optim.Adam`` with ``lr·B``, ``β = 1 − B/N⁰`` (0 where ``B ≥ N⁰``)."""
+    torch.manual_seed(0)
+    ours = mlp().double()
+    theirs = copy.deepcopy(ours)
+    lr, grad_horizon, sq_horizon = 1e-3, 100, 1000
+    opt = optim.Adam(
+        ours.parameters(),
+        lr=lr,
+        grad_horizon=grad_horizon,
+        sq_horizon=sq_horizon,
+        second_moment="batch",
+        bias_correction="exponential",
+    )
+    betas = tuple(max(0.0, 1 - batch / n) for n in (grad_horizon, sq_horizon))
+    reference = torch.optim.Adam(theirs.parameters(), lr=lr * batch, betas=betas)
+    engine = pergrad.PerExample(ours, CROSS_ENTROPY)
+    gen = torch.Generator().manual_seed(batch)
+    for _ in range(12):
+        x = torch.randn(batch, 6, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (batch,), generator=gen)
+        opt.zero_grad()
+        engine.backward(x, y)
+        opt.step()
+        reference.zero_grad()
+        CROSS_ENTROPY(theirs(x), y).mean().backward()
+        reference.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_bias_correction_choices_are_checked():
+    with pytest.raises(ValueError, match="bias_correction.*'uniform', 'exponential'"):
+        optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, bias_correction="adam")
