@@ -36,11 +36,11 @@ for the ``torch_*`` ones, the per-example lr at B = 32, scaled by their rule) an
 with ``--seeds`` runs per cell (3 by default, each with its own weights and order of
 examples), and writes ``tune.json`` (``{optimizer: {"best": {B: {"lr", "loss", "loss_std"}},
 "transfer": {B: ratio}, "transfer_std": {B: std}, "grid": {B: {lr: loss}}, "grid_std": {B:
-{lr: std}}}}``, loss = final held-out loss averaged over seeds, std = its sample standard
-deviation, transfer = the loss at B of the lr best at B = 32 over the best loss at B, taken
-per seed and averaged) and ``lr.png`` (loss against lr, one line per batch size with a band
-of ± one standard deviation, one panel per optimizer: for an invariant method the lines'
-minima line up).
+{lr: std}}, "grid_seeds": {B: {lr: [loss per seed]}}}}``, loss = final held-out loss
+averaged over seeds, std = its sample standard deviation, transfer = the loss at B of the
+lr best at B = 32 over the best loss at B, taken per seed and averaged) and ``lr.png`` (loss
+against lr, one line per batch size with a band of ± one standard deviation, one panel per
+optimizer: for an invariant method the lines' minima line up).
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ def make_optimizer(name: str, params, batch: int, lr: float, args) -> torch.opti
     """The optimizer ``name`` with per-example learning rate ``lr`` and the horizons in
     ``args``."""
     horizons = {"grad_horizon": args.grad_horizon, "sq_horizon": args.sq_horizon}
+    if name not in TORCH:  # how optim's averages start; torch's are exponential
+        horizons["bias_correction"] = args.bias_correction
     if name == "invariant":
         return optim.Adam(params, lr=lr, second_moment="example", **horizons)
     if name == "invariant_gain":
@@ -111,7 +113,8 @@ def make_optimizer(name: str, params, batch: int, lr: float, args) -> torch.opti
         scale = kappa if name == "torch_linear" else math.sqrt(kappa)
         return torch.optim.Adam(params, lr=matched["lr"] * scale, betas=betas, eps=eps)
     if name == "sgd":
-        return optim.SGD(params, lr=args.sgd_lr, grad_horizon=args.grad_horizon)
+        warm_up = {"bias_correction": args.bias_correction}
+        return optim.SGD(params, lr=lr, grad_horizon=args.grad_horizon, **warm_up)
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
@@ -154,7 +157,9 @@ def train(
     ``[(examples seen, B_noise)]`` (pergrad's optimizers, B ≥ 2), and final figures."""
     torch.manual_seed(args.seed if seed is None else seed)
     model = task.make_model()
-    opt = make_optimizer(name, model.parameters(), batch, args.lr if lr is None else lr, args)
+    if lr is None:
+        lr = args.sgd_lr if name == "sgd" else args.lr
+    opt = make_optimizer(name, model.parameters(), batch, lr, args)
     if task.micro_batch:  # every optimizer's gradients from micro-batches, as accumulation
         engine = pergrad.MicroBatches(model, task.loss_fn, size=task.micro_batch)
     else:
@@ -313,6 +318,10 @@ def tune_summary(results: dict) -> dict:
             },
             "grid_std": {
                 str(b): {f"{lr:g}": _finite(_std(v)) for lr, v in g.items()}
+                for b, g in losses.items()
+            },
+            "grid_seeds": {
+                str(b): {f"{lr:g}": [_finite(x) for x in v] for lr, v in g.items()}
                 for b, g in losses.items()
             },
         }
@@ -596,7 +605,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Adam's per-example learning rate η₀ (a step moves by B·lr)",
     )
     parser.add_argument(
-        "--sgd-lr", type=float, default=2e-3, help="SGD's per-example learning rate, with --sgd"
+        "--sgd-lr",
+        type=float,
+        default=2e-3,
+        help="SGD's per-example learning rate (not with --tune)",
     )
     parser.add_argument(
         "--grad-horizon", type=float, default=1000, help="first-moment horizon N_g⁰, in examples"
@@ -605,6 +617,22 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--sq-horizon", type=float, default=10_000, help="second-moment horizon N_s⁰, in examples"
     )
     parser.add_argument("--sgd", action="store_true", help="also run optim.SGD with momentum")
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=OPTIMIZERS,
+        metavar="NAME",
+        help="the optimizers to run, of: " + ", ".join(OPTIMIZERS) + " [default: "
+        "invariant invariant_gain invariant_32 standard torch_sqrt torch_sde (and sgd with "
+        "--sgd); with --tune: all but sgd]",
+    )
+    parser.add_argument(
+        "--bias-correction",
+        choices=("uniform", "exponential"),
+        default="uniform",
+        help="how optim's running averages start (optim.Adam's bias_correction): uniform, the "
+        "exact mean until the horizon; exponential, Adam's (torch's optimizers always)",
+    )
     parser.add_argument(
         "--tune",
         action="store_true",
@@ -674,13 +702,15 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 f"needs two examples or more (two micro-batches of {micro} for digits_bn); "
                 f"pick --examples so that it does"
             )
+    if args.optimizers and args.sgd:
+        parser.error("--sgd adds sgd to the default optimizers: name it in --optimizers instead")
     if args.tune:
-        args.optimizers = [*OURS, *TORCH]
+        args.optimizers = args.optimizers or [*OURS, *TORCH]
         if REFERENCE_BATCH not in args.batch_sizes:
             parser.error(
                 f"--tune measures transfer from B={REFERENCE_BATCH}: include it in --batch-sizes"
             )
-    else:
+    elif not args.optimizers:
         args.optimizers = ["invariant", "invariant_gain", "invariant_32", "standard"]
         args.optimizers += ["torch_sqrt", "torch_sde"]
         args.optimizers += ["sgd"] if args.sgd else []

@@ -85,8 +85,20 @@ def test_tune_averages_over_seeds_and_says_how_far_they_spread(tmp_path):
                 assert entry["grid"][str(b)][f"{lr:g}"] == pytest.approx(sum(losses) / 2)
                 spread = abs(losses[0] - losses[1]) / 2**0.5  # the sample std of two
                 assert entry["grid_std"][str(b)][f"{lr:g}"] == pytest.approx(spread)
+                assert entry["grid_seeds"][str(b)][f"{lr:g}"] == losses  # for paired tests
         assert entry["transfer_std"]["32"] == 0.0 and entry["transfer"]["32"] == 1
     assert (tmp_path / "lr.png").stat().st_size > 10_000
+
+
+def test_optimizers_choose_what_runs(tmp_path):
+    argv = ["--tune", "--batch-sizes", "8", "32", "--examples", "200", "--seeds", "1"]
+    argv += ["--lr-grid", "1e-3", "--no-progress", "--out", str(tmp_path)]
+    summary = batch_invariance.main([*argv, "--optimizers", "torch_sde", "sgd"])
+    assert list(summary) == ["torch_sde", "sgd"]
+    with pytest.raises(SystemExit):
+        batch_invariance.parse(["--optimizers", "adamw"])
+    with pytest.raises(SystemExit):
+        batch_invariance.parse(["--optimizers", "invariant", "--sgd"])
 
 
 def test_seeds_need_tune():
@@ -129,6 +141,26 @@ def test_our_square_root_rule_steps_as_standard_at_the_reference_batch_size():
         opt.step()
         steps[name] = param.detach()
     torch.testing.assert_close(steps["standard_sqrt"], steps["standard"])
+
+
+@pytest.mark.parametrize("batch", [8, 128])
+def test_with_adams_bias_correction_our_square_root_rule_is_torch_sde(batch):
+    """``--bias-correction exponential`` leaves ``standard_sqrt`` and ``torch_sde`` one
+    optimizer (Malladi's rule) at every B, so a gap between them is the warm-up's."""
+    argv = ["--examples", "1024", "--points", "4", "--no-progress"]
+    args = batch_invariance.parse([*argv, "--bias-correction", "exponential"])
+    task = batch_invariance._task("digits", 0)
+    order = batch_invariance.example_order(len(task.train[1]), args.examples, 0)
+    quiet = batch_invariance._NoProgress()
+    runs = {
+        name: batch_invariance.train(task, name, batch, order, args, quiet, lr=1e-3)
+        for name in ("standard_sqrt", "torch_sde")
+    }
+    ours, theirs = ([loss for _, loss in runs[n]["curve"]] for n in runs)
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    uniform = batch_invariance.parse(argv)
+    warm_up = batch_invariance.train(task, "standard_sqrt", batch, order, uniform, quiet, 1e-3)
+    assert [loss for _, loss in warm_up["curve"]] != pytest.approx(theirs, rel=1e-4)
 
 
 def test_digits_bn_trains_a_batchnorm_network_from_micro_batches(tmp_path):
