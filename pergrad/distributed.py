@@ -4,6 +4,8 @@ that every rank starts from the same parameters; and the sum of every rank's sta
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -57,6 +59,23 @@ def check_same_parameters(params: dict[str, Tensor], group: object) -> None:
             f"before building the model, or broadcast from rank 0 "
             f"(for p in model.parameters(): torch.distributed.broadcast(p.data, src=0))."
         )
+
+
+def gathered(
+    compute: Callable[[], Sums], group: object | None, checked: bool, params: Callable[[], dict]
+) -> Sums:
+    """``compute()``, this rank's sums; with a process ``group``, summed over it by
+    :func:`reduce`, every rank taking part even where its own ``compute`` raised (so that
+    none waits for it; then every rank raises). ``params()`` gives the parameters where
+    ``compute`` raised."""
+    if group is None:
+        return compute()
+    sums, failure = None, None
+    try:
+        sums = compute()
+    except Exception as error:
+        failure = error
+    return reduce(sums, failure, sums.params if sums is not None else params(), group, checked)
 
 
 def reduce(

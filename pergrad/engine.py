@@ -172,20 +172,23 @@ class PerExample:
             FloatingPointError: a gradient statistic is NaN or infinite; nothing is accumulated.
         """
         grouped = self.process_group is not None
+
+        def this_rank() -> stats.Sums:
+            structure, chunks = self._prepare(inputs, target, allow_empty=grouped)
+            sums = stats.Sums(structure.params)
+            moments = Quantity("moments", self.max_example_norm)
+            for x, y in chunks:
+                sums.add(*self._chunk(structure, x, y, moments))
+            return sums
+
         with self._whole_parameters():
-            sums, failure = None, None
-            try:
-                structure, chunks = self._prepare(inputs, target, allow_empty=grouped)
-                sums = stats.Sums(structure.params)
-                moments = Quantity("moments", self.max_example_norm)
-                for x, y in chunks:
-                    sums.add(*self._chunk(structure, x, y, moments))
-            except Exception as error:
-                if not grouped:
-                    raise
-                failure = error  # raised once every rank knows, so that none waits for it
-            if grouped:
-                sums = self._reduce(sums, failure)
+            sums = distributed.gathered(
+                this_rank,
+                self.process_group,
+                self._ranks_checked,
+                lambda: checks.trainable(self._module),
+            )
+            self._ranks_checked = grouped
             self.last_losses = sums.last_losses
             sums.check_finite()
         if self._sharding is not None:  # each rank keeps its shard of the global sums
@@ -196,14 +199,6 @@ class PerExample:
     def zero_grad(self) -> None:
         """Clear ``.grad`` and the per-example statistics of every parameter of the model."""
         stats.zero_grad(self.model.parameters())
-
-    def _reduce(self, sums: stats.Sums | None, failure: Exception | None) -> stats.Sums:
-        """Sum over the process group (:func:`pergrad.distributed.reduce`), the ranks'
-        parameters compared on the first call."""
-        params = sums.params if sums is not None else checks.trainable(self._module)
-        found = distributed.reduce(sums, failure, params, self.process_group, self._ranks_checked)
-        self._ranks_checked = True
-        return found
 
     def _verify(
         self, structure: Structure, inputs: batch.Inputs, target: Tensor, chunk, random

@@ -78,18 +78,13 @@ class MicroBatches:
         """
         grouped = self.process_group is not None
         params = checks.trainable(self._module)
-        sums, failure = None, None
-        try:
-            sums = self._micro_batches(inputs, target, params, allow_empty=grouped)
-        except Exception as error:
-            if not grouped:
-                raise
-            failure = error  # raised once every rank knows, so that none waits for it
-        if grouped:
-            sums = distributed.reduce(
-                sums, failure, params, self.process_group, self._ranks_checked
-            )
-            self._ranks_checked = True
+        sums = distributed.gathered(
+            lambda: self._micro_batches(inputs, target, params, allow_empty=grouped),
+            self.process_group,
+            self._ranks_checked,
+            lambda: params,
+        )
+        self._ranks_checked = grouped
         self._estimate(sums)
         sums.check_finite()
         sums.merge_into()
