@@ -102,8 +102,9 @@ class RMSprop(_Adaptive):
         s ← (1 − w_s)·s + w_s·q,   q = mean_b g_b²  (second_moment="example")
         Φ ← Φ − B·lr·m / (√s + ε)
 
-    with ``w = min(1, B / min(n, N⁰))``. ``second_moment="batch"`` feeds ``ĝ²`` instead
-    (standard RMSProp, which is not batch-size invariant), everything else equal.
+    with ``w = min(1, B / min(n, N⁰))`` (or Adam's bias correction, ``bias_correction``).
+    ``second_moment="batch"`` feeds ``ĝ²`` instead (standard RMSProp, which is not
+    batch-size invariant), everything else equal.
 
     Args:
         params: parameters or parameter groups.
@@ -136,8 +137,9 @@ class RMSprop(_Adaptive):
         bias_correction: how the averages start. ``"uniform"``: ``w = min(1, B/min(n, N⁰))``,
             the exact mean of everything seen until ``n`` reaches the horizon (the slides');
             ``"exponential"``: Adam's, ``w = a/c`` with ``a = min(1, B/N⁰)`` and
-            ``c = (1 − a)·c₋ + a`` (``1 − β^t`` at a fixed ``B``): at a fixed batch size,
-            ``torch.optim``'s averages with ``β = 1 − B/N⁰`` (MATH.md).
+            ``c = (1 − a)·c₋ + a`` (``1 − β^t`` at a fixed ``B``, ``β = max(0, 1 − B/N⁰)``;
+            ``torch.optim.RMSprop`` has no bias correction). The gain's averages keep the
+            uniform rule (MATH.md).
         foreach: one multi-tensor kernel per operation for all parameters of a group
             (``torch._foreach_*``) instead of a loop over them, with the same numbers bit for
             bit; ``None`` (the default) uses it where every parameter is on CUDA, as
@@ -234,7 +236,8 @@ class Adam(_Adaptive):
         Φ ← Φ − B·lr·m / (√s + ε)
 
     with ``w = min(1, B / min(n, N⁰))``, which is also the bias correction: the averages are
-    exact means of everything seen until ``n`` reaches the horizon. ``second_moment="batch"``
+    exact means of everything seen until ``n`` reaches the horizon (``bias_correction=
+    "exponential"``: Adam's, with ``β = 1 − B/N⁰``). ``second_moment="batch"``
     feeds ``ĝ²`` (standard Adam with linear learning-rate scaling), everything else equal.
     The defaults are ``torch.optim.Adam``'s ``betas=(0.9, 0.999)`` at ``B = 32``.
 
@@ -268,7 +271,8 @@ class Adam(_Adaptive):
             the exact mean of everything seen until ``n`` reaches the horizon (the slides');
             ``"exponential"``: Adam's, ``w = a/c`` with ``a = min(1, B/N⁰)`` and
             ``c = (1 − a)·c₋ + a`` (``1 − β^t`` at a fixed ``B``): at a fixed batch size,
-            ``torch.optim``'s averages with ``β = 1 − B/N⁰`` (MATH.md).
+            ``torch.optim.Adam``'s averages with ``β = max(0, 1 − B/N⁰)``. The gain's
+            averages keep the uniform rule (MATH.md).
         foreach: one multi-tensor kernel per operation for all parameters of a group
             (``torch._foreach_*``) instead of a loop over them, with the same numbers bit for
             bit; ``None`` (the default) uses it where every parameter is on CUDA, as

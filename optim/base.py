@@ -46,10 +46,10 @@ class PerExampleOptimizer(torch.optim.Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("bias_correction", "uniform")
             for p in group["params"]:  # states saved before the exponential rule
-                state = self.state.get(p, {})
+                saved = self.state.get(p, {})
                 for key, horizon in MASSES.items():
-                    if "seen" in state and horizon in group:  # uniform: data alone, once any
-                        state.setdefault(key, 1.0 if state["seen"] else 0.0)
+                    if "seen" in saved and horizon in group:  # uniform: data alone, once any
+                        saved.setdefault(key, 1.0 if saved["seen"] else 0.0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim``'s, and the group's state is made at once (zeros), so that a
@@ -101,6 +101,8 @@ class PerExampleOptimizer(torch.optim.Optimizer):
                     f"this state_dict is not an optim.{kind}'s: its param_groups[{i}] {what}. "
                     f"Load a state saved by optim.{kind}.state_dict()."
                 )
+        for group in state_dict.get("param_groups", []):
+            _validate({**self.defaults, **group})
         buffers = self._state_keys()
         saved = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
         params = dict(zip(saved, (p for group in self.param_groups for p in group["params"])))
@@ -190,7 +192,7 @@ class PerExampleOptimizer(torch.optim.Optimizer):
         """This step's weights in the running averages of a parameter whose ``state["seen"]``
         already counts the step's ``count`` examples (MATH.md, ``bias_correction``)."""
         seen, horizons = state["seen"], (group["grad_horizon"], group.get("sq_horizon", math.inf))
-        if group["bias_correction"] == "uniform":
+        if group["bias_correction"] != "exponential":
             return AverageWeights(*(F.average_weight(count, seen, n) for n in horizons))
         return AverageWeights(
             *(
@@ -202,9 +204,9 @@ class PerExampleOptimizer(torch.optim.Optimizer):
     def _advance_masses(self, state: dict[str, Any], count: int, group: dict[str, Any]) -> None:
         """Record the share of each average's weight its data hold after this step: ``1``
         under the uniform rule (its averages are exact means from the first step)."""
+        exponential = group["bias_correction"] == "exponential"
         for key, horizon in MASSES.items():
             if horizon in group:
-                exponential = group["bias_correction"] == "exponential"
                 mass = state.get(key, 0.0)
                 state[key] = F.data_mass(count, mass, group[horizon]) if exponential else 1.0
 

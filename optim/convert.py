@@ -2,7 +2,8 @@
 
 A horizon of ``N⁰`` examples spans ``N = max(1, N⁰/B)`` steps of ``B`` examples, which a
 PyTorch running average writes as ``β = 1 − 1/N``. The conversions hold once the running
-averages are past their warm-up (PyTorch's bias corrections and ours differ before).
+averages are past their warm-up (PyTorch's bias corrections and ours differ before), and for
+Adam from the first step with ``bias_correction="exponential"``.
 """
 
 from __future__ import annotations

@@ -133,7 +133,8 @@ def adam(
         s ← (1 − w_s)·s + w_s·q
         Φ ← Φ − S·lr·m / (√s + ε)
 
-    ``w = min(1, B / min(n, N⁰))`` is also the bias correction (Kingma and Ba 2015).
+    ``w = min(1, B / min(n, N⁰))`` is also the bias correction, or :func:`exponential_weight`,
+    Adam's (Kingma and Ba 2015).
     """
     _decay(params, lr=lr, step_scale=step_scale, weight_decay=weight_decay, foreach=foreach)
     _average(exp_avgs, grads, grad_weight, foreach)

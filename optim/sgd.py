@@ -15,7 +15,7 @@ from optim.base import AverageWeights, PerExampleOptimizer, refuse_torch_names
 class SGD(PerExampleOptimizer):
     """Batch-size-invariant SGD (MATH.md)::
 
-        m ← (1 − w_g)·m + w_g·ĝ,   w_g = min(1, B / min(n, N_g⁰))
+        m ← (1 − w_g)·m + w_g·ĝ,   w_g = min(1, B / min(n, N_g⁰))   (or Adam's warm-up)
         Φ ← Φ − B·lr·m
 
     Args:

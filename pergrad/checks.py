@@ -238,7 +238,7 @@ def distinct_weights(size: int, like: Tensor) -> Tensor:
     """Distinct weights ``c_b`` in [1, 2), one per example, for the check
     ``Σ_b c_b g_b = ∇ Σ_b c_b ℓ_b``, which a permutation or a mix-up of per-example gradients
     fails; float64, on ``like``'s device. Deterministic (``1 + frac(b·φ)``): no random state
-    is drawn."""
+    is drawn. Cast to bfloat16 the first two agree at 95 examples."""
     golden = (5**0.5 - 1) / 2
     return (1 + torch.arange(size, dtype=torch.float64) * golden % 1).to(like.device)
 

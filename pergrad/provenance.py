@@ -12,9 +12,9 @@ A tag is either an :class:`Axis` (the example is a digit of the index along one 
 the batch as the model received it, or flattened into tokens or windows, known without
 looking at any data) or a *table*: an ``int64`` CPU tensor broadcastable to the value (right
 aligned), for data-dependent moves such as routing or sorting. An operation pergrad does not
-know gives its outputs the union of its inputs' tags over every element: one example where
-all of them come from it alone (nothing else can flow in), else ``MIXED``, said in
-:attr:`Provenance.unknown`.
+know gives its outputs the union of its inputs' tags over every element: ``NONE`` where no
+input comes from an example, one example where all that do come from it alone (nothing else
+can flow in), else ``MIXED``, said in :attr:`Provenance.unknown`.
 """
 
 from __future__ import annotations

@@ -321,16 +321,17 @@ def test_a_state_saved_by_an_earlier_version_loads_with_the_new_defaults(kind):
     for group in state["param_groups"]:  # what an optimizer saved before these options held
         del group["gain_horizon"], group["foreach"], group["bias_correction"]
         group.pop("second_moment_batch", None)
-    for saved in state["state"].values():
-        saved.pop("grad_mass"), saved.pop("sq_mass", None)
         if kind == "adam":
             group.update(centered=False, power=0.5)  # Adam's hidden keys of then
+    for saved in state["state"].values():
+        saved.pop("grad_mass"), saved.pop("sq_mass", None)
     second.data.copy_(first.detach())
     resumed = KINDS[kind]([second], lr=0.01, gain_horizon=7)
     resumed.load_state_dict(state)
     assert resumed.param_groups[0]["gain_horizon"] == 1000
     assert resumed.param_groups[0]["foreach"] is None
     assert resumed.param_groups[0]["bias_correction"] == "uniform"
+    assert resumed.state[second]["grad_mass"] == 1.0  # a uniform average holds data alone
     assert kind == "sgd" or resumed.param_groups[0]["second_moment_batch"] == 1
     assert kind != "adam" or "centered" not in resumed.param_groups[0]
     for per_example in stream[4:]:
@@ -479,6 +480,11 @@ def test_exponential_bias_correction_at_a_fixed_batch_size_is_torch_adam(batch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_bias_correction_choices_are_checked():
+def test_bias_correction_choices_are_checked_also_in_a_loaded_state():
+    param = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="bias_correction.*'uniform', 'exponential'"):
-        optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, bias_correction="adam")
+        optim.Adam([param], lr=1e-3, bias_correction="adam")
+    state = optim.Adam([param], lr=1e-3).state_dict()
+    state["param_groups"][0]["bias_correction"] = "Exponential"
+    with pytest.raises(ValueError, match="bias_correction"):
+        optim.Adam([param], lr=1e-3).load_state_dict(state)
