@@ -28,8 +28,10 @@ Optimizers compared (keys of summary.json):
 Writes to ``--out``: ``loss.png`` (train loss against examples seen, one panel per optimizer,
 one line per batch size), ``noise.png`` (the critical batch size ``B_noise`` over training,
 measured by ``pergrad.noise_scale`` in the invariant runs, the batch sizes marked) and
-``summary.json`` (``{optimizer: {"runs": {B: {"train_loss", "test_loss", "test_acc"}},
-"spread"}}``, spread = max/min of the final train loss across batch sizes).
+``summary.json`` (``{optimizer: {"runs": {B: {"train_loss", "test_loss", "test_acc",
+"curve", "noise"}}, "spread"}}``: the final figures, the points of both plots, ``[examples
+seen, train loss]`` and ``[examples seen, B_noise]``, and spread = max/min of the final train
+loss across batch sizes).
 
 ``--tune`` instead runs every optimizer at every learning rate of ``--lr-grid`` (per example;
 for the ``torch_*`` ones, the per-example lr at B = 32, scaled by their rule) and batch size,
@@ -381,13 +383,18 @@ def _ratio(ratio: float | None) -> str:
 
 
 def summarize(results: dict) -> dict:
-    """The shape of summary.json: final figures per B and the spread across B."""
+    """The shape of summary.json: final figures per B, the curves behind the plots, and the
+    spread across B."""
     summary = {}
     for name, runs in results.items():
         losses = [r["train_loss"] for r in runs.values()]
         summary[name] = {
             "runs": {
-                str(b): {key: r[key] for key in ("train_loss", "test_loss", "test_acc")}
+                str(b): {
+                    **{key: r[key] for key in ("train_loss", "test_loss", "test_acc")},
+                    "curve": [[seen, _finite(loss)] for seen, loss in r["curve"]],
+                    "noise": [list(point) for point in r["noise"]],
+                }
                 for b, r in runs.items()
             },
             "spread": max(losses) / min(losses),

@@ -43,7 +43,8 @@ def test_batch_invariance_writes_table_png_and_json(
         assert set(entry) == {"runs", "spread"}
         assert set(entry["runs"]) == set(batch_sizes)
         for run in entry["runs"].values():
-            assert set(run) == {"train_loss", "test_loss", "test_acc"}
+            assert set(run) == {"train_loss", "test_loss", "test_acc", "curve", "noise"}
+            assert run["curve"][-1] == [int(examples), run["train_loss"]]
             assert 0 <= run["test_acc"] <= 1 and run["train_loss"] > 0 and run["test_loss"] > 0
         losses = [run["train_loss"] for run in entry["runs"].values()]
         assert entry["spread"] == pytest.approx(max(losses) / min(losses))
