@@ -1,6 +1,7 @@
 """Data-parallel statistics: two ``gloo`` processes on 127.0.0.1, each with a share of every
 batch, against one process on the whole batch."""
 
+import functools
 import socket
 import subprocess
 import sys
@@ -149,10 +150,10 @@ def _picky(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return CROSS_ENTROPY(output, target)
 
 
-def _one_rank_raises(rank: int) -> str:
+def _one_rank_raises(rank: int, engine_type=pergrad.PerExample) -> str:
     """Rank 1's share makes its loss raise: every rank must raise, none wait, nothing change."""
     model = _model()
-    engine = pergrad.PerExample(model, _picky, process_group=dist.group.WORLD)
+    engine = engine_type(model, _picky, process_group=dist.group.WORLD)
     x, y = _batches()
     target = y[0][rank::2].clone()
     if rank == 1:
@@ -223,6 +224,8 @@ def _worker(rank: int, port: int, out: Path) -> None:
     results["batch sizes"] = _batch_sizes(rank)
     results["fsdp checkpoint"] = _fsdp_checkpoint(rank, out)
     results["one rank raises"] = _one_rank_raises(rank)
+    micro = functools.partial(pergrad.MicroBatches, size=1)
+    results["one rank raises, micro-batches"] = _one_rank_raises(rank, micro)
     subgroup = dist.new_group([0])  # every rank takes part in making it and the wrapper
     wrapped = nn.parallel.DistributedDataParallel(_model())
     if rank == 0:
@@ -309,9 +312,12 @@ def test_an_fsdp2_run_resumed_from_a_distributed_checkpoint_continues_alike(two_
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
-def test_an_error_on_one_rank_is_raised_on_every_rank_and_none_waits(two_ranks):
-    assert two_ranks[1]["one rank raises"] == "InputError: a negative target"
-    assert two_ranks[0]["one rank raises"].startswith("RuntimeError: 1 other rank(s) raised")
+@pytest.mark.parametrize("engine", ["", ", micro-batches"])
+def test_an_error_on_one_rank_is_raised_on_every_rank_and_none_waits(two_ranks, engine):
+    assert two_ranks[1][f"one rank raises{engine}"] == "InputError: a negative target"
+    assert two_ranks[0][f"one rank raises{engine}"].startswith(
+        "RuntimeError: 1 other rank(s) raised"
+    )
 
 
 def test_a_process_group_that_disagrees_with_the_wrapper_is_refused(two_ranks):
