@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import adaptive_batch  # noqa: E402
 import batch_invariance  # noqa: E402
+import paired  # noqa: E402
 import tasks  # noqa: E402
 import wrap_your_model  # noqa: E402
 
@@ -89,6 +90,16 @@ def test_tune_averages_over_seeds_and_says_how_far_they_spread(tmp_path):
                 assert entry["grid_seeds"][str(b)][f"{lr:g}"] == losses  # for paired tests
         assert entry["transfer_std"]["32"] == 0.0 and entry["transfer"]["32"] == 1
     assert (tmp_path / "lr.png").stat().st_size > 10_000
+    found = paired.main([str(tmp_path / "tune.json"), "invariant", "torch_sde"])
+    for b in ("8", "32"):
+        ours, theirs = summary["invariant"], summary["torch_sde"]
+        a = ours["grid_seeds"][b][f"{ours['best'][b]['lr']:g}"]
+        t = theirs["grid_seeds"][b][f"{theirs['best'][b]['lr']:g}"]
+        assert found[b] == pytest.approx([(x - y) / y for x, y in zip(a, t)])
+    del summary["torch_sde"]["grid_seeds"]
+    (tmp_path / "old.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="grid_seeds"):
+        paired.main([str(tmp_path / "old.json"), "invariant", "torch_sde"])
 
 
 def test_optimizers_choose_what_runs(tmp_path):
