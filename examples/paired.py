@@ -61,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
         "--against", type=Path, help="the tune.json that holds THEIRS [default: TUNE]"
     )
     args = parser.parse_args(argv)
+    for path in (args.tune, args.against):
+        if path is not None and not path.is_file():
+            parser.error(f"no file {path}: pass the tune.json that --tune wrote")
     first = json.loads(args.tune.read_text())
     second = json.loads(args.against.read_text()) if args.against else first
     for name, tune, path in ((args.ours, first, args.tune), (args.theirs, second, args.against)):

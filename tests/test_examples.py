@@ -100,6 +100,8 @@ def test_tune_averages_over_seeds_and_says_how_far_they_spread(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(summary))
     with pytest.raises(ValueError, match="grid_seeds"):
         paired.main([str(tmp_path / "old.json"), "invariant", "torch_sde"])
+    with pytest.raises(SystemExit):
+        paired.main([str(tmp_path / "missing.json"), "invariant", "torch_sde"])
 
 
 def test_optimizers_choose_what_runs(tmp_path):
