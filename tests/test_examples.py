@@ -96,6 +96,19 @@ def test_tune_averages_over_seeds_and_says_how_far_they_spread(tmp_path):
         a = ours["grid_seeds"][b][f"{ours['best'][b]['lr']:g}"]
         t = theirs["grid_seeds"][b][f"{theirs['best'][b]['lr']:g}"]
         assert found[b] == pytest.approx([(x - y) / y for x, y in zip(a, t)])
+    carried = paired.main(
+        [str(tmp_path / "tune.json"), "invariant", "torch_sde", "--tuned-at", "32"]
+    )
+    for b in ("8", "32"):
+        per_seed = []
+        for k in range(2):
+            losses = []
+            for entry in (summary["invariant"], summary["torch_sde"]):
+                at_32 = entry["grid_seeds"]["32"]
+                lr = min(at_32, key=lambda lr: at_32[lr][k])
+                losses.append(entry["grid_seeds"][b][lr][k])
+            per_seed.append(losses[0] / losses[1] - 1)
+        assert carried[b] == pytest.approx(per_seed)
     del summary["torch_sde"]["grid_seeds"]
     (tmp_path / "old.json").write_text(json.dumps(summary))
     with pytest.raises(ValueError, match="grid_seeds"):
