@@ -15,6 +15,8 @@ Optimizers compared (keys of summary.json):
   number of single-example steps the batch is worth, in place of ``B``;
 - ``invariant_32``: ``optim.Adam(second_moment_batch=32)``: at every B, an unbiased estimate
   of the second moment Adam has at B = 32 (``|G|² + σ²/32``), built from per-example statistics;
+- ``invariant_sqrt``: ``invariant`` with ``batch_scaling="sqrt"`` (``√B·lr``, ``ε/√B``), matched
+  to ``invariant`` at B = 32: the square-root rule fed ``q``;
 - ``standard``: ``optim.Adam(second_moment="batch")``: the same, fed ``ĝ²`` (linear lr scaling);
 - ``standard_sqrt``: the same with ``batch_scaling="sqrt"``: Malladi et al.'s square-root rule in
   per-example units, matched to ``standard`` at B = 32;
@@ -34,7 +36,7 @@ seen, train loss]`` and ``[examples seen, B_noise]``, and spread = max/min of th
 loss across batch sizes).
 
 ``--tune`` instead runs every optimizer at every learning rate of ``--lr-grid`` (per example;
-for the ``torch_*`` ones, the per-example lr at B = 32, scaled by their rule) and batch size,
+for ``torch_*`` and ``*_sqrt``, the per-example lr at B = 32, scaled by their rule) and batch size,
 with ``--seeds`` runs per cell (3 by default, each with its own weights and order of
 examples), and writes ``tune.json`` (``{optimizer: {"best": {B: {"lr", "loss", "loss_std"}},
 "transfer": {B: ratio}, "transfer_std": {B: std}, "grid": {B: {lr: loss}}, "grid_std": {B:
@@ -69,9 +71,18 @@ REFERENCE_BATCH = 32
 """The batch size at which ``torch_sqrt`` matches the per-example hyperparameters."""
 
 TORCH = ("torch_sqrt", "torch_linear", "torch_sde", "torch_halflife")
-OURS = ("invariant", "invariant_gain", "invariant_32", "standard", "standard_sqrt")
+OURS = (
+    "invariant",
+    "invariant_gain",
+    "invariant_32",
+    "invariant_sqrt",
+    "standard",
+    "standard_sqrt",
+)
+SQRT = {"invariant_sqrt": "example", "standard_sqrt": "batch"}
+"""The square-root rule in ``optim``'s units, and the second moment each feeds."""
 OPTIMIZERS = (*OURS, *TORCH, "sgd")
-AT_REFERENCE = (*TORCH, "standard_sqrt")
+AT_REFERENCE = (*TORCH, *SQRT)
 """Optimizers whose lr is the per-example lr at B = 32, scaled by their rule."""
 EPS = 1e-8
 """``torch.optim.Adam``'s ``ε`` at B = 32 (its default, and ``optim.Adam``'s)."""
@@ -99,10 +110,11 @@ def make_optimizer(name: str, params, batch: int, lr: float, args) -> torch.opti
         return optim.Adam(params, lr=lr, second_moment_batch=REFERENCE_BATCH, **horizons)
     if name == "standard":
         return optim.Adam(params, lr=lr, second_moment="batch", **horizons)
-    if name == "standard_sqrt":  # √B·lr·…, ε/√B: at B = 32, standard's lr and ε
+    if name in SQRT:  # √B·lr·…, ε/√B: at B = 32, the linear rule's lr and ε
         root = math.sqrt(REFERENCE_BATCH)
         sqrt = {"batch_scaling": "sqrt", "eps": EPS * root}
-        return optim.Adam(params, lr=lr * root, second_moment="batch", **sqrt, **horizons)
+        moment = SQRT[name]
+        return optim.Adam(params, lr=lr * root, second_moment=moment, **sqrt, **horizons)
     if name in TORCH:
         matched = optim.convert.to_torch_adam(lr, **horizons, batch_size=REFERENCE_BATCH)
         kappa = batch / REFERENCE_BATCH
@@ -424,6 +436,7 @@ OPTIMIZER_TITLES = {
     "invariant_gain": "optim.Adam, q, gain ratio",
     "invariant_32": "optim.Adam, E[ĝ²] at B=32",
     "standard": "optim.Adam, ĝ² (linear)",
+    "invariant_sqrt": "optim.Adam, q, √ rule",
     "standard_sqrt": "optim.Adam, ĝ², √ rule",
     "torch_sqrt": "torch Adam, √B lr",
     "torch_linear": "torch Adam, B lr",

@@ -153,13 +153,14 @@ def test_the_torch_baselines_follow_their_published_rules():
     assert halflife["betas"] == pytest.approx((0.9**4, 0.99**4)) and halflife["eps"] == 1e-8
 
 
-def test_our_square_root_rule_steps_as_standard_at_the_reference_batch_size():
-    """``standard_sqrt`` is ``optim.Adam(batch_scaling="sqrt")`` with lr and ε converted so that
-    at B = 32 it takes ``standard``'s step; at B = 128 the step's lr is twice as large."""
+@pytest.mark.parametrize("linear", ["standard", "invariant"])
+def test_our_square_root_rule_steps_as_the_linear_one_at_the_reference_batch_size(linear):
+    """``standard_sqrt`` and ``invariant_sqrt`` are ``optim.Adam(batch_scaling="sqrt")`` with lr
+    and ε converted so that at B = 32 they take ``standard``'s and ``invariant``'s step."""
     args = batch_invariance.parse([])
     per_example = torch.randn(32, 5, generator=torch.Generator().manual_seed(0))
     steps = {}
-    for name in ("standard", "standard_sqrt"):
+    for name in (linear, f"{linear}_sqrt"):
         param = torch.nn.Parameter(torch.zeros(5))
         opt = batch_invariance.make_optimizer(name, [param], 32, 1e-3, args)
         pergrad.zero_grad([param])
@@ -167,7 +168,8 @@ def test_our_square_root_rule_steps_as_standard_at_the_reference_batch_size():
         param.grad_stats = pergrad.GradStats(32, per_example.square().mean(0))
         opt.step()
         steps[name] = param.detach()
-    torch.testing.assert_close(steps["standard_sqrt"], steps["standard"])
+    torch.testing.assert_close(steps[f"{linear}_sqrt"], steps[linear])
+    assert not torch.equal(steps[linear], torch.zeros(5))
 
 
 @pytest.mark.parametrize("batch", [8, 128])
