@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,10 +44,7 @@ def _per_seed(entry: dict, batch: str, reference: str | None) -> list[float]:
     found best at ``reference``."""
     if "grid_seeds" not in entry:
         raise ValueError("this tune.json has no per-seed losses (grid_seeds): tune it again")
-    grid = {
-        lr: [math.inf if x is None else x for x in v]
-        for lr, v in entry["grid_seeds"][batch].items()
-    }
+    grid = {lr: [_finite(x) for x in v] for lr, v in entry["grid_seeds"][batch].items()}
     if reference is None:
         return grid[f"{entry['best'][batch]['lr']:g}"]
     if reference not in entry["grid_seeds"]:
@@ -58,15 +56,15 @@ def _per_seed(entry: dict, batch: str, reference: str | None) -> list[float]:
 
 
 def _finite(loss: float | None) -> float:
+    """A diverged run's loss (``null`` in tune.json) as infinity."""
     return math.inf if loss is None else loss
 
 
 def summary_line(batch: str, differences: list[float]) -> str:
-    mean = math.fsum(differences) / len(differences)
-    spread = 0.0
-    if len(differences) > 1:
-        squares = math.fsum((d - mean) ** 2 for d in differences)
-        spread = math.sqrt(squares / (len(differences) - 1))
+    """One batch size's differences: mean ± sample standard deviation (0 for one seed), and
+    each seed's."""
+    mean = statistics.fmean(differences)
+    spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
     seeds = ", ".join(f"{100 * d:+.1f}%" for d in differences)
     return f"B={batch:<5} {100 * mean:+6.1f}% ± {100 * spread:.1f}%   (seeds: {seeds})"
 

@@ -38,7 +38,7 @@ def exponential_weight(batch_size: int, mass: float, seen: int, horizon: float) 
     share = min(1.0, batch_size / horizon)
     if share == 0:
         return batch_size / seen
-    return share / ((1 - share) * mass + share)
+    return share / data_mass(batch_size, mass, horizon)
 
 
 def data_mass(batch_size: int, mass: float, horizon: float) -> float:
