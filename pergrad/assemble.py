@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,24 @@ Uses = list[tuple[Record, str]]
 """The records that use a parameter, each with the parameter's name in its module."""
 
 
+@dataclass(frozen=True)
+class Flow:
+    """What the pass found of how examples flow through the model as a whole.
+
+    Attributes:
+        crossed: whether an example's loss holds values of other examples (after an operation
+            pergrad does not follow): then the batch's forward pass is not each example's,
+            and only a mode that runs one example at a time may compute it.
+        random: whether the model drew random numbers (dropout).
+        where: the operations pergrad could not follow, and those that combined examples,
+            for messages (empty where there are none).
+    """
+
+    crossed: bool = False
+    random: bool = False
+    where: str = ""
+
+
 class LayerwiseResult:
     """The per-example losses of a layerwise pass, and each covered parameter's values.
 
@@ -33,9 +52,7 @@ class LayerwiseResult:
         quantity: what :meth:`values` gives, as the pass was asked.
         losses: ``(B,)``.
         uncovered: why each parameter the pass does not cover is left (name -> reason).
-        crossed: whether an example's loss holds values of other examples (after an
-            operation pergrad does not follow): then the batch's forward pass is not each
-            example's, and only a mode that runs one example at a time may compute it.
+        flow: how examples flow through the model (:class:`Flow`).
         sources: where each covered parameter's values came from, once formed: its layer type
             (a rule), the type followed by ``" (local)"`` (``torch.func`` over that layer), a
             torch function followed by ``" (op)"`` (a use at that operation), several joined
@@ -50,11 +67,11 @@ class LayerwiseResult:
         losses: Tensor,
         uncovered: dict[str, str],
         warned: set[tuple[str, str]],
-        crossed: bool,
+        flow: Flow,
     ):
         self.quantity = quantity
         self.losses = losses
-        self.crossed = crossed
+        self.flow = flow
         self.uncovered = uncovered
         self.sources: dict[str, str] = {}
         self._params, self._records, self._warned = params, records, warned

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pergrad import reduce
+from pergrad import alone, checks, randomness, reduce
+from pergrad.assemble import LayerwiseResult
 from pergrad.fallback import FallbackWarning, warn  # noqa: F401 - pergrad.auto's names
 from pergrad.layerwise import Layerwise
 from pergrad.modes import MODES, Mode, ModeError, PerExampleResult
@@ -34,11 +35,13 @@ Params = dict[str, nn.Parameter]
 @dataclass
 class Chunk:
     """One chunk's per-example gradients ``(b, *shape)`` or moments ``(Σ_b g_b, Σ_b g_b²)``
-    per parameter, its per-example losses, and each parameter's source."""
+    per parameter, its per-example losses, each parameter's source, and whether the model
+    drew random numbers."""
 
     values: reduce.Values
     losses: Tensor
     sources: dict[str, str]
+    random: bool = False
 
 
 class OneMode:
@@ -54,13 +57,32 @@ class OneMode:
     def __call__(
         self, structure: Structure, inputs: tuple, target: Tensor, quantity: reduce.Quantity
     ) -> Chunk:
-        params = structure.params
+        params, mode = structure.params, self.whole_model_mode
         with torch.enable_grad():
-            grads, losses = self.whole_model_mode(params, inputs, target)
+            grads, losses = mode(params, inputs, target)
+        random = False
+        if mode.runs_alone:
+            random = _compare_with_batch(mode, inputs, target, losses)
         values = reduce.clipped(
             quantity, lambda: reduce.sq_norms(grads), lambda scale: quantity.of(grads, scale)
         )
-        return Chunk(values, losses, dict.fromkeys(params, self.mode))
+        return Chunk(values, losses, dict.fromkeys(params, self.mode), random)
+
+
+def _compare_with_batch(mode: Mode, inputs: tuple, target: Tensor, losses: Tensor) -> bool:
+    """Check the losses ``mode`` computed one example at a time against one plain forward
+    pass of the batch (:mod:`pergrad.alone`); return whether the model drew random numbers.
+    A model that cannot run the whole batch at once has no batch to disagree with."""
+    draws = randomness.Draws()
+    try:
+        with draws:
+            in_batch = alone.batch_losses(mode.model, mode.loss_fn, inputs, target)
+    except checks.InputError:
+        raise
+    except Exception:
+        return bool(draws.found)
+    alone.compare(mode, inputs, target, losses, in_batch, bool(draws.found), "")
+    return bool(draws.found)
 
 
 class Auto:
@@ -95,7 +117,7 @@ class Auto:
             def whole_model() -> dict[str, Tensor]:
                 """Per-example gradients of what the layers leave, each computed once."""
                 left = {name: why for name, why in done.uncovered.items() if name not in rest}
-                rest.update(self._uncovered(params, left, inputs, target, done.crossed))
+                rest.update(self._uncovered(params, left, inputs, target, done))
                 return rest
 
             def sq_norms() -> Tensor:
@@ -108,19 +130,36 @@ class Auto:
 
             found = reduce.clipped(quantity, sq_norms, values)
         sources = {**done.sources, **dict.fromkeys(rest, self.mode)}
-        return Chunk(found, done.losses, sources)
+        return Chunk(found, done.losses, sources, done.flow.random)
 
     def _uncovered(
-        self, params: Params, uncovered: dict[str, str], inputs: tuple, target: Tensor, crossed
+        self,
+        params: Params,
+        uncovered: dict[str, str],
+        inputs: tuple,
+        target: Tensor,
+        done: LayerwiseResult,
     ) -> dict[str, Tensor]:
         """Per-example gradients, from a whole-model mode, of what the layers leave; where
-        an example's loss holds values of other examples (``crossed``), from a mode that runs
-        one example at a time."""
+        an example's loss holds values of other examples (``done.flow.crossed``), from a mode
+        that runs one example at a time. What such a mode computed is compared with the batch
+        (:mod:`pergrad.alone`).
+
+        Raises:
+            InputError: an example's loss computed alone differs from its loss in the batch.
+        """
         if not uncovered:
             return {}
         left = {name: params[name] for name in uncovered}
+        flow = done.flow
         with torch.enable_grad():
-            grads, _ = self._whole_model(left, inputs, target, crossed)
+            (grads, losses), failed = self._whole_model(left, inputs, target, flow.crossed)
+        mode = self.whole_model_mode
+        if mode.runs_alone:
+            alone.compare(mode, inputs, target, losses, done.losses, flow.random, flow.where)
+        if failed:
+            slow = " (one backward per example: correct, slow)" if mode.name == "loop" else ""
+            warn(f"pergrad: {'; '.join(failed)}. Using mode={mode.name!r}{slow}.")
         if not set(uncovered) <= self._warned:
             self._warned |= set(uncovered)
             listed = "; ".join(f"'{name}': {reason}" for name, reason in uncovered.items())
@@ -133,29 +172,28 @@ class Auto:
 
     def _whole_model(
         self, params: Params, inputs: tuple, target: Tensor, crossed: bool
-    ) -> PerExampleResult:
+    ) -> tuple[PerExampleResult, list[str]]:
         """The kept whole-model mode's result, or the first of ``MODES`` (after the kept one,
-        if it fails) that runs the model (``"loop"`` always can); warn unless it is the
-        first tried. Where examples' values cross (``crossed``), ``"hooks"``, which reads
+        if it fails) that runs the model (``"loop"`` always can), and why the modes tried
+        before it failed. Where examples' values cross (``crossed``), ``"hooks"``, which reads
         the batch's forward pass, is passed over."""
         order = [name for name in MODES if not (crossed and name == "hooks")]
         start, reasons = 0, []
+        random = randomness.RandomState()  # each mode tried draws what the first one would
         if self.whole_model_mode is not None and self.whole_model_mode.name in order:
             try:
-                return self.whole_model_mode(params, inputs, target)
+                return self.whole_model_mode(params, inputs, target), []
             except ModeError as error:
                 start = order.index(self.whole_model_mode.name) + 1
                 reasons.append(f"mode={error.mode!r} failed: {error.reason}")
         for name in order[start:]:
             mode = MODES[name](self.model, self.loss_fn)
+            random.rewind()
             try:
                 result = mode(params, inputs, target)
             except ModeError as error:
                 reasons.append(f"mode={error.mode!r} failed: {error.reason}")
                 continue
             self.whole_model_mode = mode
-            if reasons:
-                slow = " (one backward per example: correct, slow)" if name == "loop" else ""
-                warn(f"pergrad: {'; '.join(reasons)}. Using mode={name!r}{slow}.")
-            return result
+            return result, reasons
         raise AssertionError("mode='loop' raised ModeError")  # pragma: no cover

@@ -156,9 +156,12 @@ def accessor(name: str) -> str:
     return "model" + "".join(parts)
 
 
-def per_example_loss(loss: object, batch_size: int, whole_batch: int | None = None) -> Tensor:
+def per_example_loss(
+    loss: object, batch_size: int, whole_batch: int | None = None, graph: bool = True
+) -> Tensor:
     """Return ``loss`` if it holds one loss per example, shape ``(B,)``; ``whole_batch`` is the
-    batch the user passed, where a mode calls ``loss_fn`` on fewer examples at a time.
+    batch the user passed, where a mode calls ``loss_fn`` on fewer examples at a time;
+    ``graph``: it must depend on the parameters (it was computed with gradients).
 
     Raises:
         InputError: the loss is not a floating-point Tensor of shape ``(B,)`` that depends on
@@ -187,7 +190,7 @@ def per_example_loss(loss: object, batch_size: int, whole_batch: int | None = No
         )
     if not loss.is_floating_point():
         raise InputError(f"loss_fn returned dtype {loss.dtype}: losses must be floating point")
-    if not loss.requires_grad:
+    if graph and not loss.requires_grad:
         raise InputError(
             "the losses do not depend on any trainable parameter (they have no autograd "
             "graph): loss_fn must not detach them, call .item() or run under torch.no_grad(), "
@@ -239,14 +242,25 @@ def distinct_weights(size: int, like: Tensor) -> Tensor:
     ``Σ_b c_b g_b = ∇ Σ_b c_b ℓ_b``, which a permutation or a mix-up of per-example gradients
     fails; float64, on ``like``'s device. Deterministic (``1 + frac(b·φ)``): no random state
     is drawn. Cast to bfloat16 the first two agree at 95 examples."""
-    golden = (5**0.5 - 1) / 2
-    return (1 + torch.arange(size, dtype=torch.float64) * golden % 1).to(like.device)
+    return (1 + torch.arange(size, dtype=torch.float64) * GOLDEN % 1).to(like.device)
 
 
-def agree(actual: Tensor, expected: Tensor) -> bool:
-    """Whether two computations of the same values agree, to a tolerance set by the dtype
-    and relative to the largest finite entry; NaN and infinities must stand in the same places."""
-    tolerance = 1e-2 if expected.dtype in (torch.float16, torch.bfloat16) else 1e-4
+GOLDEN = (5**0.5 - 1) / 2
+"""The golden ratio's fractional part: ``frac(i·φ)`` spreads any count of indices evenly
+over [0, 1), each one different."""
+
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+"""How far two computations of the same values in a dtype may differ, relative to the largest:
+rounding grown through a deep network, in different kernels, and no more."""
+
+
+def agree(actual: Tensor, expected: Tensor, precision: torch.dtype | None = None) -> bool:
+    """Whether two computations of the same values agree, to :data:`TOLERANCE` of the
+    precision they ran in (``precision``; else autocast's dtype where it is on, else the
+    dtype of ``expected``) and relative to the largest finite entry; NaN and infinities must
+    stand in the same places."""
+    tolerance = TOLERANCE.get(precision or autocast_dtype(expected) or expected.dtype, 1e-4)
     if actual.shape != expected.shape:
         return False
     scale = expected.abs().max() if expected.numel() else expected.new_zeros(())
@@ -256,6 +270,14 @@ def agree(actual: Tensor, expected: Tensor) -> bool:
     finite = expected[torch.isfinite(expected)]
     scale = float(finite.abs().max()) if finite.numel() else 0.0
     return torch.allclose(actual, expected, rtol=tolerance, atol=tolerance * scale, equal_nan=True)
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in on ``x``'s device where it is on there, else ``None``."""
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 def separable(loss_fn, output: object, target: Tensor, losses: Tensor) -> None:

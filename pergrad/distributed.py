@@ -62,12 +62,16 @@ def check_same_parameters(params: dict[str, Tensor], group: object) -> None:
 
 
 def gathered(
-    compute: Callable[[], Sums], group: object | None, checked: bool, params: Callable[[], dict]
+    compute: Callable[[], Sums],
+    group: object | None,
+    checked: bool,
+    params: Callable[[], dict],
+    dtypes: dict | None = None,
 ) -> Sums:
     """``compute()``, this rank's sums; with a process ``group``, summed over it by
-    :func:`reduce`, every rank taking part even where its own ``compute`` raised (so that
-    none waits for it; then every rank raises). ``params()`` gives the parameters where
-    ``compute`` raised."""
+    :func:`reduce` (in ``dtypes``, by parameter name, where given), every rank taking part
+    even where its own ``compute`` raised (so that none waits for it; then every rank
+    raises). ``params()`` gives the parameters where ``compute`` raised."""
     if group is None:
         return compute()
     sums, failure = None, None
@@ -75,15 +79,22 @@ def gathered(
         sums = compute()
     except Exception as error:
         failure = error
-    return reduce(sums, failure, sums.params if sums is not None else params(), group, checked)
+    found = sums.params if sums is not None else params()
+    return reduce(sums, failure, found, group, checked, dtypes)
 
 
 def reduce(
-    sums: Sums | None, failure: Exception | None, params: dict, group: object, checked: bool
+    sums: Sums | None,
+    failure: Exception | None,
+    params: dict,
+    group: object,
+    checked: bool,
+    dtypes: dict | None = None,
 ) -> Sums:
-    """Sum ``sums`` over ``group``, every rank taking part whether or not its own share
-    raised (``failure``, with ``sums`` then ignored): then every rank raises, this one its own
-    error. Unless ``checked``, the ranks' parameters are compared first.
+    """Sum ``sums`` over ``group`` (in ``dtypes``, see :meth:`Sums.all_reduce`), every rank
+    taking part whether or not its own share raised (``failure``, with ``sums`` then
+    ignored): then every rank raises, this one its own error. Unless ``checked``, the ranks'
+    parameters are compared first.
 
     Raises:
         InputError: the batch is empty on every rank.
@@ -92,7 +103,7 @@ def reduce(
     if not checked:
         check_same_parameters(params, group)
     sums = sums if sums is not None and failure is None else Sums(params)
-    failed = sums.all_reduce(group, failed=failure is not None)
+    failed = sums.all_reduce(group, failed=failure is not None, dtypes=dtypes)
     if failure is not None:
         raise failure
     if failed:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from pergrad import checks, distributed, fsdp, stats, wrappers
+from pergrad import checks, distributed, fsdp, randomness, stats, wrappers
 from pergrad import inputs as batch
 from pergrad import verify as verification
 from pergrad.auto import Auto, OneMode
@@ -187,6 +187,7 @@ class PerExample:
                 self.process_group,
                 self._ranks_checked,
                 lambda: checks.trainable(self._module),
+                self._reduce_dtypes(),
             )
             self._ranks_checked = grouped
             self.last_losses = sums.last_losses
@@ -211,10 +212,32 @@ class PerExample:
             random.rewind()
             grads = self._compute(structure, inputs, target, GRADS).values
             verification.moments(moments, grads, self.max_example_norm)
+        params = structure.params
+        # each example alone draws other random numbers than the batch: those are checked
+        # with every draw fixed (pergrad.alone)
+        alone_drawn = {
+            n: p
+            for n, p in params.items()
+            if chunk.random and chunk.sources[n] in verification.ALONE
+        }
+        drawn_in_batch = {n: p for n, p in params.items() if n not in alone_drawn}
         random.rewind()
         verification.against_autograd(
-            self._module, self.loss_fn, inputs, target, structure.params, grads, chunk.sources
+            self._module, self.loss_fn, inputs, target, drawn_in_batch, grads, chunk.sources
         )
+        if alone_drawn:
+            with torch.enable_grad(), randomness.FixedRandom():
+                fixed, _ = self._compute.whole_model_mode(alone_drawn, inputs, target)
+                verification.against_autograd(
+                    self._module, self.loss_fn, inputs, target, alone_drawn, fixed, chunk.sources
+                )
+
+    def _reduce_dtypes(self) -> dict[str, torch.dtype] | None:
+        """Under FSDP2, the dtype its policy reduces each parameter's gradients in
+        (:meth:`pergrad.fsdp.Sharding.reduce_dtypes`); else ``None``: each its own."""
+        if self._sharding is None:
+            return None
+        return self._sharding.reduce_dtypes(checks.trainable(self._module))
 
     def _whole_parameters(self):
         """For a model sharded with FSDP2, its parameters whole while entered
@@ -255,7 +278,7 @@ class PerExample:
         of the gradients clipped to ``max_example_norm``) and the losses (:mod:`pergrad.auto`)."""
         eager = torch.compiler.set_stance("force_eager") if structure.compiled else nullcontext()
         with eager:
-            random = verification.RandomState() if self.verify else None
+            random = randomness.RandomState() if self.verify else None
             chunk = self._compute(structure, inputs, target, quantity)
             if random is not None and _finite(chunk.values):  # else check_finite says so
                 with random.replays():

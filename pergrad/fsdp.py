@@ -100,6 +100,18 @@ class Sharding:
                 for name, value in settings.items():
                     setattr(group, name, value)
 
+    def reduce_dtypes(self, params: dict[str, Tensor]) -> dict[str, torch.dtype]:
+        """The dtype FSDP reduces each of these whole (unsharded) parameters' gradients in:
+        its ``MixedPrecisionPolicy``'s ``reduce_dtype``, else the dtype it computes in
+        (``param_dtype``, else the parameter's own)."""
+        found = {}
+        for module in self.modules:
+            for group in _groups(module):
+                for fsdp_param in group.fsdp_params:
+                    dtype = fsdp_param.reduce_dtype or fsdp_param.param_dtype
+                    found[id(fsdp_param.unsharded_param)] = dtype or fsdp_param.orig_dtype
+        return {name: found.get(id(p), p.dtype) for name, p in params.items()}
+
     def shard(self, sums: Sums, model: nn.Module) -> Sums:
         """The rank's shard of the global sums (of whole parameters), as ``DTensor``\\ s over
         the model's sharded parameters, which must be registered again (after

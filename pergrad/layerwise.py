@@ -48,7 +48,7 @@ from torch.utils import _pytree as pytree
 
 from pergrad import assemble, checks, local, provenance
 from pergrad import inputs as batch
-from pergrad.assemble import LayerwiseResult
+from pergrad.assemble import Flow, LayerwiseResult
 from pergrad.record import (
     LAYOUT_PROBLEMS,
     NO_EXAMPLE,
@@ -93,13 +93,13 @@ class Layerwise:
             forward.release()
 
     def _run_probe(self, hooked: list[Hooked], inputs: batch.Inputs) -> None:
-        """Run one example; record, per call of each hooked module, which tensor inputs had
-        1 on dim 0 (those that follow the batch size)."""
-        probe: dict[int, list[frozenset]] = defaultdict(list)
+        """Run one example; record, per call of each hooked module, the length of dim 0 of
+        each tensor input (those that follow the batch size have it ``B`` times longer in
+        the batch)."""
+        probe: dict[int, list[dict]] = defaultdict(list)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            ones = frozenset(k for k, x in tensors(args, kwargs) if x.dim() and x.shape[0] == 1)
-            probe[id(module)].append(ones)
+            probe[id(module)].append({k: x.shape[0] for k, x in tensors(args, kwargs) if x.dim()})
 
         handles = [h.module.register_forward_pre_hook(hook, with_kwargs=True) for h in hooked]
         devices = [x.device for x in batch.tensors(inputs) if x.device.type == "cuda"]
@@ -115,17 +115,23 @@ class Layerwise:
                 handle.remove()
         self._probe = dict(probe)
 
-    def batched_keys(self, module: nn.Module, call_index: int, args, kwargs, size: int):
-        """The keys of the inputs that carry the batch, or ``None`` where that is unknown."""
+    def batched_keys(
+        self, module: nn.Module, call_index: int, args, kwargs, size: int
+    ) -> dict[int | str, int] | None:
+        """The keys of the inputs that carry the batch on dim 0, each with its rows per
+        example (an attention mask ``(B·heads, L, S)``: ``heads``), or ``None`` where that is
+        unknown."""
         if size == 1:
-            return frozenset(k for k, x in tensors(args, kwargs) if x.dim() and x.shape[0] == 1)
+            return {k: 1 for k, x in tensors(args, kwargs) if x.dim() and x.shape[0] == 1}
         calls = (self._probe or {}).get(id(module), [])
         if call_index >= len(calls):
             return None
-        follows = calls[call_index]
-        return frozenset(
-            k for k, x in tensors(args, kwargs) if x.dim() and x.shape[0] == size and k in follows
-        )
+        alone = calls[call_index]
+        return {
+            k: alone[k]
+            for k, x in tensors(args, kwargs)
+            if x.dim() and k in alone and alone[k] and x.shape[0] == size * alone[k]
+        }
 
 
 class _Forward:
@@ -216,8 +222,16 @@ class _Forward:
             losses.detach(),
             uncovered,
             self.layerwise.warned,
-            self.crossed,
+            self._flow(),
         )
+
+    def _flow(self) -> Flow:
+        tracker = self.tracker
+        unknown = ", ".join(dict.fromkeys(tracker.unknown[:3]))
+        mixing = ", ".join(dict.fromkeys(tracker.mixing[:3]))
+        where = [f"pergrad could not follow {unknown}" if unknown else ""]
+        where.append(f"{mixing} ran across the batch" if mixing else "")
+        return Flow(self.crossed, bool(tracker.random), "; ".join(filter(None, where)))
 
     def _forward(self, inputs: batch.Inputs, target: Tensor) -> tuple[Tensor, object]:
         """The model and the loss under :attr:`tracker`, each input's row ``b`` example ``b``."""
@@ -306,7 +320,7 @@ class _Forward:
         if not all(map(provenance.unmarked, tags)):
             return False
         index = self.calls[id(module)]
-        return self.layerwise.batched_keys(module, index, args, kwargs, self.size) == frozenset()
+        return self.layerwise.batched_keys(module, index, args, kwargs, self.size) == {}
 
     def _record_hook(self, hooked: Hooked, detached: dict[str, Tensor]):
         """A forward hook, run even where the call raises: the module's parameters back as
@@ -352,6 +366,7 @@ class _Forward:
         if not _recording():
             return _rebuild(leaves, spec)
         record = self._record(hooked, module, args, kwargs)
+        record.precision = checks.autocast_dtype(leaves[floating[0]]) if floating else None
         if not floating:
             record.problem = record.problem or "it returns no floating-point tensor"
             return None
@@ -449,14 +464,16 @@ class _Forward:
         index = self.calls[id(module)]
         self.calls[id(module)] += 1
         if isinstance(module, OpUse):  # not in the one-example pass: the tags tell
-            batched = frozenset(
-                key
+            batched = {
+                key: 1
                 for key, x in tensors(args, kwargs)
                 if not provenance.unmarked(self.tracker.tag(x))
-            )
+            }
         else:
             batched = self.layerwise.batched_keys(module, index, args, kwargs, self.size)
-        record = Record(hooked, args, kwargs, batched or frozenset(), self.size)
+            batched = batched if batched is None else self._proven(batched, args, kwargs)
+        record = Record(hooked, args, kwargs, frozenset(batched or ()), self.size)
+        record.groups = {key: rows for key, rows in (batched or {}).items() if rows > 1}
         record.input_versions = [x._version for x in all_tensors(args, kwargs)]
         self.records.append(record)
         if batched is None:
@@ -464,6 +481,17 @@ class _Forward:
         elif torch.nn.modules.module._global_forward_hooks:
             record.problem = "a global forward hook may change its output"
         return record
+
+    def _proven(self, batched: dict, args: tuple, kwargs: dict) -> dict:
+        """The batched inputs, but those with several rows per example whose tags do not
+        prove that each example's rows are consecutive, in order."""
+        given = dict(tensors(args, kwargs))
+        return {
+            key: rows
+            for key, rows in batched.items()
+            if rows == 1
+            or provenance.grouped(self.tracker.tag(given[key]), tuple(given[key].shape), rows)
+        }
 
     def _grad_hook(self, record: Record, slot: int):
         def hook(grads: tuple[Tensor | None]) -> None:

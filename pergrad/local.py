@@ -59,25 +59,26 @@ def per_example_grads(
     names: Sequence[str],
     args: tuple,
     kwargs: dict,
-    batched: frozenset,
+    batched: dict[int | str, int],
     outputs: Sequence[Tensor],
     output_grads: Sequence[Tensor],
 ) -> dict[str, Tensor]:
     """``g_b`` of the parameters ``names`` for examples whose inputs are ``args``/``kwargs``
     (the entries keyed in ``batched``, positions or keyword names, carry the examples on dim
-    0; the others are shared) and whose outputs and output gradients the batch gave.
+    0, each example's rows together, as many as ``batched`` says; the others are shared) and
+    whose outputs and output gradients the batch gave.
 
     Raises:
         LocalError: the layer cannot run under ``vmap``, or an example's replayed output
             differs from the batch's.
     """
     theta = {name: module.get_parameter(name).detach() for name in names}
-    values = {key: get(args, kwargs, key) for key in batched}
+    values = {key: get(args, kwargs, key).unflatten(0, (-1, rows)) for key, rows in batched.items()}
 
     def one(theta: dict[str, Tensor], values: dict, deltas: list[Tensor]):
         a, k = list(args), dict(kwargs)
-        for key, value in values.items():
-            put(a, k, key, value.unsqueeze(0))
+        for key, value in values.items():  # one example's rows, as a batch of one
+            put(a, k, key, value)
         out, pull = vjp(lambda t: forward(module, t, tuple(a), k), theta)
         if len(out) != len(deltas):
             raise LocalError("its outputs differ in number for one example")
@@ -122,25 +123,45 @@ def grads_by_rows(
             put(a, k, key, pick(get(args, kwargs, key), dim, ids, b))
         expected = [pick(o, dim, ids, b) for o, (dim, ids) in zip(outputs, output_rows)]
         deltas = [pick(d, dim, ids, b) for d, (dim, ids) in zip(output_grads, output_rows)]
-        with _replaying(), torch.enable_grad():
-            replayed = forward(module, theta, tuple(a), k)
-            if len(replayed) != len(outputs):
-                raise LocalError("its outputs differ in number for an example's rows")
-            _check(expected, replayed)
-            pairs = [(o, d) for o, d in zip(replayed, deltas) if o.requires_grad]
-            grads = (
-                torch.autograd.grad(
-                    [o for o, _ in pairs],
-                    list(theta.values()),
-                    [d.to(o.dtype) for o, d in pairs],
-                    allow_unused=True,
-                )
-                if pairs
-                else [None] * len(theta)
-            )
-        for (name, p), g in zip(theta.items(), grads):
-            found[name].append(torch.zeros_like(p) if g is None else g)
+        for name, g in replayed_grads(module, theta, tuple(a), k, expected, deltas).items():
+            found[name].append(g)
     return {name: torch.stack(gs) for name, gs in found.items()}
+
+
+def replayed_grads(
+    module: nn.Module,
+    theta: dict[str, Tensor],
+    args: tuple,
+    kwargs: dict,
+    outputs: Sequence[Tensor],
+    output_grads: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """The vector-Jacobian product ``(∂f(θ, a)/∂θ)ᵀ δ`` of the layer's ``forward`` run again
+    on inputs ``a`` that hold one example's data alone, with autograd (``theta`` requires
+    grad): that example's gradient, zeros where no output needs one.
+
+    Raises:
+        LocalError: the layer fails on these inputs, or its outputs differ from ``outputs``.
+    """
+    with _replaying(), torch.enable_grad():
+        replayed = forward(module, theta, args, kwargs)
+        if len(replayed) != len(outputs):
+            raise LocalError("its outputs differ in number for an example's rows")
+        _check(outputs, replayed)
+        pairs = [(o, d) for o, d in zip(replayed, output_grads) if o.requires_grad]
+        grads = (
+            torch.autograd.grad(
+                [o for o, _ in pairs],
+                list(theta.values()),
+                [d.to(o.dtype) for o, d in pairs],
+                allow_unused=True,
+            )
+            if pairs
+            else [None] * len(theta)
+        )
+    return {
+        name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(theta.items(), grads)
+    }
 
 
 @contextmanager

@@ -33,6 +33,8 @@ from torch.utils._python_dispatch import (
     _pop_mode_temporarily,
 )
 
+from pergrad import randomness
+
 NONE = -1
 """Tag of an element computed from no example's inputs."""
 MIXED = -2
@@ -179,6 +181,16 @@ def in_order(tag: Tag, shape: tuple[int, ...], size: int) -> bool:
     return ids is not None and torch.equal(ids, torch.arange(size))
 
 
+def grouped(tag: Tag, shape: tuple[int, ...], rows: int) -> bool:
+    """Whether a value's dim 0 holds each example's ``rows`` rows together, examples in
+    order (``(B·heads, L, S)``: example ``b``'s heads are the rows from ``b·heads`` on)."""
+    size = shape[0] // rows
+    if isinstance(tag, Axis):
+        return tag == Axis(-len(shape), rows, size)
+    ids = along(tag, shape, 0)
+    return ids is not None and torch.equal(ids, torch.arange(size).repeat_interleave(rows))
+
+
 def example_dim(tag: Tag, shape: tuple[int, ...]) -> int:
     """The dimension along which a value's examples vary (0 where none does); ``-1`` where
     they vary along several."""
@@ -225,6 +237,7 @@ class Provenance(TorchDispatchMode):
         super().__init__()
         self.mixing: list[str] = []  # operations that combined several examples
         self.unknown: list[str] = []  # operations pergrad does not follow
+        self.random: list[str] = []  # operations that drew random numbers
         self.before: tuple = ()  # the layout of a tensor whose layout an operation changes
         self._tags: dict[int, tuple] = {}  # id(tensor) -> (weak reference, tag, writes seen)
         self._pointers: dict[int, tuple] = {}  # id(indices) -> (weak reference, tag)
@@ -395,6 +408,8 @@ class Provenance(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         plan = _PLANS.get(func) or _plan(func)
+        if plan.random and randomness.draws(func, args, kwargs):
+            self.random.append(plan.name)
         if plan.layout:  # its layout, before the change
             x = args[0]
             self.before = (tuple(x.shape), x.stride(), x.storage_offset())
@@ -497,6 +512,7 @@ class _Plan:
     handler: object  # (mode, func, args, kwargs, out) -> tag(s); None: not followed
     writes: tuple  # (position, name) of the arguments it changes in place
     layout: bool  # it changes its first input's layout in place
+    random: bool  # it draws random numbers
 
 
 _PLANS: dict = {}
@@ -513,7 +529,8 @@ def _plan(func) -> _Plan:
         if argument.alias_info is not None and argument.alias_info.is_write
     )
     layout = func.overloadpacket in _RESHAPED_IN_PLACE
-    plan = _PLANS[func] = _Plan(str(func), handler, writes, layout)
+    random = randomness.may_draw(func)
+    plan = _PLANS[func] = _Plan(str(func), handler, writes, layout, random)
     return plan
 
 
@@ -600,9 +617,45 @@ def _first(out) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-_handles(aten.masked_fill, aten.where, aten.clamp, aten.lerp, aten.addcmul, aten.addcdiv)(
-    _pointwise
-)  # element-wise, though not all their overloads say so
+_handles(
+    aten.masked_fill,
+    aten.masked_fill_,
+    aten.where,
+    aten.clamp,
+    aten.lerp,
+    aten.addcmul,
+    aten.addcdiv,
+)(_pointwise)  # element-wise, though not all their overloads say so (the in-place ones)
+
+
+@_handles(aten._prelu_kernel)
+def _prelu(mode, func, args, kwargs, out):
+    """Each element from its own and its channel's slope (dim 1, not broadcast from the
+    right): the input's tag, where the slopes come from no example."""
+    if not unmarked(mode.tag(args[1])):
+        raise _Unknown
+    return mode.tag(args[0])
+
+
+@_handles(aten._trilinear)
+def _trilinear(mode, func, args, kwargs, out):
+    """``Σ_sumdim i₁ ⊙ i₂ ⊙ i₃``, each input with size-1 dimensions added at its ``expand``
+    positions (``torch.bilinear``): the union of the three, then reduced over ``sumdim``."""
+    tensors, expands, sumdim = args[:3], args[3:6], args[6]
+    shapes, tags = [], []
+    for x, dims in zip(tensors, expands):
+        shape = list(x.shape)
+        for d in sorted(dims):
+            shape.insert(d, 1)
+        shapes.append(tuple(shape))
+        tags.append(reshaped(mode.tag(x), tuple(x.shape), tuple(shape)))
+    full = tuple(torch.broadcast_shapes(*shapes))
+    for i, (tag, shape) in enumerate(zip(tags, shapes)):
+        if isinstance(tag, Axis) and shape[tag.dim] != full[tag.dim]:
+            tags[i] = tag.table(shape[tag.dim])  # broadcast from length 1
+    tag = reduce(_combine(tags, full), full, sumdim, keepdim=False)
+    _note_mixing(mode, func, tensors[0], tag)
+    return tag
 
 
 @_handles(

@@ -11,15 +11,16 @@ has one that applies to the call, else by ``torch.func`` over the module alone
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from pergrad import local, provenance
-from pergrad.reduce import Moments, Quantity, Values
+from pergrad.reduce import HALF, Moments, Quantity, Values
 from pergrad.regroup import Regroup
 from pergrad.rules.base import Call, Rule
 from pergrad.structure import Hooked
@@ -36,6 +37,8 @@ class Record:
     kwargs: dict
     batched: frozenset  # keys (positions, keyword names) of the inputs that carry the batch
     size: int
+    groups: dict = field(default_factory=dict)  # batched keys with several rows per example
+    precision: torch.dtype | None = None  # the dtype autocast ran the call in, if it was on
     outputs: list[Tensor] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)  # of the outputs, when returned
     input_versions: list[int] = field(default_factory=list)  # of the tensor inputs, when called
@@ -77,11 +80,17 @@ class Record:
         """``δ`` of every floating output, zeros where none arrived."""
         return [torch.zeros_like(o) if g is None else g for o, g in zip(self.outputs, self.deltas)]
 
+    @property
+    def _all_outputs(self) -> bool:
+        """Whether the module's rule reads the ``δ`` of every output."""
+        rule = self.hooked.rule
+        return rule is not None and (rule.own_layout or rule.all_outputs)
+
     def check_outputs(self) -> None:
-        """Refuse the rule where an output other than the first received a gradient (a rule
-        in its own layout reads them all)."""
+        """Refuse the rule where an output other than the first received a gradient, unless
+        it reads them all."""
         if (
-            not self.own_layout
+            not self._all_outputs
             and any(g is not None for g in self.deltas[1:])
             and self.rule_problem is None
         ):
@@ -90,6 +99,9 @@ class Record:
     def call(self) -> Call:
         """The call as a rule reads it: every positional input and ``δ`` batched on dim 0;
         for a rule in its own layout, as the layer received it."""
+        return replace(self._call(), precision=self.precision)
+
+    def _call(self) -> Call:
         if self.own_layout:
             deltas = self.all_deltas()
             return Call(
@@ -104,8 +116,11 @@ class Record:
             else x
             for i, x in enumerate(self.args)
         )
-        delta = self._scaled(self.all_deltas()[0])
-        return Call(args, self.kwargs, delta, self._batched_keywords())
+        deltas = [self._scaled(d) for d in self.all_deltas()]
+        call = Call(args, self.kwargs, deltas[0], self._batched_keywords(), groups=self.groups)
+        if self.hooked.rule.all_outputs:
+            call = replace(call, output_grads=tuple(deltas), outputs=tuple(self._batch_outputs()))
+        return call
 
     def _regrouped(self) -> Call:
         """The call with its rows regrouped by example, ``(B, K, …)``, where the model moved
@@ -135,27 +150,31 @@ class Record:
                 f"several rows of one example reach it on dim {dim} (no {self.hooked.kind} "
                 f"positions)"
             )
-        moves = {}
+        if rule.features is not None:
+            move = lambda x, tag: (regroup(x), 1)  # noqa: E731
+        else:
+            move = lambda x, tag: _by_example(tag, x, ids, regroup)  # noqa: E731
+        moved, groups = {}, {}
         for key, x in tensors(self.args, self.kwargs):
             if key not in self.batched:
                 continue
-            if rule.features is not None:
-                if not regroup.aligned(x):
-                    raise local.LocalError("an input's rows are not those of its output")
-                moves[key] = regroup
-                continue
-            # without positions: each input's own example dimension, holding the same
-            # examples as the output's (a padding mask is (B, S) where the query is (L, B, E))
-            own, examples = _examples(self.input_tags[key], x)
-            if len(examples) != len(ids) or not torch.equal(examples.cpu(), ids):
-                raise local.LocalError("an input's examples are not those of its output")
-            moves[key] = lambda x, own=own: regroup(x.movedim(own, 0)).squeeze(1)
-        args = tuple(moves[i](x) if i in moves else x for i, x in enumerate(self.args))
-        kwargs = {k: moves[k](x) if k in moves else x for k, x in self.kwargs.items()}
-        move = regroup if rule.features is not None else lambda x: regroup(front(x)).squeeze(1)
-        return Call(
-            args, kwargs, self._scaled(move(self.all_deltas()[0])), self._batched_keywords()
-        )
+            if rule.features is not None and not regroup.aligned(x):
+                raise local.LocalError("an input's rows are not those of its output")
+            moved[key], rows = move(x, self.input_tags.get(key))
+            if rows > 1:
+                groups[key] = rows
+        args = tuple(moved.get(i, x) for i, x in enumerate(self.args))
+        kwargs = {k: moved.get(k, x) for k, x in self.kwargs.items()}
+        deltas = self.all_deltas()
+        tags = self.output_tags if rule.all_outputs else self.output_tags[:1]
+        changed = [move(d, tag)[0] for d, tag in zip(deltas, tags)]
+        call = Call(args, kwargs, self._scaled(changed[0]), self._batched_keywords(), groups=groups)
+        if rule.all_outputs:
+            outputs = [move(o, tag)[0] for o, tag in zip(self._batch_outputs(), tags)]
+            call = replace(
+                call, output_grads=tuple(map(self._scaled, changed)), outputs=tuple(outputs)
+            )
+        return call
 
     def _batched_keywords(self) -> frozenset[str]:
         return frozenset(k for k in self.batched if isinstance(k, str))
@@ -227,19 +246,50 @@ class Record:
             raise local.LocalError(self.layout_problem)
         module, names = self.hooked.module, list(self.hooked.params)
         if self.moved is not None:
+            owner = self._owner()
+            if owner is not None:
+                return self._owner_grads(owner, start, stop)
             return self._grads_by_rows(start, stop)
         args, kwargs = _detached(self.args), _detached(self.kwargs)
-        for key in self.batched:
-            local.put(args, kwargs, key, local.get(args, kwargs, key)[start:stop])
+        rows = {key: self.groups.get(key, 1) for key in self.batched}
+        for key, k in rows.items():
+            local.put(args, kwargs, key, local.get(args, kwargs, key)[start * k : stop * k])
         return local.per_example_grads(
             module,
             names,
             tuple(args),
             kwargs,
-            self.batched,
+            rows,
             [o[start:stop] for o in self._batch_outputs()],
             [g[start:stop] for g in self.all_deltas()],
         )
+
+    def _owner(self) -> int | None:
+        """The one example whose data every output holds, where one does (every call in a
+        batch of one; a layer that reduces one example's rows to a number): all of ``δ`` then
+        comes from that example's loss."""
+        found = {
+            provenance.single(tag, tuple(o.shape)) for tag, o in zip(self.output_tags, self.outputs)
+        }
+        owner = found.pop() if len(found) == 1 else provenance.MIXED
+        return owner if owner >= 0 else None
+
+    def _owner_grads(self, owner: int, start: int, stop: int) -> dict[str, Tensor]:
+        """Per-example gradients of examples ``start:stop`` of a call whose outputs hold
+        example ``owner``'s data alone: the layer's vector-Jacobian product for it, zeros for
+        the others."""
+        module = self.hooked.module
+        theta = {n: module.get_parameter(n).detach().requires_grad_() for n in self.hooked.params}
+        args, kwargs = tuple(_detached(self.args)), _detached(self.kwargs)
+        found = local.replayed_grads(
+            module, theta, args, kwargs, self._batch_outputs(), self.all_deltas()
+        )
+        grads = {}
+        for name, g in found.items():
+            grads[name] = g.new_zeros(stop - start, *g.shape)
+            if start <= owner < stop:
+                grads[name][owner - start] = g
+        return grads
 
     def _grads_by_rows(self, start: int, stop: int) -> dict[str, Tensor]:
         """Per-example gradients of a layer without a rule whose rows the model moved: the
@@ -288,14 +338,20 @@ class Record:
         self.leaf_tags = {}
 
     def _by_rule(self, use: Callable[[Rule, nn.Module, Call], Values | None]) -> Values | None:
-        """``use(rule, layer, call)`` where the layer's rule applies. ``None`` where it gives
-        nothing for this call, or where the rule fails: the layer-local path then takes over,
-        for this call and every later use of it."""
+        """``use(rule, layer, call)`` where the layer's rule applies, in full precision (see
+        :func:`_precise`). ``None`` where it gives nothing for this call, or where the rule
+        fails: the layer-local path then takes over, for this call and every later use of
+        it."""
         if not self._use_rule:
             return None
         try:
-            with torch.no_grad():
-                return use(self.hooked.rule, self.hooked.module, self.call())
+            call = self.call()
+        except local.LocalError as error:  # moved rows it cannot read: the local path may
+            self.rule_problem = f"it cannot read this call: {error}"
+            return None
+        try:
+            with torch.no_grad(), _full_precision():
+                return use(self.hooked.rule, self.hooked.module, _precise(call))
         except local.LocalError:
             raise
         except Exception as error:  # outside what the rule handles
@@ -328,6 +384,47 @@ class Record:
         if self.scale is None:
             return delta
         return delta * self.scale.to(delta.dtype).view(-1, *[1] * (delta.dim() - 1))
+
+
+def _full_precision() -> contextlib.AbstractContextManager:
+    """Autocast off, where it is on: a rule's closed forms run in the precision of the
+    tensors it is given."""
+    stack = contextlib.ExitStack()
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
+
+
+def _precise(call: Call) -> Call:
+    """The call with every half-precision tensor in float32: under autocast a layer computes
+    in half precision, and its statistics are formed and summed in float32 (a closed form
+    such as :func:`pergrad.rules.base.pair_moments` would lose its sign in half precision).
+    ``examples`` still reads the tags of the tensors the layer received."""
+    leaves = [*all_tensors(call.args, call.kwargs), call.output_grad, *call.output_grads]
+    if not any(x.dtype in HALF for x in leaves):
+        return call
+    originals: dict[int, Tensor] = {}
+
+    def full(x):
+        if not isinstance(x, Tensor) or x.dtype not in HALF:
+            return x
+        y = x.float()
+        originals[id(y)] = x
+        return y
+
+    examples = call.examples
+    if examples is not None:
+        examples = lambda x, dim: call.examples(originals.get(id(x), x), dim)  # noqa: E731
+    return replace(
+        call,
+        args=pytree.tree_map(full, call.args),
+        kwargs=pytree.tree_map(full, call.kwargs),
+        output_grad=full(call.output_grad),
+        output_grads=tuple(map(full, call.output_grads)),
+        outputs=tuple(map(full, call.outputs)),
+        examples=examples,
+    )
 
 
 UNSEEN = "the one-example forward pass did not see this call"
@@ -367,6 +464,26 @@ def _examples(tag: provenance.Tag, x: Tensor) -> tuple[int, Tensor]:
     if ids is None:
         raise local.LocalError("a row of its inputs or outputs holds several examples or none")
     return dim, ids.to(x.device)
+
+
+def _by_example(tag: provenance.Tag, x: Tensor, ids: Tensor, regroup: Regroup):
+    """For a layer without positions whose rows the model moved: ``x`` with its examples
+    along dim 0, in the batch's order, as ``regroup`` lays out the output's one row per
+    example (``ids``), and its rows per example. ``x`` holds its examples along a dimension of
+    its own (a padding mask is ``(B, S)`` where the query is ``(L, B, E)``), one row each or
+    several together (a mask ``(B·heads, L, S)``).
+
+    Raises:
+        LocalError: ``x``'s examples are not those of the output.
+    """
+    own, examples = _examples(tag, x)
+    rows = len(examples) // max(1, len(ids))
+    if rows < 1 or not torch.equal(examples.cpu(), ids.repeat_interleave(rows)):
+        raise local.LocalError("an input's examples are not those of its output")
+    x = x.movedim(own, 0)
+    if rows == 1:
+        return regroup(x).squeeze(1), 1
+    return regroup(x.unflatten(0, (-1, rows))).squeeze(1).flatten(0, 1), rows
 
 
 def _detached(inputs):

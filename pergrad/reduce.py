@@ -115,9 +115,19 @@ def chunks(size: int, numel: int, limit: int = CHUNK_ELEMENTS) -> Iterator[tuple
         yield start, min(size, start + width)
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _summable(grads: Tensor) -> Tensor:
+    """Per-example gradients in a precision to sum them in: half precision in float32."""
+    return grads.float() if grads.dtype in HALF else grads
+
+
 def moments_of(grads: Tensor, scale: Tensor | None = None) -> Moments:
     """``(Σ_b g_b, Σ_b g_b²)`` of per-example gradients ``(B, *shape)``; with ``scale``
-    (``(B,)``), those of ``c_b·g_b``: ``(Σ_b c_b g_b, Σ_b c_b² g_b²)``."""
+    (``(B,)``), those of ``c_b·g_b``: ``(Σ_b c_b g_b, Σ_b c_b² g_b²)``; half precision summed
+    in float32."""
+    grads = _summable(grads)
     if scale is None:
         return Moments(grads.sum(0), grads.square().sum(0))
     return Moments(
@@ -135,6 +145,7 @@ def moments(grads: dict[str, Tensor], scale: Tensor | None = None) -> dict[str, 
 def moments_in_place(grads: Tensor) -> Moments:
     """:func:`moments_of` for per-example gradients nothing else holds: it squares ``grads``
     in place."""
+    grads = _summable(grads)
     grad_sum = grads.sum(0)
     return Moments(grad_sum, grads.square_().sum(0))
 
@@ -162,7 +173,7 @@ def add_moments(total: Moments | None, more: Moments) -> Moments:
 
 def sq_norms_of(grads: Tensor) -> Tensor:
     """``|g_b|²`` of per-example gradients ``(B, *shape)``: ``(B,)``."""
-    return grads.flatten(1).square().sum(1)
+    return _summable(grads).flatten(1).square().sum(1)
 
 
 @torch.no_grad()

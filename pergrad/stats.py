@@ -107,11 +107,13 @@ class Sums:
             return torch.mean(losses)
         return (self.loss_sum / self.count).to(losses.dtype)
 
-    def all_reduce(self, group: object, failed: bool = False) -> int:
+    def all_reduce(self, group: object, failed: bool = False, dtypes: dict | None = None) -> int:
         """Sum over the ``torch.distributed`` group, in place, so that every worker holds the
         global batch's sums, whatever its share of it (none included): one flattened
-        all-reduce per dtype. The count and the loss travel in float64, exact for any count
-        below 2⁵³ whatever the gradients' dtype, and with them whether this worker ``failed``.
+        all-reduce per dtype, each parameter's sums in ``dtypes[name]`` where given (FSDP2's
+        ``reduce_dtype``), else in its own dtype. The count and the loss travel in float64,
+        exact for any count below 2⁵³ whatever the gradients' dtype, and with them whether
+        this worker ``failed``.
 
         Returns:
             How many other workers failed.
@@ -126,8 +128,9 @@ class Sums:
         buckets: dict[tuple, list[tuple[dict, str]]] = defaultdict(list)
         for sums in (self.grad, self.sq):
             for name, p in self.params.items():  # one order and dtype on every worker
-                sums[name] = sums[name].to(p.dtype)  # autocast may have formed it in another
-                buckets[(p.dtype, p.device)].append((sums, name))
+                dtype = (dtypes or {}).get(name, p.dtype)
+                sums[name] = sums[name].to(dtype)  # formed in float32 where layers ran in half
+                buckets[(dtype, p.device)].append((sums, name))
         carrier = (torch.float64, next(iter(buckets))[1])  # the count and the loss ride here
         buckets.setdefault(carrier, [])
         for key, entries in buckets.items():
@@ -172,18 +175,36 @@ class Sums:
         for name, p in self.params.items():
             if name in first_merge:
                 grad, sq = self.grad[name], self.sq[name]
-                if grad.dtype != p.dtype:  # autocast computes some in lower precision
+                if grad.dtype != p.dtype:  # summed in float32 where the layers ran in half
                     grad, sq = grad.to(p.dtype), sq.to(p.dtype)
                 p.grad = grad
-                stats = GradStats(self.count, sq)
-                setattr(p, ATTRIBUTE, stats)
+                setattr(p, ATTRIBUTE, GradStats(self.count, sq))
             else:
                 stats = grad_stats(p)
                 total = stats.count + self.count
                 p.grad.mul_(stats.count / total).add_(self.grad[name], alpha=1 / total)
                 stats.sq_mean.mul_(stats.count / total).add_(self.sq[name], alpha=1 / total)
                 stats.count = total
-            stats._seal(p.grad)
+        params = list(self.params.values())
+        at_least_square(params)
+        for p in params:
+            grad_stats(p)._seal(p.grad)
+
+
+def at_least_square(params: list[Tensor]) -> None:
+    """``sq_mean ← max(sq_mean, ĝ²)``, element-wise: a mean of squares is never below the
+    square of the mean (``(1/n) Σ_b g_b² ≥ ((1/n) Σ_b g_b)²``), where rounding, or a closed
+    form whose terms nearly cancel, would put it below (MATH.md, "Sums of squares never below
+    the square of the mean"). Two multi-tensor kernels; sparse gradients (an ``Embedding``'s,
+    whose squares are summed one by one) are left as they are."""
+    dense = [p for p in params if not p.grad.is_sparse]
+    grads = [p.grad for p in dense]
+    sq_means = [grad_stats(p).sq_mean for p in dense]
+    if all(type(t) is Tensor for t in grads):
+        torch._foreach_maximum_(sq_means, torch._foreach_mul(grads, grads))
+        return
+    for grad, sq_mean in zip(grads, sq_means):  # DTensors (FSDP2), one at a time
+        torch.maximum(sq_mean, grad * grad, out=sq_mean)
 
 
 def check_unchanged(params: dict[str, Tensor]) -> None:

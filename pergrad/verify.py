@@ -7,29 +7,32 @@ For per-example gradients ``g_b`` of losses ``ℓ_b`` that depend on example ``b
 and the right side is one plain backward pass of the model with its own parameters. With
 distinct weights, per-example gradients handed to the wrong example (rows routed, sorted or
 flattened), mixed between examples (a mean over the batch between layers) or missing a use
-of a parameter fail the check. Parameters from the whole-model modes that run each example
-alone (``func``, ``loop``) are right by construction and are not compared. The moments
-``backward`` accumulates are checked against those of the same per-example gradients (clipped
-alike where ``max_example_norm`` is set).
+of a parameter fail the check. Every parameter is compared, those from the whole-model modes
+that run each example alone (``func``, ``loop``) too. The moments ``backward`` accumulates
+are checked against those of the same per-example gradients (clipped alike where
+``max_example_norm`` is set).
 
 It costs a computation of the per-example gradients and a plain forward and backward pass
 more per call: for tests, and for a model tried for the first time. Each check's pass starts
 from the random number generators' state of the pass it checks, so dropout draws the same
-masks where the model draws them in the same order (the per-layer path); a whole-model mode
-that draws a mask per example (``func``) cannot be checked on a model with dropout.
+masks where the model draws them in the same order (the per-layer path). A mode that runs each
+example alone draws other masks than the batch: where the model draws random numbers, its
+parameters are checked with every draw fixed (:class:`pergrad.alone.FixedRandom`), their
+per-example gradients computed again so.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from pergrad import checks, reduce
 from pergrad import inputs as batch
+from pergrad.randomness import RandomState
 
 ENVIRONMENT = "PERGRAD_VERIFY"
 """``verify=None`` means on where this environment variable is ``1`` (a test suite's switch)."""
@@ -41,36 +44,12 @@ scale (autograd's gradient of a norm over one element is such noise)."""
 
 
 ALONE = frozenset({"func", "loop"})
-"""The modes that run each example alone: right by construction, and for a model that mixes
-examples not comparable with the batch's gradient, so not checked."""
+"""The modes that run each example alone, and draw other random numbers than the batch."""
 
 
 class VerificationError(RuntimeError):
     """Per-example gradients disagree with autograd: the model is not one pergrad computes
     right as configured. The message names the parameters and the way out."""
-
-
-class RandomState:
-    """The random number generators' state when made, so that the checks' passes draw the
-    same random numbers (dropout masks) as the pass they check: :meth:`rewind` before each,
-    inside :meth:`replays`, which leaves the generators as the checked pass left them."""
-
-    def __init__(self):
-        self.cpu = torch.random.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-
-    def rewind(self) -> None:
-        torch.random.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-
-    @contextmanager
-    def replays(self) -> Iterator[None]:
-        after = RandomState()
-        try:
-            yield
-        finally:
-            after.rewind()
 
 
 def enabled(verify: bool | None) -> bool:
@@ -89,27 +68,41 @@ def against_autograd(
 ) -> None:
     """Check ``Σ_b c_b g_b`` of ``grads`` against ``∇ Σ_b c_b ℓ_b`` by autograd.
 
+    The identity needs a backward pass linear in the weights ``c_b``: where a hook of the
+    model changes a gradient (clamps it), the parameters from the modes that run each example
+    alone are not compared (their losses were compared with the batch's, :mod:`pergrad.alone`,
+    and each example's gradient is its own); every other parameter still is.
+
     Raises:
         VerificationError: naming each parameter that disagrees and where its numbers came
             from.
     """
+    if not params:
+        return
     c = checks.distinct_weights(len(target), target)
     names = list(params)
-    with torch.enable_grad():
+    hooks = _Hooks()
+    with torch.enable_grad(), hooks:
         losses = loss_fn(batch.run(model, inputs), target)
         weighted = (losses * c.to(losses.dtype)).sum()
         expected = torch.autograd.grad(weighted, [params[n] for n in names], allow_unused=True)
+    if hooks.changed:
+        kept = [i for i, n in enumerate(names) if sources.get(n) not in ALONE]
+        names, expected = [names[i] for i in kept], [expected[i] for i in kept]
     pairs = {}
     for name, reference in zip(names, expected):
-        if sources.get(name) in ALONE:
-            continue
         g = grads[name].to_dense() if grads[name].is_sparse else grads[name]
         actual = torch.tensordot(c.to(g.dtype), g, dims=1)
         if reference is None:
             reference = torch.zeros_like(actual)
         pairs[name] = (actual, reference.to_dense() if reference.is_sparse else reference)
     noise = ABSOLUTE * float(losses.detach().abs().max())
-    wrong = [f"'{name}' (from {sources.get(name, '?')})" for name in _disagree(pairs, noise)]
+    floor = rounding_floor(pairs, noise)
+    wrong = [
+        f"'{name}' (from {sources.get(name, '?')})"
+        for name in disagreeing(pairs, noise)
+        if not _zero_both_ways(model, loss_fn, inputs, target, params[name], pairs[name][0], floor)
+    ]
     if wrong:
         raise VerificationError(
             f"per-example gradients of {', '.join(wrong)} disagree with autograd: "
@@ -117,6 +110,52 @@ def against_autograd(
             f"between examples or mixes them in a way pergrad did not see. Use mode='loop' "
             f"(one backward per example), and report the model."
         )
+
+
+class _Hooks(TorchFunctionMode):
+    """Notes whether a hook the model puts on a tensor changes the gradient it receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.changed = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not Tensor.register_hook:
+            return func(*args, **kwargs)
+        tensor, hook = args
+
+        def watched(grad: Tensor):
+            found = hook(grad)
+            self.changed = self.changed or (found is not None and found is not grad)
+            return found
+
+        return func(tensor, watched)
+
+
+def _zero_both_ways(model, loss_fn, inputs, target, p: Tensor, actual: Tensor, floor: float):
+    """Whether a parameter that :func:`disagreeing` flags has a true gradient of 0, and
+    pergrad says so: pergrad's weighted sum is below ``floor`` (the rounding level of the
+    largest gradient), and no example's loss changes when the parameter moves far (by more
+    than its largest entry, by a different amount at each entry). A norm over one element
+    gives its weight such a gradient, which autograd computes as rounding noise of the
+    normalized inputs: a noise that the gradients' scales do not bound."""
+    if not bool(actual.abs().max() <= floor):
+        return False
+    random = RandomState()
+    with torch.no_grad():
+        before = loss_fn(batch.run(model, inputs), target)
+        saved = p.detach().clone()
+        ids = torch.arange(p.numel(), dtype=torch.float64, device=p.device).view(p.shape)
+        step = (1 + ids * checks.GOLDEN % 1) * (1 + float(saved.abs().max()))
+        try:
+            p.add_(step.to(p.dtype))
+            random.rewind()
+            after = loss_fn(batch.run(model, inputs), target)
+        finally:
+            p.copy_(saved)
+    scale = float(before.abs().max()) if before.numel() else 0.0
+    return bool(((after - before).abs() <= 1e2 * torch.finfo(before.dtype).eps * scale).all())
 
 
 def moments(
@@ -134,7 +173,7 @@ def moments(
     )
     grad_sums = {name: (values[name].grad_sum, expected[name].grad_sum) for name in values}
     sq_sums = {name: (values[name].sq_sum, expected[name].sq_sum) for name in values}
-    wrong = sorted(set(_disagree(grad_sums, 0.0)) | set(_disagree(sq_sums, 0.0)))
+    wrong = sorted(set(disagreeing(grad_sums, 0.0)) | set(disagreeing(sq_sums, 0.0)))
     if wrong:
         raise VerificationError(
             f"the moments of parameter(s) {', '.join(wrong)} disagree with those of their "
@@ -142,7 +181,20 @@ def moments(
         )
 
 
-def _disagree(pairs: dict[str, tuple[Tensor, Tensor]], noise: float) -> list[str]:
+def _scale(t: Tensor) -> float:
+    return float(t.double().abs().max()) if t.numel() else 0.0
+
+
+def rounding_floor(pairs: dict[str, tuple[Tensor, Tensor]], noise: float = 0.0) -> float:
+    """A hundred rounding errors of the largest expected entry over all parameters, and at
+    least ``noise``: differences below it are rounding, whatever the parameter."""
+    if not pairs:
+        return noise
+    epsilon = max(torch.finfo(t.dtype).eps for pair in pairs.values() for t in pair)
+    return max(1e2 * epsilon * max(_scale(e) for _, e in pairs.values()), noise)
+
+
+def disagreeing(pairs: dict[str, tuple[Tensor, Tensor]], noise: float = 0.0) -> list[str]:
     """The names whose ``(actual, expected)`` differ by more than rounding: relative to the
     largest entry of the parameter's own expected value, with a floor of a hundred rounding
     errors of the largest entry over all parameters, and at least ``noise`` (a gradient that
@@ -153,15 +205,11 @@ def _disagree(pairs: dict[str, tuple[Tensor, Tensor]], noise: float) -> list[str
         return []
     low = any(t.dtype in (torch.float16, torch.bfloat16) for pair in pairs.values() for t in pair)
     tolerance = 1e-2 if low else 1e-4
-    epsilon = max(torch.finfo(t.dtype).eps for pair in pairs.values() for t in pair)
-    scales = {
-        name: float(e.double().abs().max()) if e.numel() else 0.0 for name, (_, e) in pairs.items()
-    }
-    floor = max(1e2 * epsilon * max(scales.values()), noise)
+    floor = rounding_floor(pairs, noise)
     wrong = []
     for name, (actual, expected) in pairs.items():
         difference = (actual.double() - expected.double().to(actual.device)).abs()
-        bound = tolerance * scales[name] + floor
+        bound = tolerance * _scale(expected) + floor
         if difference.numel() and not bool(difference.max() <= bound):  # NaN fails too
             wrong.append(name)
     return wrong

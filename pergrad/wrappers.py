@@ -7,8 +7,10 @@ parameters' names, and the process group a data-parallel wrapper sums over.
   neither sums twice nor waits for gradients that never come (``no_sync``, unused parameters
   and ``find_unused_parameters`` change nothing).
 - ``torch.compile``'s ``OptimizedModule``: pergrad runs the module it wraps, uncompiled, and
-  says so once; a compiled submodule runs eagerly (``torch.compiler.set_stance``) while
-  pergrad computes. Its hooks would otherwise be traced into the compiled graph.
+  says so once; a module compiled in place (``model.compile()``) and a compiled submodule
+  run eagerly (``torch.compiler.set_stance("force_eager")``) while pergrad computes. Its
+  hooks would otherwise be traced into the compiled graph, and the graph break they make
+  would leave the module's ``forward`` uncompiled for the rest of the process.
 - Wrappers pergrad cannot see through are refused, saying what to do: ``DataParallel``
   (one process drives several devices), DeepSpeed's engine and FSDP's first version. FSDP2
   (``fully_shard``) is :mod:`pergrad.fsdp`'s.
@@ -36,7 +38,8 @@ class Unwrapped:
     process_group: object | None
     """The process group of a ``DistributedDataParallel`` wrapper, else ``None``."""
     compiled: bool
-    """Whether a ``torch.compile`` wrapper was taken off."""
+    """Whether a ``torch.compile`` wrapper was taken off, or the module is compiled in
+    place."""
 
 
 def unwrap(model: nn.Module) -> Unwrapped:
@@ -49,17 +52,23 @@ def unwrap(model: nn.Module) -> Unwrapped:
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             prefix, group, model = prefix + "module.", model.process_group, model.module
-        elif is_compiled(model):
+        elif _compile_wrapper(model):
             prefix, compiled, model = prefix + "_orig_mod.", True, model._orig_mod
         else:
             break
     for name, module in model.named_modules():
         _refuse(name, module)
-    return Unwrapped(model, prefix, group, compiled)
+    return Unwrapped(model, prefix, group, compiled or is_compiled(model))
 
 
 def is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` is ``torch.compile``'s wrapper of a module."""
+    """Whether ``model`` is ``torch.compile``'s wrapper of a module, or a module compiled in
+    place (``model.compile()``, which compiles its call)."""
+    return getattr(model, "_compiled_call_impl", None) is not None or _compile_wrapper(model)
+
+
+def _compile_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is ``torch.compile``'s wrapper of a module (``OptimizedModule``)."""
     if "torch._dynamo" not in sys.modules:  # nothing was compiled in this process
         return False
     from torch._dynamo.eval_frame import OptimizedModule

@@ -144,6 +144,36 @@ def _fsdp_checkpoint(rank: int, out: Path) -> list[torch.Tensor]:
     return whole
 
 
+def _fsdp_mixed_precision(rank: int | None, reduce_dtype: torch.dtype | None):
+    """One backward of a float32 model sharded by FSDP2 with bfloat16 parameters for the
+    pass and ``reduce_dtype`` for the reduction, each rank half of the first batch (``rank``
+    ``None``: the whole batch, unsharded, in float32): ``p.grad`` and ``sq_mean`` whole, and
+    the dtypes pergrad all-reduced."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = _model().float()
+    x, y = _batches()
+    x, y = x[0].float(), y[0]
+    if rank is not None:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype)
+        for layer in (model[0], model[2], model):
+            fully_shard(layer, mp_policy=policy)
+        x, y = x[rank::2], y[rank::2]
+    seen, original = [], dist.all_reduce
+
+    def recording(tensor, *args, **kwargs):
+        seen.append(tensor.dtype)
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = recording
+    try:
+        pergrad.PerExample(model, CROSS_ENTROPY).backward(x, y)
+    finally:
+        dist.all_reduce = original
+    found = [t for p in model.parameters() for t in (p.grad, p.grad_stats.sq_mean)]
+    return [t.full_tensor() if hasattr(t, "full_tensor") else t for t in found], set(seen)
+
+
 def _picky(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if bool((target < 0).any()):
         raise pergrad.InputError("a negative target")
@@ -223,6 +253,8 @@ def _worker(rank: int, port: int, out: Path) -> None:
     results["micro-batches"] = _micro_batches(dist.group.WORLD, rank)
     results["batch sizes"] = _batch_sizes(rank)
     results["fsdp checkpoint"] = _fsdp_checkpoint(rank, out)
+    for dtype in (torch.float32, None):
+        results[f"fsdp mixed precision {dtype}"] = _fsdp_mixed_precision(rank, dtype)
     results["one rank raises"] = _one_rank_raises(rank)
     micro = functools.partial(pergrad.MicroBatches, size=1)
     results["one rank raises, micro-batches"] = _one_rank_raises(rank, micro)
@@ -291,6 +323,23 @@ def test_a_ddp_wrapped_model_trains_as_one_process_on_the_whole_batch(two_ranks,
         assert len(rank[f"{wrapper} {split}"]) == len(alone)
         for p, q in zip(rank[f"{wrapper} {split}"], alone):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduce_dtype", [torch.float32, None])
+def test_fsdp2_mixed_precision_reduces_the_sums_in_its_reduce_dtype(two_ranks, reduce_dtype):
+    """bfloat16 parameters in the pass: the statistics are formed in float32 and summed over
+    the ranks in the policy's ``reduce_dtype`` (unset: bfloat16, as FSDP reduces gradients),
+    within bfloat16's rounding of the whole batch's in float32."""
+    alone, _ = _fsdp_mixed_precision(None, None)
+    for rank in two_ranks:
+        found, reduced = rank[f"fsdp mixed precision {reduce_dtype}"]
+        sums = reduced - {torch.float64}  # the count and the loss travel in float64
+        assert sums == {reduce_dtype or torch.bfloat16}
+        for p, q in zip(found, alone):
+            assert p.dtype == torch.float32
+            torch.testing.assert_close(p, q, rtol=3e-2, atol=3e-2 * float(q.abs().max()))
+        for grad, sq_mean in zip(found[::2], found[1::2]):
+            assert bool((sq_mean >= grad.square()).all())
 
 
 @pytest.mark.parametrize("split", sorted(SPLITS))

@@ -525,9 +525,12 @@ BAD: dict[str, Bad] = {
         "layer must be an nn.Module instance",
     ),
     "check_rule of a layer without a rule": Bad(
-        lambda w: pergrad.testing.check_rule(nn.Bilinear(2, 2, 2), lambda b: torch.randn(b, 2)),
+        lambda w: pergrad.testing.check_rule(
+            nn.ConvTranspose1d(2, 2, 1), lambda b: torch.randn(b, 2, 3)
+        ),
         ValueError,
-        r"Bilinear has no rule to check: register one with @pergrad.register_rule\(Bilinear\)",
+        r"ConvTranspose1d has no rule to check: register one with "
+        r"@pergrad.register_rule\(ConvTranspose1d\)",
     ),
     "check_rule of a layer outside its rule": Bad(
         lambda w: pergrad.testing.check_rule(

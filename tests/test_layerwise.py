@@ -48,8 +48,6 @@ def test_every_zoo_model(name):
         expected.pop("embed.weight")
     if name == "parent_use":
         assert sources["embed.weight"] == "Embedding+matmul (op)"
-    if name == "lstm_projected":  # no rule, and no layer-local replay: a whole-model mode
-        expected = {}
     assert {n: s for n, s in sources.items() if n in expected} == expected
 
 
@@ -277,10 +275,9 @@ def test_sequence_first_layers_are_not_mistaken_for_batch_first(length):
     x = torch.randn(5, length, 4, dtype=torch.float64)
     sources = statistics(model, MSE, x, torch.randn_like(x))
     assert sources["layer.linear1.weight"] == "Linear"  # its (T, B, E) rows regrouped
-    # the attention holds out_proj, so its own parameters are taken where they are used:
-    # F.multi_head_attention_forward, replayed on each example's (T, 1, E) alone
-    assert sources["layer.self_attn.in_proj_weight"] == "multi_head_attention_forward (op)"
-    assert sources["layer.self_attn.out_proj.weight"] == "multi_head_attention_forward (op)"
+    # and the attention's: its rule reads its (T, B, E) inputs with the examples moved first
+    assert sources["layer.self_attn.in_proj_weight"] == "MultiheadAttention"
+    assert sources["layer.self_attn.out_proj.weight"] == "MultiheadAttention"
 
 
 def test_in_place_activation_after_a_layer():

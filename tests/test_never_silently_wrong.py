@@ -44,7 +44,7 @@ def test_attention_weights_that_reach_the_loss(weights_only):
     model = AttentionPooling(weights_only).double()
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     sources = statistics(model, CROSS_ENTROPY, x, torch.randint(0, 3, (5,)))
-    assert sources["attention.in_proj_weight"] == "MultiheadAttention (local)"
+    assert sources["attention.in_proj_weight"] == "MultiheadAttention"  # the rule reads both
 
 
 @pytest.mark.parametrize("change", [lambda out: 2 * out, torch.tanh], ids=["double", "tanh"])
@@ -463,3 +463,152 @@ def test_a_layer_reconfigured_between_calls_is_checked_again():
     bn.train()
     with pytest.raises(pergrad.InputError, match="training mode"):
         engine.backward(torch.randn(4, 4, dtype=torch.float64), torch.zeros(4).long())
+
+
+def opaque(x: torch.Tensor) -> torch.Tensor:
+    """The identity here, through an operation pergrad does not follow: each row scaled to a
+    norm of at most 10⁶."""
+    return torch.renorm(x, p=2, dim=0, maxnorm=1e6)
+
+
+class Centred(nn.Module):
+    """A layer, an operation pergrad does not follow, then, optionally, the batch's mean
+    subtracted (the example of the errors guide)."""
+
+    def __init__(self, centred: bool, dropout: float = 0.0):
+        super().__init__()
+        self.lin, self.drop, self.centred = nn.Linear(5, 3), nn.Dropout(dropout), centred
+
+    def forward(self, x):
+        h = opaque(self.drop(self.lin(x)))
+        return h - h.mean(0) if self.centred else h
+
+
+@pytest.mark.parametrize("mode", ["auto", "func", "loop"])
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_examples_combined_after_an_operation_not_followed_are_refused(mode, dropout):
+    """The modes compute each example alone; what they compute is compared with the batch
+    (with dropout, with every random draw fixed), and the model refused."""
+    torch.manual_seed(0)
+    model = Centred(centred=True, dropout=dropout).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    engine = pergrad.PerExample(model, MSE, mode=mode)
+    with pytest.raises(pergrad.InputError, match="combines examples: the loss of example"):
+        engine.backward(x, y)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_an_operation_not_followed_on_a_model_that_does_not_combine_examples():
+    torch.manual_seed(0)
+    model = Centred(centred=False).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    with pytest.warns(pergrad.FallbackWarning, match="cannot follow .*aten.renorm"):
+        sources = statistics(model, MSE, x, y)
+    assert set(sources.values()) == {"func"}
+
+
+def test_with_dropout_the_examples_alone_are_compared_with_every_draw_fixed():
+    """Dropout draws other masks for each example alone than for the batch: the comparison
+    and the verification of the parameters from ``func`` run with every draw fixed."""
+    torch.manual_seed(0)
+    model = Centred(centred=False, dropout=0.5).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    engine = pergrad.PerExample(model, MSE, verify=True)
+    with pytest.warns(pergrad.FallbackWarning):
+        engine.backward(x, y)
+    assert engine.sources == {"lin.weight": "func", "lin.bias": "func"}
+    assert all(bool(p.grad.ne(0).any()) for p in model.parameters())
+
+
+def test_a_random_draw_pergrad_cannot_fix_is_refused():
+    class Gamma(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = opaque(self.lin(x))
+            return h * torch._standard_gamma(torch.ones_like(h))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 5), torch.randn(6, 3)
+    with pytest.raises(pergrad.InputError, match="random numbers with aten._standard_gamma"):
+        pergrad.PerExample(Gamma(), MSE, mode="loop").backward(x, y)
+
+
+def test_fixed_draws_do_not_depend_on_how_many_examples_a_call_holds():
+    from pergrad.randomness import Draws, FixedRandom
+
+    def draws(size: int) -> list[torch.Tensor]:
+        x = torch.ones(size, 4)
+        return [
+            nn.functional.dropout(x, 0.3),
+            torch.rand(size, 4),
+            torch.randn_like(x),
+            torch.empty(size, 4).uniform_(2.0, 4.0),
+            torch.empty(size, 4).normal_(1.5, 3.0),
+            torch.randint(3, 9, (size, 4)).float(),
+            torch.bernoulli(torch.full((size, 4), 0.2)),
+            torch.randperm(size).float().unsqueeze(1).expand(size, 4),
+        ]
+
+    with FixedRandom():
+        batch, alone = draws(5), draws(1)
+    for many, one in zip(batch[:-1], alone[:-1]):
+        assert torch.equal(many, one.expand_as(many))
+    assert [float(t[0, 0]) for t in alone] == pytest.approx([1 / 0.7, 0.5, 0, 3, 1.5, 3, 1, 0])
+    assert torch.equal(batch[-1][:, 0], torch.arange(5.0))  # the identity permutation
+    seen = Draws()
+    with seen:
+        nn.functional.dropout(torch.ones(3), 0.0)  # draws nothing
+        torch.rand(2)
+    assert seen.found == ["aten.rand.default"]
+
+
+def test_verification_checks_the_parameters_of_the_modes_that_run_each_example_alone(monkeypatch):
+    torch.manual_seed(0)
+    model = Centred(centred=False).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    call = pergrad.modes.FuncMode.__call__
+
+    def shuffled(self, params, inputs, target):  # each gradient given to another example
+        grads, losses = call(self, params, inputs, target)
+        return {name: g.roll(1, 0) for name, g in grads.items()}, losses
+
+    monkeypatch.setattr(pergrad.modes.FuncMode, "__call__", shuffled)
+    engine = pergrad.PerExample(model, MSE, verify=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pergrad.FallbackWarning)
+        with pytest.raises(pergrad.VerificationError, match="'lin.weight' .from func."):
+            engine.grads(x, y)
+
+
+class Summed(nn.Module):
+    """A module that owns its parameter and reduces its input to a number."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return (x * self.w).sum()
+
+
+class OneNumberPerExample(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.summed = Summed()
+
+    def forward(self, x):
+        return torch.stack([self.summed(row) for row in x])
+
+
+@pytest.mark.parametrize("size, chunk_size", [(1, None), (3, 2), (4, 1)])
+def test_a_call_on_one_example_that_returns_a_number(size, chunk_size):
+    """A batch of one, or chunks of one: the layer's output, a 0-dim number, is that one
+    example's."""
+    torch.manual_seed(0)
+    model = OneNumberPerExample().double()
+    x, y = torch.randn(size, 3, dtype=torch.float64), torch.randn(size, dtype=torch.float64)
+    sources = statistics(model, lambda out, t: (out - t) ** 2, x, y, chunk_size=chunk_size)
+    assert sources == {"summed.w": "Summed (local)"}

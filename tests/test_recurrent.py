@@ -21,7 +21,10 @@ KINDS = {
     "rnn_relu": lambda **o: nn.RNN(3, 4, nonlinearity="relu", **o),
     "gru": lambda **o: nn.GRU(3, 4, **o),
     "lstm": lambda **o: nn.LSTM(3, 4, **o),
+    "lstm_proj": lambda **o: nn.LSTM(3, 4, proj_size=2, **o),
 }
+WIDTH = {"lstm_proj": 2}
+"""Each direction's output, where it is not the hidden size (4): the projection's."""
 
 
 class Reader(nn.Module):
@@ -34,8 +37,9 @@ class Reader(nn.Module):
             num_layers=layers, bidirectional=bidirectional, batch_first=batch_first
         )
         self.states = layers * (2 if bidirectional else 1)
+        self.width = WIDTH.get(kind, 4)
         self.start = nn.Linear(3, 4 * self.states)  # the initial state, from the first step
-        self.head = nn.Linear(4 * (2 if bidirectional else 1), 1)
+        self.head = nn.Linear(self.width * (2 if bidirectional else 1), 1)
         self.kind, self.batch_first = kind, batch_first
         self.initial, self.final, self.packed, self.sort = initial, final, packed, sort
 
@@ -55,14 +59,16 @@ class Reader(nn.Module):
             h = torch.tanh(self.start(x[:, 0])).view(size, self.states, 4).transpose(0, 1)
             if self.packed and self.sort:
                 h = h[:, order]
-            args += ((h.contiguous(), 0.5 * h.contiguous()) if self.kind == "lstm" else h,)
+            if self.kind.startswith("lstm"):  # h (projected, where it is) and c
+                h = (h[..., : self.width].contiguous(), 0.5 * h.contiguous())
+            args += (h,)
         out, state = self.rnn(*args)
         if self.packed:
             # longer than any sequence: the padding is there whatever the other examples
             out = pad_packed_sequence(out, batch_first=self.batch_first, total_length=steps + 1)
             out = out[0].narrow(1 if self.batch_first else 0, 0, steps)
         out = out if self.batch_first else out.transpose(0, 1)
-        state = state if self.kind == "lstm" else (state,)
+        state = state if self.kind.startswith("lstm") else (state,)
         if self.packed and self.sort:  # back in the order of the batch
             out, state = out[order.argsort()], [s[:, order.argsort()] for s in state]
         loss = self.head(torch.tanh(out)).sum((1, 2))
@@ -81,7 +87,7 @@ def check(kind, batch_first, layers, bidirectional, initial, final, packed, sort
     x = torch.randn(size, 5, 3, dtype=torch.float64)
     y = torch.randn(size, dtype=torch.float64)
     sources = statistics(model, _squared, x, y)
-    rule = "LSTM" if kind == "lstm" else kind[:3].upper()
+    rule = "LSTM" if kind.startswith("lstm") else kind[:3].upper()
     assert {s for n, s in sources.items() if n.startswith("rnn.")} == {rule}, sources
     assert set(sources.values()) <= {rule, "Linear", "unused"}, sources
 
@@ -130,9 +136,10 @@ def test_clipping_on_packed_sequences_with_a_final_state():
         torch.testing.assert_close(p.grad_stats.sq_mean, g.square().mean(0), rtol=1e-9, atol=1e-12)
 
 
-def test_a_sequence_of_several_examples_goes_to_a_whole_model_mode():
-    """Rows of two examples in one sequence: the recurrence mixes them, and the numbers come
-    from running one example at a time."""
+def test_a_sequence_of_several_examples_is_refused():
+    """Rows of two examples in one sequence: the recurrence mixes them, so no example's loss
+    is its own. The layers cannot follow it, and the losses computed one example at a time
+    differ from the batch's."""
     torch.manual_seed(0)
 
     class Swapped(nn.Module):
@@ -145,10 +152,12 @@ def test_a_sequence_of_several_examples_goes_to_a_whole_model_mode():
             return self.head(self.rnn(x)[0][:, -1]).squeeze(1)
 
     x, y = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
-    with pytest.warns(pergrad.FallbackWarning) as record:
-        sources = statistics(Swapped().double(), _squared, x, y)
-    assert any("holds values of other examples" in str(w.message) for w in record)
-    assert set(sources.values()) == {"loop"}
+    model = Swapped().double()
+    with pytest.raises(
+        pergrad.InputError, match="computed alone .mode='loop'. is .*, in the batch"
+    ):
+        pergrad.PerExample(model, _squared).backward(x, y)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_a_float32_lstm_on_cpu_is_followed_through_its_fused_kernel():
@@ -206,14 +215,19 @@ class PaddedToTheLongest(nn.Module):
         return self.head(out.mean(1)).squeeze(1)
 
 
-def test_padding_to_the_batchs_longest_sequence_is_run_one_example_at_a_time():
+def test_padding_to_the_batchs_longest_sequence_is_refused():
     torch.manual_seed(1)
     x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
     x[0, 0, 0] = 1.4  # one sequence of all 5 steps, the others shorter
-    with pytest.warns(pergrad.FallbackWarning) as record:
-        sources = statistics(PaddedToTheLongest().double(), _squared, x, y)
-    assert any("batch's longest sequence" in str(w.message) for w in record)
-    assert set(sources.values()) == {"loop"}
+    model = PaddedToTheLongest().double()
+    with pytest.raises(pergrad.InputError, match="combines examples.*batch's longest sequence"):
+        pergrad.PerExample(model, _squared).backward(x, y)
+    assert all(p.grad is None for p in model.parameters())
+    y[0] = 0.0  # the same, where the longest sequence is every sequence's length
+    lengths = 1 + (3 * x[:, 0, 0].abs()).long() % 5
+    x[:, 0, 0] = 1.4 * torch.ones(4, dtype=torch.float64)
+    assert bool((1 + (3 * x[:, 0, 0].abs()).long() % 5 == 5).all()) and bool(lengths.ne(5).any())
+    assert set(statistics(model, _squared, x, y).values()) == {"GRU", "Linear"}
 
 
 def test_recurrent_weights_computed_from_an_example_are_refused():

@@ -48,6 +48,20 @@ RULE_CASES = {
         lambda: nn.LSTM(3, 2, batch_first=True, bias=False),
         lambda b: torch.randn(b, 3, 3),
     ),
+    "lstm_projected": (
+        lambda: nn.LSTM(3, 4, 2, batch_first=True, bidirectional=True, proj_size=2),
+        lambda b: torch.randn(b, 4, 3),
+    ),
+    "rnn_cell": (lambda: nn.RNNCell(3, 4), lambda b: (torch.randn(b, 3), torch.randn(b, 4))),
+    "gru_cell": (lambda: nn.GRUCell(3, 4), lambda b: torch.randn(b, 3)),
+    "lstm_cell": (lambda: nn.LSTMCell(3, 4), lambda b: torch.randn(b, 3)),  # (h, c): module_db
+    "prelu_per_channel": (lambda: nn.PReLU(3), lambda b: torch.randn(b, 3, 5)),
+    "prelu_one_slope": (lambda: nn.PReLU(), lambda b: torch.randn(b, 2, 3, 2)),
+    "bilinear": (lambda: nn.Bilinear(3, 2, 4), lambda b: (torch.randn(b, 3), torch.randn(b, 2))),
+    "bilinear_positions": (
+        lambda: nn.Bilinear(3, 2, 4, bias=False),
+        lambda b: (torch.randn(b, 5, 3), torch.randn(b, 5, 2)),
+    ),
 }
 
 

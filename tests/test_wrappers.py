@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from test_distributed import _group_of_one
 from torch import nn
-from zoo import CASES, CROSS_ENTROPY, statistics
+from zoo import CASES, CROSS_ENTROPY, assert_close_dicts, reference_grads, statistics
 
 import pergrad
 
@@ -33,6 +33,54 @@ def test_a_compiled_model_gives_exact_numbers_on_every_call(where, backend):
         assert set(sources) == {n for n, p in model.named_parameters() if p.requires_grad}
         assert "func" not in sources.values() and "loop" not in sources.values()
     model(*inputs).sum().backward()  # and the compiled model still runs as it is
+
+
+class Counted:
+    """A ``torch.compile`` backend that runs each graph as it is and counts the graphs it
+    compiled and the times a compiled graph ran."""
+
+    def __init__(self):
+        self.compiled = self.ran = 0
+
+    def __call__(self, graph, example_inputs):
+        self.compiled += 1
+
+        def run(*args):
+            self.ran += 1
+            return graph.forward(*args)
+
+        return run
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_model_compiled_in_place_runs_compiled_after_pergrad():
+    backend = Counted()
+    model = Net()
+    model.compile(backend=backend)  # in place, as PyTorch's docs suggest
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    model(x)
+    assert (backend.compiled, backend.ran) == (1, 1)
+    with pytest.warns(pergrad.FallbackWarning, match="compiled by torch.compile"):
+        engine = pergrad.PerExample(model, CROSS_ENTROPY)
+        grads = engine.grads(x, y)
+    assert set(engine.sources.values()) == {"Linear"}
+    assert backend.compiled == 1  # pergrad's calls were not traced
+    plain = Net()
+    plain.load_state_dict(model.state_dict())
+    assert_close_dicts(grads, reference_grads(plain, CROSS_ENTROPY, x, y), rtol=1e-5, atol=1e-6)
+    model(x)
+    other = Net()
+    other.compile(backend=backend)
+    other(x)  # another instance of the class too
+    assert (backend.compiled, backend.ran) == (1, 3)
 
 
 def test_a_compiled_model_warns_once_per_engine():

@@ -99,6 +99,27 @@ class CustomFunction(nn.Module):
         return self.out(Cube.apply(self.hidden(x)))
 
 
+class CubedScale(nn.Module):
+    """A layer without a rule whose forward runs a custom autograd Function with no vmap
+    support: neither the layer-local path, nor ``func``, nor Opacus can take it."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        return Cube.apply(x * self.weight)
+
+
+class NoVmap(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.cubed, self.out = nn.Linear(6, 5), CubedScale(), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(self.cubed(self.hidden(x)))
+
+
 class ItemControlFlow(nn.Module):
     """Data-dependent Python control flow through ``.item()``, the same branch for every example."""
 
@@ -327,10 +348,11 @@ CASES = {
     ),
     # vmap cannot pack
     "gru_packed": Case(Packed, _tokens, frozenset({"loop"}), "layerwise"),
-    # no rule for a projected LSTM, which vmap cannot replay either
+    # vmap cannot replay a projected LSTM, its rule can
     "lstm_projected": Case(
-        lambda: Recurrent(nn.LSTM, hidden=9, proj_size=7), _tokens, frozenset({"loop"}), "loop"
+        lambda: Recurrent(nn.LSTM, hidden=9, proj_size=7), _tokens, frozenset({"loop"}), "layerwise"
     ),
+    "no_vmap": Case(NoVmap, _features, frozenset({"loop"}), "loop"),
     "item": Case(ItemControlFlow, _features, frozenset({"hooks", "loop"}), "layerwise"),
     "custom_function": Case(CustomFunction, _features, frozenset({"hooks", "loop"}), "layerwise"),
 }

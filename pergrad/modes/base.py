@@ -19,6 +19,9 @@ class Mode:
     """
 
     name: str
+    runs_alone = False
+    """Whether it runs each example alone (then :meth:`losses` gives what it computed, for
+    :mod:`pergrad.alone` to compare with the batch)."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]):
         self.model = model
@@ -27,6 +30,11 @@ class Mode:
     def __call__(
         self, params: dict[str, nn.Parameter], inputs: Inputs, target: Tensor
     ) -> PerExampleResult:
+        raise NotImplementedError
+
+    def losses(self, inputs: Inputs, target: Tensor) -> Tensor:
+        """The per-example losses as this mode computes them, without gradients (a mode that
+        runs each example alone)."""
         raise NotImplementedError
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -20,6 +21,7 @@ class FuncMode(Mode):
     """
 
     name = "func"
+    runs_alone = True
 
     def __call__(
         self, params: dict[str, nn.Parameter], inputs: batch.Inputs, target: Tensor
@@ -28,20 +30,41 @@ class FuncMode(Mode):
         # per-layer path covers it) would give these gradients a graph through it
         fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in params}
         fixed.update(self.model.named_buffers())
+        example_loss = self._example_loss(fixed, len(target))
 
-        size = len(target)
-
-        def example_loss(free: dict[str, Tensor], xs: batch.Inputs, y: Tensor):
-            one = batch.map_tensors(lambda x: x.unsqueeze(0), xs)
-            args, kwargs = ((), one) if isinstance(one, dict) else (one, None)
-            output = functional_call(self.model, (free, fixed), args, kwargs)
-            loss = checks.per_example_loss(self.loss_fn(output, y.unsqueeze(0)), 1, size)[0]
+        def loss_and_value(free: dict[str, Tensor], xs: batch.Inputs, y: Tensor):
+            loss = example_loss(free, xs, y)
             return loss, loss.detach()
 
         per_example = vmap(
-            grad(example_loss, has_aux=True), in_dims=(None, 0, 0), randomness="different"
+            grad(loss_and_value, has_aux=True), in_dims=(None, 0, 0), randomness="different"
         )
         free = {n: p.detach() for n, p in params.items()}
+        return self._run(per_example, free, inputs, target)
+
+    def losses(self, inputs: batch.Inputs, target: Tensor) -> Tensor:
+        fixed = {n: p.detach() for n, p in self.model.named_parameters()}
+        fixed.update(self.model.named_buffers())
+        per_example = vmap(
+            self._example_loss(fixed, len(target)), in_dims=(None, 0, 0), randomness="different"
+        )
+        with torch.no_grad():
+            return self._run(per_example, {}, inputs, target)
+
+    def _example_loss(self, fixed: dict[str, Tensor], size: int):
+        """The loss of one example as a function of the free parameters (``fixed``: every
+        other parameter and buffer), its inputs and its target, for ``vmap``."""
+
+        def example_loss(free: dict[str, Tensor], xs: batch.Inputs, y: Tensor) -> Tensor:
+            one = batch.map_tensors(lambda x: x.unsqueeze(0), xs)
+            args, kwargs = ((), one) if isinstance(one, dict) else (one, None)
+            output = functional_call(self.model, (free, fixed), args, kwargs)
+            loss = self.loss_fn(output, y.unsqueeze(0))
+            return checks.per_example_loss(loss, 1, size, graph=torch.is_grad_enabled())[0]
+
+        return example_loss
+
+    def _run(self, per_example, free, inputs, target):
         try:
             return per_example(free, inputs, target)
         except checks.InputError:

@@ -17,6 +17,7 @@ class LoopMode(Mode):
     """``g_b = ∇_Φ loss_fn(model(x_b), y_b)`` by ``torch.autograd.grad``, for ``b = 1 … B``."""
 
     name = "loop"
+    runs_alone = True
 
     def __call__(
         self, params: dict[str, nn.Parameter], inputs: batch.Inputs, target: Tensor
@@ -25,10 +26,19 @@ class LoopMode(Mode):
         grads: dict[str, list[Tensor]] = {name: [] for name in names}
         losses = []
         for b in range(target.shape[0]):
-            output = batch.run(self.model, batch.rows(inputs, slice(b, b + 1)))
-            loss = checks.per_example_loss(self.loss_fn(output, target[b : b + 1]), 1, len(target))
-            example = torch.autograd.grad(loss[0], tensors, allow_unused=True)
+            loss = self._loss(inputs, target, b)
+            example = torch.autograd.grad(loss, tensors, allow_unused=True)
             for name, p, g in zip(names, tensors, example):
                 grads[name].append(torch.zeros_like(p) if g is None else g)
             losses.append(loss.detach())
-        return {name: torch.stack(gs) for name, gs in grads.items()}, torch.cat(losses)
+        return {name: torch.stack(gs) for name, gs in grads.items()}, torch.stack(losses)
+
+    def losses(self, inputs: batch.Inputs, target: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.stack([self._loss(inputs, target, b) for b in range(len(target))])
+
+    def _loss(self, inputs: batch.Inputs, target: Tensor, b: int) -> Tensor:
+        """The loss of example ``b``, run alone."""
+        output = batch.run(self.model, batch.rows(inputs, slice(b, b + 1)))
+        loss = self.loss_fn(output, target[b : b + 1])
+        return checks.per_example_loss(loss, 1, len(target), graph=torch.is_grad_enabled())[0]

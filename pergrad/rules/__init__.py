@@ -8,11 +8,14 @@ Add a rule for your own layer with :func:`register_rule`; check it with
 from pergrad.reduce import CHUNK_ELEMENTS, Moments
 from pergrad.rules import (  # noqa: F401
     attention,
+    bilinear,
+    cell,
     conv,
     embedding,
     gpt2_conv1d,
     linear,
     norm,
+    prelu,
     recurrent,
 )
 from pergrad.rules.base import RULES, Call, Rule, register_rule, rule_for

@@ -1,10 +1,12 @@
-"""``nn.MultiheadAttention`` (``batch_first=True``, packed input projection): the attention is
-recomputed from the saved inputs to get the output gradients of the query, key and value
-projections; each projection, and the output projection, is then a ``Linear`` rule.
+"""``nn.MultiheadAttention`` (packed input projection): the attention is recomputed from the
+saved inputs to get the output gradients of the query, key and value projections; each
+projection, and the output projection, is then a ``Linear`` rule.
 
-Only the gradient reaching the attention output is used: where the returned attention
-weights reach the loss too, the layer gets no rule for that call (see
-:mod:`pergrad.layerwise`)."""
+The rule reads the ``δ`` of both outputs: where the averaged (or per-head) attention weights
+reach the loss, the weights are computed explicitly, ``softmax(QKᵀ/√d + mask)``, as
+``F.multi_head_attention_forward`` computes them with ``need_weights=True``, and checked
+against the layer's. A layer with ``batch_first=False`` is read with its examples moved to
+dim 0 (:mod:`pergrad.regroup`), its 3-D mask ``(B·heads, L, S)`` with each example's heads."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pergrad.checks import agree
 from pergrad.reduce import Moments
 from pergrad.rules import linear
 from pergrad.rules.base import Call, register_rule
@@ -30,7 +33,11 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _projections(layer: nn.MultiheadAttention, call: Call):
     """The query, key and value inputs, their projections' output gradients, and the
-    attention output before the output projection."""
+    attention output before the output projection.
+
+    Raises:
+        ValueError: the attention weights computed again differ from the layer's.
+    """
     bound = inspect.signature(layer.forward).bind(*call.args, **call.kwargs)
     bound.apply_defaults()
     given = bound.arguments
@@ -42,7 +49,8 @@ def _projections(layer: nn.MultiheadAttention, call: Call):
     # as F.multi_head_attention_forward: a causal hint replaces the mask only when nothing else
     # needs it; otherwise the masks are merged into one additive mask
     padding, mask = given["key_padding_mask"], given["attn_mask"]
-    causal = given["is_causal"] and padding is None and not given["need_weights"]
+    need_weights = given["need_weights"]
+    causal = given["is_causal"] and padding is None and not need_weights
     merged = None
     if mask is not None and not causal:
         merged = _additive(mask, delta.dtype)
@@ -54,10 +62,21 @@ def _projections(layer: nn.MultiheadAttention, call: Call):
         projected = [
             F.linear(x.detach(), w, b).requires_grad_() for x, w, b in zip(inputs, weights, biases)
         ]
-        split = [p.view(batch, -1, heads, width // heads).transpose(1, 2) for p in projected]
-        attended = F.scaled_dot_product_attention(*split, attn_mask=merged, is_causal=causal)
+        q, k, v = [p.view(batch, -1, heads, width // heads).transpose(1, 2) for p in projected]
+        outputs, deltas = [], [delta @ layer.out_proj.weight.detach()]
+        if need_weights:  # explicitly, as the layer computes them
+            scores = (q / (width // heads) ** 0.5) @ k.transpose(-2, -1)
+            probabilities = torch.softmax(scores if merged is None else scores + merged, -1)
+            attended = probabilities @ v
+            average = given["average_attn_weights"]
+            outputs.append(probabilities.mean(1) if average else probabilities)
+            deltas.append(call.output_grads[1])
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=merged, is_causal=causal)
         attended = attended.transpose(1, 2).reshape(batch, length, width)
-        grads = torch.autograd.grad(attended, projected, delta @ layer.out_proj.weight.detach())
+        if need_weights and not agree(outputs[0].detach(), call.outputs[1], call.precision):
+            raise ValueError("the attention weights computed again differ from the layer's")
+        grads = torch.autograd.grad([attended, *outputs], projected, deltas)
     return inputs, grads, attended.detach()
 
 
@@ -75,8 +94,6 @@ def _moments(layer: nn.MultiheadAttention, call: Call) -> dict[str, Moments]:
 
 
 def _supports(layer: nn.MultiheadAttention) -> str | None:
-    if not layer.batch_first:
-        return "batch_first=False puts the batch on dim 1"
     if layer.in_proj_weight is None:
         return "separate query, key and value projections (kdim or vdim)"
     if layer.bias_k is not None or layer.add_zero_attn:
@@ -86,7 +103,7 @@ def _supports(layer: nn.MultiheadAttention) -> str | None:
     return None
 
 
-@register_rule(nn.MultiheadAttention, moments=_moments, supports=_supports)
+@register_rule(nn.MultiheadAttention, moments=_moments, supports=_supports, all_outputs=True)
 def multihead_attention(layer: nn.MultiheadAttention, call: Call) -> dict[str, Tensor]:
     inputs, grads, attended = _projections(layer, call)
     found = {

@@ -31,14 +31,21 @@ class Call:
         output_grad: ``δ``, the gradient of ``Σ_b ℓ_b`` with respect to the layer's (first)
             output, batch on dim 0 (``own_layout``: as the layer returned it).
         batched: the keyword arguments that carry the batch on dim 0.
-        output_grads: ``own_layout``: ``δ`` of every floating-point tensor the layer returned,
-            in the order ``torch.utils._pytree`` flattens its output, zeros where none arrived.
+        output_grads: ``own_layout`` or ``all_outputs``: ``δ`` of every floating-point tensor
+            the layer returned, in the order ``torch.utils._pytree`` flattens its output,
+            zeros where none arrived (``all_outputs``: each batched on dim 0 like the first).
         examples: ``own_layout``: ``examples(x, dim)``, for a tensor among the inputs, the
             example of each index along ``dim`` (``-1``: an index that holds no example's
             data); it raises where an index holds several.
         size: ``own_layout``: the number of examples ``B``.
-        outputs: ``own_layout``: every floating-point tensor the layer returned, as
-            ``output_grads`` lists their ``δ``.
+        outputs: ``own_layout`` or ``all_outputs``: every floating-point tensor the layer
+            returned, as ``output_grads`` lists their ``δ``.
+        groups: the inputs (positions, keyword names) that hold several rows per example on
+            dim 0, each example's together (an attention mask ``(B·heads, L, S)``), with
+            their rows per example.
+        precision: the dtype autocast ran the layer in, or ``None``: compare a rule's
+            recomputation with the layer's outputs to its rounding
+            (``pergrad.checks.agree(actual, expected, call.precision)``).
     """
 
     args: tuple
@@ -49,6 +56,8 @@ class Call:
     examples: Callable[[Tensor, int], Tensor] | None = None
     size: int | None = None
     outputs: tuple[Tensor, ...] = ()
+    groups: dict = field(default_factory=dict)
+    precision: torch.dtype | None = None
 
     @property
     def input(self) -> Tensor:
@@ -61,9 +70,24 @@ class Call:
 
     def narrow(self, start: int, stop: int) -> Call:
         """The same call restricted to examples ``start:stop``."""
-        args = tuple(x[start:stop] if isinstance(x, Tensor) else x for x in self.args)
-        kwargs = {k: v[start:stop] if k in self.batched else v for k, v in self.kwargs.items()}
-        return replace(self, args=args, kwargs=kwargs, output_grad=self.output_grad[start:stop])
+
+        def rows(x, k: int = 1):  # an input, or the tensors in one (an LSTM cell's (h, c))
+            if isinstance(x, (tuple, list)):
+                return type(x)(rows(y) for y in x)
+            return x[start * k : stop * k] if isinstance(x, Tensor) else x
+
+        kwargs = {
+            key: rows(x, self.groups.get(key, 1)) if key in self.batched else x
+            for key, x in self.kwargs.items()
+        }
+        return replace(
+            self,
+            args=tuple(rows(x, self.groups.get(i, 1)) for i, x in enumerate(self.args)),
+            kwargs=kwargs,
+            output_grad=self.output_grad[start:stop],
+            output_grads=tuple(map(rows, self.output_grads)),
+            outputs=tuple(map(rows, self.outputs)),
+        )
 
 
 GradsFn = Callable[[nn.Module, Call], "dict[str, Tensor]"]
@@ -96,6 +120,7 @@ class Rule:
     norms: NormsFn | None = None
     features: FeaturesFn | None = None
     own_layout: bool = False
+    all_outputs: bool = False
 
 
 RULES: dict[type[nn.Module] | str, Rule] = {}
@@ -112,6 +137,7 @@ def register_rule(
     norms: NormsFn | None = None,
     features: FeaturesFn | None = None,
     own_layout: bool = False,
+    all_outputs: bool = False,
 ) -> Callable[[GradsFn], GradsFn]:
     """Register the decorated ``grads(layer, call)`` as the rule of ``layer_type``.
 
@@ -130,9 +156,12 @@ def register_rule(
     (a recurrent layer's ``(T, B, …)`` sequences, packed sequences, ``(layers, B, H)`` states):
     the rule then reads the call as the layer received it, with the ``δ`` of every output and
     the example of each index of an input (:class:`Call`), and returns all ``B`` examples'
-    gradients at once. A rule covers exactly its type, not subclasses. ``layer_type`` may also
-    be the type's qualified name, ``"package.module.Class"``, so that registering does not
-    import the package. Check a new rule with :func:`pergrad.testing.check_rule`.
+    gradients at once; ``all_outputs`` says the rule reads the ``δ`` of every output the layer
+    returns (a recurrent cell's ``h`` and ``c``), not only of the first, each batched on dim 0
+    (``call.output_grads``, ``call.outputs``). A rule covers exactly its type, not subclasses.
+    ``layer_type`` may also be the type's qualified name, ``"package.module.Class"``, so that
+    registering does not import the package. Check a new rule with
+    :func:`pergrad.testing.check_rule`.
 
     Raises:
         TypeError: ``layer_type`` is neither an ``nn.Module`` subclass nor a qualified name,
@@ -158,8 +187,9 @@ def register_rule(
     ):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be a function or None, got {type(fn).__name__}")
-    if not isinstance(own_layout, bool):
-        raise TypeError(f"own_layout must be True or False, got {own_layout!r}")
+    for name, flag in (("own_layout", own_layout), ("all_outputs", all_outputs)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     if layer_type in RULES:
         name = layer_type if named else layer_type.__name__
         raise ValueError(
@@ -170,7 +200,7 @@ def register_rule(
     def decorator(grads: GradsFn) -> GradsFn:
         if not callable(grads):
             raise TypeError(f"register_rule decorates a function, got {type(grads).__name__}")
-        RULES[layer_type] = Rule(grads, moments, supports, norms, features, own_layout)
+        RULES[layer_type] = Rule(grads, moments, supports, norms, features, own_layout, all_outputs)
         return grads
 
     return decorator
@@ -204,12 +234,16 @@ def pair_moments(delta: Tensor, a: Tensor) -> Tensor:
     """``Σ_b g_b²`` of ``g_b = δ_bᵀ a_b`` summed over positions, per group, for
     ``δ (G, B, P, o)`` and ``a (G, B, P, i)``, by the expansion
     ``Σ_b g_b² = Σ_{b,t,t'} (δ_bt ⊙ δ_bt')ᵀ (a_bt ⊙ a_bt')``: ``B·P²`` rows, never the ``B``
-    gradients (for ``P = 1``, ``(δ²)ᵀ(a²)``). Returns ``(G, o, i)``."""
+    gradients (for ``P = 1``, ``(δ²)ᵀ(a²)``). Returns ``(G, o, i)``.
+
+    The terms with ``t ≠ t'`` may be negative, and where they nearly cancel the rounded sum
+    can fall below zero; a sum of squares is not, so the result is clamped at 0 (MATH.md,
+    "Sums of squares never below the square of the mean")."""
     groups, batch, count = delta.shape[:3]
     rows = batch * count * count
     d = (delta.unsqueeze(3) * delta.unsqueeze(2)).reshape(groups, rows, -1)
     x = (a.unsqueeze(3) * a.unsqueeze(2)).reshape(groups, rows, -1)
-    return torch.bmm(d.mT, x)
+    return torch.bmm(d.mT, x).clamp_(min=0)
 
 
 MEMORY_WEIGHT = 8

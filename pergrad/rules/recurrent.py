@@ -10,7 +10,14 @@ gradients of the loss at them,
     g_b(W_hh) = Σ_t δv_bt h_b,t-1ᵀ,   g_b(b_hh) = Σ_t δv_bt,
 
 as for a ``Linear`` over the steps. The gates take ``u_t + v_t`` (``δv_t = δu_t``), but for a
-GRU's ``n`` gate, which takes ``u^n_t + r_t ⊙ v^n_t`` (``δv^n_t = r_t ⊙ δu^n_t``).
+GRU's ``n`` gate, which takes ``u^n_t + r_t ⊙ v^n_t`` (``δv^n_t = r_t ⊙ δu^n_t``). An LSTM
+with ``proj_size`` projects its state, ``h_t = W_hr m_t`` with ``m_t = o_t ⊙ tanh(c_t)``, so
+
+    g_b(W_hr) = Σ_t δh_bt m_btᵀ,   δh_t = δy_t + W_hhᵀ δu_{t'} (+ δh_n at the last step),
+
+with ``δy_t`` the gradient at the layer's output and ``t'`` the step after ``t`` (its
+direction's); ``m_t`` is recomputed from the gates and the cell states ``c_t``, one step at a
+time, and ``W_hr m_t`` compared with the layer's output.
 
 The rule runs each layer again with PyTorch's own kernel on its input parts ``u`` (all steps
 in one product), given as the input of a layer whose input weights select them and whose
@@ -24,8 +31,8 @@ one sequence, whose rows and initial state must hold one example's data or none'
 states are compared with the layer's own on every call; where they differ, the rule steps
 aside.
 
-Outside the rule: LSTM's ``proj_size``, dropout between layers in training mode, unbatched
-input, and a sequence holding no example's data whose output reaches the loss.
+Outside the rule: dropout between layers in training mode, unbatched input, and a sequence
+holding no example's data whose output reaches the loss.
 """
 
 from __future__ import annotations
@@ -47,8 +54,6 @@ _KERNELS = {
 
 
 def _supports(layer: nn.RNNBase) -> str | None:
-    if getattr(layer, "proj_size", 0):
-        return "proj_size > 0"
     if layer.dropout and layer.training:
         return "dropout between layers in training mode"
     return None
@@ -77,9 +82,13 @@ class _Sequences:
         states = [] if hx is None else [hx] if isinstance(hx, Tensor) else list(hx)
         self.examples = _union([ids, *(call.examples(s, 1).unsqueeze(1) for s in states)])
         count = layer.num_layers * (2 if layer.bidirectional else 1)
-        zeros = self.data.new_zeros(count, self.size, layer.hidden_size)
-        kinds = 2 if layer.mode == "LSTM" else 1
-        self.initial = [states[i].detach() if states else zeros for i in range(kinds)]
+        self.proj = getattr(layer, "proj_size", 0)
+        self.width = self.proj or layer.hidden_size  # of h, each direction's output
+        sizes = [self.width, layer.hidden_size][: 2 if layer.mode == "LSTM" else 1]
+        self.initial = [
+            states[i].detach() if states else self.data.new_zeros(count, self.size, n)
+            for i, n in enumerate(sizes)
+        ]
 
     def columns(self, rows: Tensor, padding: float = 0.0) -> Tensor:
         """A tensor of the layer's layout (its input's or output's, or a packed sequence's
@@ -105,6 +114,8 @@ class _Sequences:
             params.append(getattr(layer, f"weight_hh{suffix}").detach())
             if layer.bias:
                 params += [u.new_zeros(gates), getattr(layer, f"bias_hh{suffix}").detach()]
+            if self.proj:
+                params.append(getattr(layer, f"weight_hr{suffix}").detach())
         hx = [h[k * directions : (k + 1) * directions] for h in self.initial]
         if self.packed is not None and self.packed.sorted_indices is not None:
             hx = [h.index_select(1, self.packed.sorted_indices) for h in hx]
@@ -123,7 +134,7 @@ class _Sequences:
         """``h_{t-1}`` of layer ``k``, direction ``d``, as columns ``(B', T, H)``: its output
         one step back, the initial state first (the reverse direction starts at each
         sequence's last step)."""
-        size, directions = self.layer.hidden_size, 2 if self.layer.bidirectional else 1
+        size, directions = self.width, 2 if self.layer.bidirectional else 1
         h = self.columns(output)[..., d * size : (d + 1) * size]
         first = self.initial[0][k * directions + d].unsqueeze(1)
         if d == 0:
@@ -172,13 +183,15 @@ def recurrent(layer: nn.RNNBase, call: Call) -> dict[str, Tensor]:
             inputs = output
         finals = [torch.cat([f[i] for f in finals]) for i in range(len(finals[0]))]
         tensors = [t for _, u in parts for t in u]
+        between = outputs[:-1] if sequences.proj else []  # δy of each layer but the last
         found = torch.autograd.grad(
-            [inputs, *finals], tensors, list(call.output_grads), allow_unused=True
+            [inputs, *finals], tensors + between, list(call.output_grads), allow_unused=True
         )
     ran = [inputs, *finals]
-    same = all(agree(r.detach(), e) for r, e in zip(ran, call.outputs))
+    same = all(agree(r.detach(), e, call.precision) for r, e in zip(ran, call.outputs))
     if len(ran) != len(call.outputs) or not same:
         raise ValueError("the recurrence run again differs from the layer's output")
+    output_grads = [*found[len(tensors) :], call.output_grads[0]]
     grads = {}
     with torch.no_grad():
         for k, (x, u) in enumerate(parts):
@@ -187,6 +200,12 @@ def recurrent(layer: nn.RNNBase, call: Call) -> dict[str, Tensor]:
                 delta = found[k * directions + d]
                 delta = torch.zeros_like(part) if delta is None else delta
                 grads.update(_sums(layer, sequences, k, d, x, part, delta, outputs[k]))
+                if sequences.proj:
+                    final = call.output_grads[1][k * directions + d]
+                    grads.update(
+                        _projection(layer, sequences, k, d, part, delta, outputs[k],
+                                    output_grads[k], final, call.precision)
+                    )  # fmt: skip
     return _by_example(grads, sequences, call.output_grads, call.batch_size)
 
 
@@ -212,6 +231,47 @@ def _sums(layer, sequences: _Sequences, k: int, d: int, x, u, delta, output) -> 
         found[f"bias_ih{suffix}"] = delta_u.sum(1)
         found[f"bias_hh{suffix}"] = delta_v.sum(1)
     return found
+
+
+def _projection(
+    layer, sequences: _Sequences, k, d, u, delta, output, output_grad, final, precision
+):
+    """Each column's ``g(W_hr)`` of layer ``k``, direction ``d`` of an LSTM with
+    ``proj_size``, from ``δu`` (in the layer's layout), the layer's output and its ``δy``,
+    and the ``δ`` of the final state (``precision``: autocast's, where it ran the layer).
+
+    Raises:
+        ValueError: ``W_hr m_t`` recomputed differs from the layer's output.
+    """
+    suffix = f"_l{k}" + ("_reverse" if d else "")
+    w_hh, w_hr = getattr(layer, f"weight_hh{suffix}"), getattr(layer, f"weight_hr{suffix}")
+    b_hh = getattr(layer, f"bias_hh{suffix}") if layer.bias else None
+    previous = sequences.previous(output, k, d)  # h_{t-1}, (B', T, P)
+    gates = sequences.columns(u) + F.linear(previous, w_hh, b_hh)
+    i, f, g, o = gates.chunk(4, -1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    steps, lengths = gates.shape[1], sequences.lengths.to(gates.device).unsqueeze(1)
+    c0 = sequences.initial[1][k * (2 if layer.bidirectional else 1) + d]
+    c, cells = c0, [None] * steps
+    for t in range(steps) if d == 0 else reversed(range(steps)):  # c_t, in its direction
+        if d:  # a reversed sequence starts at its last step
+            c = torch.where(t + 1 >= lengths, c0, c)
+        c = cells[t] = f[:, t] * c + i[:, t] * g[:, t]
+    m = o * torch.tanh(torch.stack(cells, 1))
+    width = sequences.width
+    h = sequences.columns(output)[..., d * width : (d + 1) * width]
+    inside = (torch.arange(steps, device=h.device) < lengths).unsqueeze(2)
+    projected = torch.where(inside, F.linear(m, w_hr), 0)
+    if not agree(projected, torch.where(inside, h, 0), precision):
+        raise ValueError("the projected state computed again differs from the layer's output")
+    delta_u = sequences.columns(delta)
+    later = delta_u[:, 1:] if d == 0 else delta_u[:, :-1]  # δu of the step after each one
+    zero = torch.zeros_like(delta_u[:, :1])
+    following = torch.cat([later, zero] if d == 0 else [zero, later], 1) @ w_hh
+    delta_h = sequences.columns(output_grad)[..., d * width : (d + 1) * width] + following
+    last = (lengths - 1 if d == 0 else torch.zeros_like(lengths)).squeeze(1)
+    delta_h = delta_h.index_put((torch.arange(len(last)), last), final, accumulate=True)
+    return {f"weight_hr{suffix}": torch.einsum("btp,bth->bph", delta_h * inside, m)}
 
 
 def _tracked(tensor: Tensor) -> Tensor:
