@@ -72,14 +72,22 @@ class OneMode:
 def _compare_with_batch(mode: Mode, inputs: tuple, target: Tensor, losses: Tensor) -> bool:
     """Check the losses ``mode`` computed one example at a time against one plain forward
     pass of the batch (:mod:`pergrad.alone`); return whether the model drew random numbers.
-    A model that cannot run the whole batch at once has no batch to disagree with."""
+    A model that cannot run the whole batch at once has no batch to disagree with: said, with
+    the error, once per call that cannot compare."""
     draws = randomness.Draws()
     try:
-        with draws:
+        with draws, randomness.RandomState().replays():
             in_batch = alone.batch_losses(mode.model, mode.loss_fn, inputs, target)
     except checks.InputError:
         raise
-    except Exception:
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        warn(
+            f"pergrad: the model cannot run the whole batch at once ({type(error).__name__}: "
+            f"{first}), so the losses mode={mode.name!r} computed one example at a time were "
+            f"not compared with the batch's; they are right if the model, run on a batch, "
+            f"would not combine examples."
+        )
         return bool(draws.found)
     alone.compare(mode, inputs, target, losses, in_batch, bool(draws.found), "")
     return bool(draws.found)

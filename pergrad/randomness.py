@@ -6,6 +6,7 @@ batch does, so the two can be compared only with every draw fixed (:mod:`pergrad
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -59,67 +60,100 @@ def _named(func, args: tuple, kwargs: dict) -> dict:
     return found
 
 
-def _fill(value: Callable[[dict], float]):
-    def fixed(func, args, kwargs, out):
-        return out.fill_(value(_named(func, args, kwargs)))
+def _fill(low: Callable[[dict], float], high: Callable[[dict], float]):
+    """Fill the draw with ``low(arguments)`` or ``high(arguments)``, by the end."""
+
+    def fixed(end: str, named: dict, out: Tensor) -> Tensor:
+        return out.fill_((low if end == "low" else high)(named))
 
     return fixed
 
 
-def _like(name: str):
-    def fixed(func, args, kwargs, out):
-        return out.copy_(_named(func, args, kwargs)[name].expand_as(out))
+def _normal(end: str, named: dict, out: Tensor) -> Tensor:
+    mean, std = named.get("mean", 0.0), named.get("std", 1.0)
+    value = mean - std if end == "low" else mean + std
+    return out.copy_(torch.as_tensor(value, dtype=out.dtype, device=out.device).expand_as(out))
 
-    return fixed
+
+def _poisson(end: str, named: dict, out: Tensor) -> Tensor:
+    return out.zero_() if end == "low" else out.copy_(named["self"])
 
 
-def _normal(func, args, kwargs, out):
-    mean = _named(func, args, kwargs).get("mean", 0.0)
-    return out.copy_(mean.expand_as(out)) if isinstance(mean, Tensor) else out.fill_(mean)
+def _randperm(end: str, named: dict, out: Tensor) -> Tensor:
+    order = torch.arange(len(out), device=out.device)
+    return out.copy_(order if end == "low" else order.flip(0))
+
+
+def _highest_below_one(named: dict) -> float:
+    one = torch.ones((), dtype=torch.float32)
+    return float(torch.nextafter(one, torch.zeros(())))
 
 
 _FIXED = {
-    aten.bernoulli: _fill(lambda a: 1.0),
-    aten.bernoulli_: _fill(lambda a: 1.0),
-    aten.rand: _fill(lambda a: 0.5),
-    aten.rand_like: _fill(lambda a: 0.5),
-    aten.uniform_: _fill(lambda a: (a.get("from", 0.0) + a.get("to", 1.0)) / 2),
-    aten.randn: _fill(lambda a: 0.0),
-    aten.randn_like: _fill(lambda a: 0.0),
+    aten.bernoulli: _fill(lambda a: 0.0, lambda a: 1.0),
+    aten.bernoulli_: _fill(lambda a: 0.0, lambda a: 1.0),
+    aten.rand: _fill(lambda a: 0.0, _highest_below_one),
+    aten.rand_like: _fill(lambda a: 0.0, _highest_below_one),
+    aten.uniform_: _fill(lambda a: a.get("from", 0.0), lambda a: a.get("to", 1.0)),
+    aten.randn: _fill(lambda a: -1.0, lambda a: 1.0),
+    aten.randn_like: _fill(lambda a: -1.0, lambda a: 1.0),
     aten.normal: _normal,
     aten.normal_: _normal,
-    aten.randint: _fill(lambda a: a.get("low", 0) or 0),
-    aten.randint_like: _fill(lambda a: a.get("low", 0) or 0),
-    aten.random_: _fill(lambda a: a.get("from", 0) or 0),
-    aten.randperm: lambda func, args, kwargs, out: out.copy_(torch.arange(len(out))),
-    aten.multinomial: _fill(lambda a: 0),
-    aten.exponential_: _fill(lambda a: 1.0 / a.get("lambd", 1.0)),
-    aten.geometric_: _fill(lambda a: 1.0),
-    aten.log_normal_: _fill(lambda a: float(torch.tensor(a.get("mean", 1.0)).exp())),
-    aten.cauchy_: _fill(lambda a: a.get("median", 0.0)),
-    aten.poisson: _like("self"),
+    aten.randint: _fill(lambda a: a.get("low") or 0, lambda a: a["high"] - 1),
+    aten.randint_like: _fill(lambda a: a.get("low") or 0, lambda a: a["high"] - 1),
+    aten.random_: _fill(
+        lambda a: a.get("from") or 0,
+        lambda a: a["to"] - 1 if a.get("to") is not None else a.get("from") or 0,
+    ),
+    aten.randperm: _randperm,
+    aten.multinomial: _fill(lambda a: 0, lambda a: a["self"].shape[-1] - 1),
+    aten.exponential_: _fill(lambda a: 0.0, lambda a: 2.0 / a.get("lambd", 1.0)),
+    aten.geometric_: _fill(lambda a: 1.0, lambda a: max(1.0, round(1 / a["p"]))),
+    aten.log_normal_: _fill(
+        lambda a: math.exp(a.get("mean", 1.0) - a.get("std", 2.0)),
+        lambda a: math.exp(a.get("mean", 1.0) + a.get("std", 2.0)),
+    ),
+    aten.cauchy_: _fill(
+        lambda a: a.get("median", 0.0) - a.get("sigma", 1.0),
+        lambda a: a.get("median", 0.0) + a.get("sigma", 1.0),
+    ),
+    aten.poisson: _poisson,
 }
-"""For each operation that draws random numbers, what :class:`FixedRandom` writes instead."""
+"""For each operation that draws random numbers, what :class:`FixedRandom` writes instead, at
+either end of what it draws."""
+
+ENDS = ("low", "high")
+"""The two fixings a comparison runs under: each draw at one end of its range, then at the
+other (a mask that drops everything, then keeps everything)."""
 
 
 class FixedRandom(TorchDispatchMode):
-    """Every random draw fixed, while entered, to a value independent of how many examples a
-    call holds: a dropout or Bernoulli mask keeps everything, a uniform draw is its midpoint,
-    a normal one its mean, an integer its lowest value, a permutation the identity. The model
-    computes a deterministic function with every layer it has.
+    """Every random draw fixed, while entered, to a value that does not depend on how many
+    examples a call holds, at one ``end`` of what it draws: ``"low"`` drops every element of a
+    dropout or Bernoulli mask, takes a uniform draw's lower bound, a normal one's mean less a
+    standard deviation, an integer's lowest value, the identity permutation; ``"high"`` keeps
+    every element, takes the upper bound, the mean plus a deviation, the highest integer, the
+    reversed permutation. The model computes a deterministic function with every layer and
+    every path it has; between the two, a path that a draw opens or closes is taken once each
+    way, and a draw that decides which examples combine (a permutation) moves them.
 
     Raises:
         InputError: the model draws random numbers with an operation not listed here.
     """
+
+    def __init__(self, end: str = "high"):
+        super().__init__()
+        self.end = end
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not (may_draw(func) and draws(func, args, kwargs)):
             return func(*args, **kwargs)
         packet, named = func.overloadpacket, _named(func, args, kwargs)
-        if packet is aten.native_dropout:  # (output, mask): everything kept
-            x = args[0]
-            return x.clone(), torch.ones_like(x, dtype=torch.bool)
+        if packet is aten.native_dropout:  # (output, mask), as its backward pass reads them
+            x, keep = args[0], self.end == "high"
+            mask = torch.full_like(x, keep, dtype=torch.bool)
+            return (x / (1 - named["p"]) if keep else torch.zeros_like(x)), mask
         if "dropout_p" in named:  # attention kernels: nothing dropped
             return func(**{**named, "dropout_p": 0.0})
         if packet in (aten.rrelu_with_noise, aten.rrelu_with_noise_):  # the mean slope
@@ -132,7 +166,7 @@ class FixedRandom(TorchDispatchMode):
                 f"example's loss computed alone with its loss in the batch. Draw them with "
                 f"dropout, bernoulli, rand or randn, or put the random layers in eval mode."
             )
-        return fixed(func, args, kwargs, func(*args, **kwargs))
+        return fixed(self.end, named, func(*args, **kwargs))
 
 
 class RandomState:

@@ -97,27 +97,31 @@ class Record:
             self.rule_problem = "an output other than its first reaches the loss"
 
     def call(self) -> Call:
-        """The call as a rule reads it: every positional input and ``δ`` batched on dim 0;
-        for a rule in its own layout, as the layer received it."""
-        return replace(self._call(), precision=self.precision)
-
-    def _call(self) -> Call:
+        """The call as a rule reads it: the inputs that carry the batch on dim 0 (shared ones
+        with 1 there expanded to it), ``δ`` batched alike; for a rule in its own layout, as the
+        layer received it."""
         if self.own_layout:
             deltas = self.all_deltas()
             return Call(
                 self.args, self.kwargs, deltas[0], frozenset(), tuple(deltas), self._examples,
-                self.size, tuple(self._batch_outputs()),
+                self.size, tuple(self._batch_outputs()), precision=self.precision,
             )  # fmt: skip
         if self.moved is not None:
             return self._regrouped()
-        args = tuple(
-            x.expand(self.size, *x.shape[1:])
-            if isinstance(x, Tensor) and i not in self.batched and x.dim() and x.shape[0] == 1
-            else x
-            for i, x in enumerate(self.args)
-        )
+        args, batched = list(self.args), set(self.batched)
+        for i, x in enumerate(args):
+            if i in batched:
+                continue
+            if isinstance(x, Tensor) and x.dim() and x.shape[0] == 1:  # shared: expanded
+                args[i] = x.expand(self.size, *x.shape[1:])
+                batched.add(i)
+            elif isinstance(x, (tuple, list)) and _rows_of_batch(x, self.size):
+                batched.add(i)  # states (h, c), whose rows the tags of the outputs vouch for
         deltas = [self._scaled(d) for d in self.all_deltas()]
-        call = Call(args, self.kwargs, deltas[0], self._batched_keywords(), groups=self.groups)
+        call = Call(
+            tuple(args), self.kwargs, deltas[0], frozenset(batched), groups=self.groups,
+            precision=self.precision,
+        )  # fmt: skip
         if self.hooked.rule.all_outputs:
             call = replace(call, output_grads=tuple(deltas), outputs=tuple(self._batch_outputs()))
         return call
@@ -168,16 +172,16 @@ class Record:
         deltas = self.all_deltas()
         tags = self.output_tags if rule.all_outputs else self.output_tags[:1]
         changed = [move(d, tag)[0] for d, tag in zip(deltas, tags)]
-        call = Call(args, kwargs, self._scaled(changed[0]), self._batched_keywords(), groups=groups)
+        call = Call(
+            args, kwargs, self._scaled(changed[0]), frozenset(moved), groups=groups,
+            precision=self.precision,
+        )  # fmt: skip
         if rule.all_outputs:
             outputs = [move(o, tag)[0] for o, tag in zip(self._batch_outputs(), tags)]
             call = replace(
                 call, output_grads=tuple(map(self._scaled, changed)), outputs=tuple(outputs)
             )
         return call
-
-    def _batched_keywords(self) -> frozenset[str]:
-        return frozenset(k for k in self.batched if isinstance(k, str))
 
     def values(self, quantity: Quantity) -> Values:
         """The ``quantity`` of the per-example gradients of the module's parameters: the
@@ -350,8 +354,9 @@ class Record:
             self.rule_problem = f"it cannot read this call: {error}"
             return None
         try:
+            parameters, leaf = self.hooked.slots[0]
             with torch.no_grad(), _full_precision():
-                return use(self.hooked.rule, self.hooked.module, _precise(call))
+                return use(self.hooked.rule, self.hooked.module, _precise(call, parameters[leaf]))
         except local.LocalError:
             raise
         except Exception as error:  # outside what the rule handles
@@ -396,20 +401,23 @@ def _full_precision() -> contextlib.AbstractContextManager:
     return stack
 
 
-def _precise(call: Call) -> Call:
-    """The call with every half-precision tensor in float32: under autocast a layer computes
-    in half precision, and its statistics are formed and summed in float32 (a closed form
-    such as :func:`pergrad.rules.base.pair_moments` would lose its sign in half precision).
-    ``examples`` still reads the tags of the tensors the layer received."""
+def _precise(call: Call, parameter: Tensor) -> Call:
+    """The call with its half-precision tensors in the precision of the layer's
+    ``parameter``: under autocast a layer with float32 parameters computes in half precision,
+    and its statistics are formed and summed in float32 (a closed form such as
+    :func:`pergrad.rules.base.pair_moments` would lose its sign in half precision); a layer
+    whose parameters are themselves in half precision stays there. ``examples`` still reads
+    the tags of the tensors the layer received."""
+    dtype = parameter.dtype
     leaves = [*all_tensors(call.args, call.kwargs), call.output_grad, *call.output_grads]
-    if not any(x.dtype in HALF for x in leaves):
+    if dtype in HALF or not any(x.dtype in HALF for x in leaves):
         return call
     originals: dict[int, Tensor] = {}
 
     def full(x):
         if not isinstance(x, Tensor) or x.dtype not in HALF:
             return x
-        y = x.float()
+        y = x.to(dtype)
         originals[id(y)] = x
         return y
 
@@ -464,6 +472,12 @@ def _examples(tag: provenance.Tag, x: Tensor) -> tuple[int, Tensor]:
     if ids is None:
         raise local.LocalError("a row of its inputs or outputs holds several examples or none")
     return dim, ids.to(x.device)
+
+
+def _rows_of_batch(values: tuple | list, size: int) -> bool:
+    """Whether every tensor in a positional input of tensors has the batch size on dim 0."""
+    found = all_tensors(tuple(values), {})
+    return bool(found) and all(x.dim() and x.shape[0] == size for x in found)
 
 
 def _by_example(tag: provenance.Tag, x: Tensor, ids: Tensor, regroup: Regroup):

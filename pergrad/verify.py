@@ -17,7 +17,7 @@ more per call: for tests, and for a model tried for the first time. Each check's
 from the random number generators' state of the pass it checks, so dropout draws the same
 masks where the model draws them in the same order (the per-layer path). A mode that runs each
 example alone draws other masks than the batch: where the model draws random numbers, its
-parameters are checked with every draw fixed (:class:`pergrad.alone.FixedRandom`), their
+parameters are checked with every draw fixed (:class:`pergrad.randomness.FixedRandom`), their
 per-example gradients computed again so.
 """
 
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from pergrad import checks, reduce
+from pergrad import alone, checks, reduce
 from pergrad import inputs as batch
 from pergrad.randomness import RandomState
 
@@ -92,7 +92,7 @@ def against_autograd(
     pairs = {}
     for name, reference in zip(names, expected):
         g = grads[name].to_dense() if grads[name].is_sparse else grads[name]
-        actual = torch.tensordot(c.to(g.dtype), g, dims=1)
+        actual = weighted_sum(c, g)
         if reference is None:
             reference = torch.zeros_like(actual)
         pairs[name] = (actual, reference.to_dense() if reference.is_sparse else reference)
@@ -136,26 +136,31 @@ class _Hooks(TorchFunctionMode):
 def _zero_both_ways(model, loss_fn, inputs, target, p: Tensor, actual: Tensor, floor: float):
     """Whether a parameter that :func:`disagreeing` flags has a true gradient of 0, and
     pergrad says so: pergrad's weighted sum is below ``floor`` (the rounding level of the
-    largest gradient), and no example's loss changes when the parameter moves far (by more
-    than its largest entry, by a different amount at each entry). A norm over one element
-    gives its weight such a gradient, which autograd computes as rounding noise of the
-    normalized inputs: a noise that the gradients' scales do not bound."""
+    largest gradient), and no example's loss changes when the parameter moves far, either way
+    (by more than its largest entry, by a different amount at each entry). A norm over one
+    element gives its weight such a gradient, which autograd computes as rounding noise of
+    the normalized inputs: a noise that the gradients' scales do not bound. The passes leave
+    the random state and the model's buffers as they found them."""
     if not bool(actual.abs().max() <= floor):
         return False
     random = RandomState()
-    with torch.no_grad():
+    ids = torch.arange(p.numel(), dtype=torch.float64, device=p.device).view(p.shape)
+    with torch.no_grad(), random.replays(), alone.buffers_kept(model):
         before = loss_fn(batch.run(model, inputs), target)
         saved = p.detach().clone()
-        ids = torch.arange(p.numel(), dtype=torch.float64, device=p.device).view(p.shape)
-        step = (1 + ids * checks.GOLDEN % 1) * (1 + float(saved.abs().max()))
+        step = ((1 + ids * checks.GOLDEN % 1) * (1 + float(saved.abs().max()))).to(p.dtype)
+        moved = []
         try:
-            p.add_(step.to(p.dtype))
-            random.rewind()
-            after = loss_fn(batch.run(model, inputs), target)
+            for sign in (1, -1):
+                p.copy_(saved + sign * step)
+                random.rewind()
+                moved.append(loss_fn(batch.run(model, inputs), target))
         finally:
             p.copy_(saved)
-    scale = float(before.abs().max()) if before.numel() else 0.0
-    return bool(((after - before).abs() <= 1e2 * torch.finfo(before.dtype).eps * scale).all())
+    bound = (
+        1e2 * torch.finfo(before.dtype).eps * (float(before.abs().max()) if before.numel() else 0.0)
+    )
+    return all(bool(((after - before).abs() <= bound).all()) for after in moved)
 
 
 def moments(
@@ -181,26 +186,35 @@ def moments(
         )
 
 
+def weighted_sum(weights: Tensor, grads: Tensor) -> Tensor:
+    """``Σ_b c_b g_b`` of per-example gradients ``(B, *shape)``, in at least float32 (in half
+    precision the distinct weights would round into each other)."""
+    dtype = torch.promote_types(grads.dtype, torch.float32)
+    return torch.tensordot(weights.to(dtype), grads.to(dtype), dims=1)
+
+
 def _scale(t: Tensor) -> float:
     return float(t.double().abs().max()) if t.numel() else 0.0
 
 
 def rounding_floor(pairs: dict[str, tuple[Tensor, Tensor]], noise: float = 0.0) -> float:
-    """A hundred rounding errors of the largest expected entry over all parameters, and at
-    least ``noise``: differences below it are rounding, whatever the parameter."""
+    """A hundred rounding errors of the largest expected entry over all parameters (ten in
+    half precision, whose rounding error is already large), and at least ``noise``:
+    differences below it are rounding, whatever the parameter."""
     if not pairs:
         return noise
     epsilon = max(torch.finfo(t.dtype).eps for pair in pairs.values() for t in pair)
-    return max(1e2 * epsilon * max(_scale(e) for _, e in pairs.values()), noise)
+    ulps = 10 if epsilon > torch.finfo(torch.float32).eps else 100
+    return max(ulps * epsilon * max(_scale(e) for _, e in pairs.values()), noise)
 
 
 def disagreeing(pairs: dict[str, tuple[Tensor, Tensor]], noise: float = 0.0) -> list[str]:
     """The names whose ``(actual, expected)`` differ by more than rounding: relative to the
-    largest entry of the parameter's own expected value, with a floor of a hundred rounding
-    errors of the largest entry over all parameters, and at least ``noise`` (a gradient that
-    is zero in exact arithmetic, like an attention key's bias or the weight of a norm over one
-    element, is rounding noise of the others, or of the loss). In half precision the floor is
-    about the largest gradient itself: there the check catches gross errors only."""
+    largest entry of the parameter's own expected value, with a floor of rounding of the
+    largest entry over all parameters (:func:`rounding_floor`), and at least ``noise``: a
+    gradient that is zero in exact arithmetic, like an attention key's bias, is rounding noise
+    of the others, or of the loss. In half precision the floor is several per cent of the
+    largest gradient: there the check catches gross errors only."""
     if not pairs:
         return []
     low = any(t.dtype in (torch.float16, torch.bfloat16) for pair in pairs.values() for t in pair)

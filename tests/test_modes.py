@@ -225,3 +225,27 @@ def test_grads_come_in_each_parameters_dtype_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         grads = pergrad.PerExample(model, CROSS_ENTROPY).grads(x, y)
     assert {g.dtype for g in grads.values()} == {torch.float32}
+
+
+class TimeFirst(torch.nn.Module):
+    """A Linear on ``(T, B, 2)``: Opacus takes ``T`` for the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.linear(x.transpose(0, 1)).sum((0, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_hooks_refuses_rows_of_other_examples_in_half_precision_too(dtype):
+    """T = B = 8: Opacus's per-example gradients are those of the time steps; the weighted
+    check, in float32 whatever the gradients' dtype, sees it in float16 too."""
+    torch.manual_seed(0)
+    size = 8
+    x = torch.rand(size, size, 2) * torch.arange(1, size + 1).view(size, 1, 1)
+    model, x = TimeFirst().to(dtype), (1500 * x / size).to(dtype)
+    engine = pergrad.PerExample(model, lambda out, y: out - y, mode="hooks")
+    with pytest.raises(pergrad.ModeError, match="not each example's own"):
+        engine.grads(x, torch.zeros(size, dtype=dtype))

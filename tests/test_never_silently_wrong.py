@@ -536,7 +536,13 @@ def test_a_random_draw_pergrad_cannot_fix_is_refused():
         pergrad.PerExample(Gamma(), MSE, mode="loop").backward(x, y)
 
 
-def test_fixed_draws_do_not_depend_on_how_many_examples_a_call_holds():
+@pytest.mark.parametrize(
+    "end, expected",
+    [("low", [0, 0, -1, 2, -1.5, 3, 0]), ("high", [1 / 0.7, 1 - 2**-24, 1, 4, 4.5, 8, 1])],
+)
+def test_fixed_draws_do_not_depend_on_how_many_examples_a_call_holds(end, expected):
+    """At either end of what it draws, each draw of one example alone is the batch's row;
+    a permutation is the identity at one end and reverses the batch at the other."""
     from pergrad.randomness import Draws, FixedRandom
 
     def draws(size: int) -> list[torch.Tensor]:
@@ -549,20 +555,43 @@ def test_fixed_draws_do_not_depend_on_how_many_examples_a_call_holds():
             torch.empty(size, 4).normal_(1.5, 3.0),
             torch.randint(3, 9, (size, 4)).float(),
             torch.bernoulli(torch.full((size, 4), 0.2)),
-            torch.randperm(size).float().unsqueeze(1).expand(size, 4),
         ]
 
-    with FixedRandom():
+    state = torch.random.get_rng_state()
+    with FixedRandom(end):
         batch, alone = draws(5), draws(1)
-    for many, one in zip(batch[:-1], alone[:-1]):
+        order = torch.randperm(5)
+    for many, one in zip(batch, alone):
         assert torch.equal(many, one.expand_as(many))
-    assert [float(t[0, 0]) for t in alone] == pytest.approx([1 / 0.7, 0.5, 0, 3, 1.5, 3, 1, 0])
-    assert torch.equal(batch[-1][:, 0], torch.arange(5.0))  # the identity permutation
+    assert [float(t[0, 0]) for t in alone] == pytest.approx(expected)
+    assert torch.equal(order, torch.arange(5) if end == "low" else torch.arange(4, -1, -1))
+    torch.random.set_rng_state(state)
     seen = Draws()
     with seen:
         nn.functional.dropout(torch.ones(3), 0.0)  # draws nothing
         torch.rand(2)
     assert seen.found == ["aten.rand.default"]
+
+
+def test_a_random_permutation_that_mixes_examples_is_refused():
+    """Mixup: each example mixed with another drawn at random. The draw fixed as the
+    identity would hide it; at the other end it reverses the batch."""
+
+    class Mixup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.lin(0.5 * x + 0.5 * x[torch.randperm(len(x))])
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    for mode in ("auto", "func", "loop"):
+        model = Mixup().double()
+        with pytest.raises(pergrad.InputError, match="combines examples"):
+            pergrad.PerExample(model, MSE, mode=mode).backward(x, y)
+        assert all(p.grad is None for p in model.parameters())
 
 
 def test_verification_checks_the_parameters_of_the_modes_that_run_each_example_alone(monkeypatch):
@@ -612,3 +641,80 @@ def test_a_call_on_one_example_that_returns_a_number(size, chunk_size):
     x, y = torch.randn(size, 3, dtype=torch.float64), torch.randn(size, dtype=torch.float64)
     sources = statistics(model, lambda out, t: (out - t) ** 2, x, y, chunk_size=chunk_size)
     assert sources == {"summed.w": "Summed (local)"}
+
+
+class Counting(Centred):
+    """Centred, counting its forward passes in a buffer, as a running statistic would."""
+
+    def __init__(self, dropout: float):
+        super().__init__(centred=False, dropout=dropout)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_the_comparisons_passes_leave_the_buffers_as_they_were():
+    """With dropout, the comparison runs the batch and each example again: the buffers (a
+    running statistic) count the passes that computed, not those that only compared."""
+    counts = {}
+    for dropout in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = Counting(dropout).double()
+        x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+        engine = pergrad.PerExample(model, MSE, verify=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pergrad.FallbackWarning)
+            engine.backward(x, y)
+        counts[dropout] = int(model.calls)
+    assert counts[0.5] == counts[0.0]
+
+
+class Masked(nn.Module):
+    """Attention with a causal mask ``(L, L)`` shared by the batch, passed by position."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        mask = torch.triu(torch.full((x.shape[1],) * 2, float("-inf"), dtype=x.dtype), 1)
+        return self.attention(x, x, x, None, False, mask)[0].sum((1, 2))
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_a_shared_positional_input_is_not_cut_into_examples(size):
+    torch.manual_seed(0)
+    model = Masked().double()
+    x, y = torch.randn(size, 4, 4, dtype=torch.float64), torch.randn(size, dtype=torch.float64)
+    sources = statistics(model, lambda out, t: (out - t) ** 2, x, y, chunk_size=2)
+    assert set(sources.values()) == {"MultiheadAttention"}
+
+
+def test_a_half_precision_model_keeps_its_rules():
+    """Parameters in bfloat16: the rules run in their precision (not float32 inputs against
+    bfloat16 weights), and the comparison with the batch at bfloat16's rounding."""
+    torch.manual_seed(0)
+    for layer, shape in [
+        (nn.LSTMCell(3, 4), (5, 3)),
+        (nn.LSTM(3, 4, batch_first=True), (5, 6, 3)),
+        (nn.GRU(3, 4, batch_first=True), (5, 6, 3)),
+    ]:
+        model = nn.Sequential(layer).to(torch.bfloat16)
+
+        def loss(out, y):
+            out = out[0] if isinstance(out, tuple) else out
+            return (out.float().flatten(1).sum(1) - y) ** 2
+
+        x, y = torch.randn(*shape, dtype=torch.bfloat16), torch.randn(5)
+        engine = pergrad.PerExample(model, loss, verify=False)
+        engine.grads(x, y)
+        assert set(engine.sources.values()) == {type(layer).__name__}
+        for mode in ("loop", "func"):  # one example at a time, against the batch
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", pergrad.FallbackWarning)
+                try:
+                    pergrad.PerExample(model, loss, mode=mode, verify=False).grads(x, y)
+                except pergrad.ModeError:  # vmap cannot run the layer: not this test's matter
+                    pass

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from pergrad import checks
 from pergrad import inputs as batch
 from pergrad.modes.base import Mode, ModeError, PerExampleResult
-from pergrad.verify import disagreeing
+from pergrad.verify import disagreeing, weighted_sum
 
 _MODULE_ATTRIBUTES = ("activations", "max_batch_len")
 
@@ -112,21 +112,33 @@ class HooksMode(Mode):
         once (:func:`pergrad.verify.disagreeing`: a gradient that is 0 in exact arithmetic,
         such as an attention key's bias, is rounding noise of the others)."""
         used = {name: g for name, g in grads.items() if reference[name][0] is not None}
-        if not all(bool(reference[name][0].isfinite().all()) for name in used):
-            return  # not finite: refused as such where the statistics are checked
-        sums = {name: (g.sum(0), reference[name][0]) for name, g in used.items()}
+        sums = {name: _finite_pair(g.sum(0), reference[name][0]) for name, g in used.items()}
         mixed = {
-            name: (torch.tensordot(weights.to(g.dtype), g, dims=1), reference[name][1])
+            name: _finite_pair(weighted_sum(weights, g), reference[name][1])
             for name, g in used.items()
         }
-        for wrong in disagreeing(sums)[:1]:
+        for wrong in [n for n, pair in sums.items() if pair is None][:1] + disagreeing(
+            {n: pair for n, pair in sums.items() if pair is not None}
+        )[:1]:
             raise ModeError(
                 self.name,
                 f"Opacus's per-example gradients of '{wrong}' do not sum to the batch gradient",
             )
-        for wrong in disagreeing(mixed)[:1]:
+        for wrong in disagreeing({n: pair for n, pair in mixed.items() if pair is not None})[:1]:
             raise ModeError(
                 self.name,
                 f"Opacus's per-example gradients of '{wrong}' are not each example's own (they "
                 f"are permuted or mixed between examples)",
             )
+
+
+def _finite_pair(actual: Tensor, expected: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The two with their entries that are not finite in both set to 0 (a NaN in the data
+    is found as such where the statistics are checked), or ``None`` where one is not finite
+    and the other is (the batch's sum overflowed where the examples' did not)."""
+    finite = expected.isfinite()
+    if bool(finite.all()):
+        return actual, expected
+    if not torch.equal(actual.isfinite(), finite):
+        return None
+    return actual.where(finite, 0), expected.where(finite, 0)

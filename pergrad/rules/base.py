@@ -25,12 +25,15 @@ class Call:
     """One call of a layer on a batch of ``B`` examples.
 
     Attributes:
-        args, kwargs: the inputs as the layer's ``forward`` received them. Every positional
-            tensor has the batch on dim 0 (inputs shared by the batch are expanded to it);
-            for a rule registered with ``own_layout``, they are as the layer received them.
+        args, kwargs: the inputs as the layer's ``forward`` received them; those in
+            ``batched`` have the batch on dim 0 (inputs shared by the batch with 1 there are
+            expanded to it); for a rule registered with ``own_layout``, they are as the layer
+            received them.
         output_grad: ``δ``, the gradient of ``Σ_b ℓ_b`` with respect to the layer's (first)
             output, batch on dim 0 (``own_layout``: as the layer returned it).
-        batched: the keyword arguments that carry the batch on dim 0.
+        batched: the positions and keyword names of the inputs that carry the batch on
+            dim 0 (a tuple of tensors among them, such as an LSTM cell's ``(h, c)``, each of
+            its tensors): what :meth:`narrow` cuts.
         output_grads: ``own_layout`` or ``all_outputs``: ``δ`` of every floating-point tensor
             the layer returned, in the order ``torch.utils._pytree`` flattens its output,
             zeros where none arrived (``all_outputs``: each batched on dim 0 like the first).
@@ -51,7 +54,7 @@ class Call:
     args: tuple
     kwargs: dict
     output_grad: Tensor
-    batched: frozenset[str] = field(default_factory=frozenset)
+    batched: frozenset[int | str] = field(default_factory=frozenset)
     output_grads: tuple[Tensor, ...] = ()
     examples: Callable[[Tensor, int], Tensor] | None = None
     size: int | None = None
@@ -80,9 +83,13 @@ class Call:
             key: rows(x, self.groups.get(key, 1)) if key in self.batched else x
             for key, x in self.kwargs.items()
         }
+        args = tuple(
+            rows(x, self.groups.get(i, 1)) if i in self.batched else x
+            for i, x in enumerate(self.args)
+        )
         return replace(
             self,
-            args=tuple(rows(x, self.groups.get(i, 1)) for i, x in enumerate(self.args)),
+            args=args,
             kwargs=kwargs,
             output_grad=self.output_grad[start:stop],
             output_grads=tuple(map(rows, self.output_grads)),
