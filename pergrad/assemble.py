@@ -36,13 +36,23 @@ class Flow:
             pergrad does not follow): then the batch's forward pass is not each example's,
             and only a mode that runs one example at a time may compute it.
         random: whether the model drew random numbers (dropout).
-        where: the operations pergrad could not follow, and those that combined examples,
-            for messages (empty where there are none).
+        unknown, mixing: the operations pergrad could not follow, and those that combined
+            examples.
     """
 
     crossed: bool = False
     random: bool = False
-    where: str = ""
+    unknown: tuple[str, ...] = ()
+    mixing: tuple[str, ...] = ()
+
+    @property
+    def where(self) -> str:
+        """Those operations, for messages (empty where there are none)."""
+        unknown = ", ".join(dict.fromkeys(self.unknown[:3]))
+        mixing = ", ".join(dict.fromkeys(self.mixing[:3]))
+        found = [f"pergrad could not follow {unknown}" if unknown else ""]
+        found.append(f"{mixing} ran across the batch" if mixing else "")
+        return "; ".join(filter(None, found))
 
 
 class LayerwiseResult:

@@ -260,7 +260,8 @@ def agree(actual: Tensor, expected: Tensor, precision: torch.dtype | None = None
     precision they ran in (``precision``; else autocast's dtype where it is on, else the
     dtype of ``expected``) and relative to the largest finite entry; NaN and infinities must
     stand in the same places."""
-    tolerance = TOLERANCE.get(precision or autocast_dtype(expected) or expected.dtype, 1e-4)
+    device = expected.device.type
+    tolerance = TOLERANCE.get(precision or autocast_dtype(device) or expected.dtype, 1e-4)
     if actual.shape != expected.shape:
         return False
     scale = expected.abs().max() if expected.numel() else expected.new_zeros(())
@@ -272,11 +273,12 @@ def agree(actual: Tensor, expected: Tensor, precision: torch.dtype | None = None
     return torch.allclose(actual, expected, rtol=tolerance, atol=tolerance * scale, equal_nan=True)
 
 
-def autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype autocast computes in on ``x``'s device where it is on there, else ``None``."""
-    device = x.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
+def autocast_dtype(device: str | None = None) -> torch.dtype | None:
+    """The dtype autocast computes in on the ``device`` type where it is on there (any of
+    ``"cpu"`` and ``"cuda"`` for ``None``), else ``None``."""
+    for kind in ("cpu", "cuda") if device is None else (device,):
+        if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
     return None
 
 

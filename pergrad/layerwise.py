@@ -154,6 +154,7 @@ class _Forward:
         self.recursive: set[int] = set()  # modules called inside a call of themselves
         self.placed: list[str] = []  # layers whose output rows were given examples by place
         self.crossed = False  # whether an example's loss holds values of other examples
+        self.precision = checks.autocast_dtype()  # what autocast runs the layers in, if on
 
     def run(self, inputs: batch.Inputs, target: Tensor) -> LayerwiseResult:
         """Run the model forward and backward with the hooks in place; the parameters each
@@ -227,11 +228,9 @@ class _Forward:
 
     def _flow(self) -> Flow:
         tracker = self.tracker
-        unknown = ", ".join(dict.fromkeys(tracker.unknown[:3]))
-        mixing = ", ".join(dict.fromkeys(tracker.mixing[:3]))
-        where = [f"pergrad could not follow {unknown}" if unknown else ""]
-        where.append(f"{mixing} ran across the batch" if mixing else "")
-        return Flow(self.crossed, bool(tracker.random), "; ".join(filter(None, where)))
+        return Flow(
+            self.crossed, bool(tracker.random), tuple(tracker.unknown), tuple(tracker.mixing)
+        )
 
     def _forward(self, inputs: batch.Inputs, target: Tensor) -> tuple[Tensor, object]:
         """The model and the loss under :attr:`tracker`, each input's row ``b`` example ``b``."""
@@ -366,7 +365,7 @@ class _Forward:
         if not _recording():
             return _rebuild(leaves, spec)
         record = self._record(hooked, module, args, kwargs)
-        record.precision = checks.autocast_dtype(leaves[floating[0]]) if floating else None
+        record.precision = self.precision
         if not floating:
             record.problem = record.problem or "it returns no floating-point tensor"
             return None
@@ -485,6 +484,8 @@ class _Forward:
     def _proven(self, batched: dict, args: tuple, kwargs: dict) -> dict:
         """The batched inputs, but those with several rows per example whose tags do not
         prove that each example's rows are consecutive, in order."""
+        if all(rows == 1 for rows in batched.values()):  # the common case
+            return batched
         given = dict(tensors(args, kwargs))
         return {
             key: rows

@@ -355,7 +355,8 @@ class Record:
             return None
         try:
             parameters, leaf = self.hooked.slots[0]
-            with torch.no_grad(), _full_precision():
+            full = _full_precision() if self.precision is not None else contextlib.nullcontext()
+            with torch.no_grad(), full:
                 return use(self.hooked.rule, self.hooked.module, _precise(call, parameters[leaf]))
         except local.LocalError:
             raise
@@ -394,10 +395,12 @@ class Record:
 def _full_precision() -> contextlib.AbstractContextManager:
     """Autocast off, where it is on: a rule's closed forms run in the precision of the
     tensors it is given."""
+    on = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
+    if not on:
+        return contextlib.nullcontext()
     stack = contextlib.ExitStack()
-    for device in ("cpu", "cuda"):
-        if torch.is_autocast_enabled(device):
-            stack.enter_context(torch.autocast(device, enabled=False))
+    for device in on:
+        stack.enter_context(torch.autocast(device, enabled=False))
     return stack
 
 
@@ -409,8 +412,10 @@ def _precise(call: Call, parameter: Tensor) -> Call:
     whose parameters are themselves in half precision stays there. ``examples`` still reads
     the tags of the tensors the layer received."""
     dtype = parameter.dtype
+    if dtype in HALF:
+        return call
     leaves = [*all_tensors(call.args, call.kwargs), call.output_grad, *call.output_grads]
-    if dtype in HALF or not any(x.dtype in HALF for x in leaves):
+    if not any(x.dtype in HALF for x in leaves):
         return call
     originals: dict[int, Tensor] = {}
 

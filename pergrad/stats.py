@@ -178,33 +178,15 @@ class Sums:
                 if grad.dtype != p.dtype:  # summed in float32 where the layers ran in half
                     grad, sq = grad.to(p.dtype), sq.to(p.dtype)
                 p.grad = grad
-                setattr(p, ATTRIBUTE, GradStats(self.count, sq))
+                stats = GradStats(self.count, sq)
+                setattr(p, ATTRIBUTE, stats)
             else:
                 stats = grad_stats(p)
                 total = stats.count + self.count
                 p.grad.mul_(stats.count / total).add_(self.grad[name], alpha=1 / total)
                 stats.sq_mean.mul_(stats.count / total).add_(self.sq[name], alpha=1 / total)
                 stats.count = total
-        params = list(self.params.values())
-        at_least_square(params)
-        for p in params:
-            grad_stats(p)._seal(p.grad)
-
-
-def at_least_square(params: list[Tensor]) -> None:
-    """``sq_mean ← max(sq_mean, ĝ²)``, element-wise: a mean of squares is never below the
-    square of the mean (``(1/n) Σ_b g_b² ≥ ((1/n) Σ_b g_b)²``), where rounding, or a closed
-    form whose terms nearly cancel, would put it below (MATH.md, "Sums of squares never below
-    the square of the mean"). Two multi-tensor kernels; sparse gradients (an ``Embedding``'s,
-    whose squares are summed one by one) are left as they are."""
-    dense = [p for p in params if not p.grad.is_sparse]
-    grads = [p.grad for p in dense]
-    sq_means = [grad_stats(p).sq_mean for p in dense]
-    if all(type(t) is Tensor for t in grads):
-        torch._foreach_maximum_(sq_means, torch._foreach_mul(grads, grads))
-        return
-    for grad, sq_mean in zip(grads, sq_means):  # DTensors (FSDP2), one at a time
-        torch.maximum(sq_mean, grad * grad, out=sq_mean)
+            stats._seal(p.grad)
 
 
 def check_unchanged(params: dict[str, Tensor]) -> None:

@@ -55,3 +55,18 @@ def test_the_training_stack_benchmark_writes_its_tables(tmp_path):
     assert rows["trainer"]["PerExampleTrainer.training_step"]["seconds"] > 0
     text = (tmp_path / "stack.md").read_text()
     assert "torch.compile" in text and "training_step / backward" in text and "fails" not in text
+
+
+def test_the_module_db_count_runs_on_one_module():
+    import module_db
+
+    found = module_db.main(["--modules", "nn.PReLU"])
+    assert found["samples"] == {"exact, per layer": 8} and not found["failures"]
+
+
+def test_the_low_precision_check_runs_on_a_small_gpt2():
+    import low_precision
+
+    for row in low_precision.main(["--layers", "1", "--width", "64"]):
+        assert row["negative sq_mean entries"] == 0
+        assert row["largest (grad² - sq_mean) / grad²"] <= 1e-3

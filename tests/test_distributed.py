@@ -338,8 +338,8 @@ def test_fsdp2_mixed_precision_reduces_the_sums_in_its_reduce_dtype(two_ranks, r
         for p, q in zip(found, alone):
             assert p.dtype == torch.float32
             torch.testing.assert_close(p, q, rtol=3e-2, atol=3e-2 * float(q.abs().max()))
-        for grad, sq_mean in zip(found[::2], found[1::2]):
-            assert bool((sq_mean >= grad.square()).all())
+        for grad, sq_mean in zip(found[::2], found[1::2]):  # but by bfloat16's rounding
+            assert bool((sq_mean >= 0).all()) and bool((sq_mean >= 0.98 * grad.square()).all())
 
 
 @pytest.mark.parametrize("split", sorted(SPLITS))

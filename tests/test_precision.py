@@ -1,9 +1,9 @@
 """The statistics in every precision.
 
-A mean of squares is never negative nor below the square of the mean; every built-in rule's
-closed forms give that as they come (before the merge makes sure of it), in float64, float32
-and under bfloat16 autocast, where they are formed and summed in float32 and come within
-bfloat16's rounding of a float64 reference. Real models trained a few steps under bfloat16
+A mean of squares is never negative nor below the square of the mean (up to rounding); every
+built-in rule's closed forms give that, in float64, float32 and under bfloat16 autocast, where
+they are formed and summed in float32 and come within bfloat16's rounding of a float64
+reference. Real models trained a few steps under bfloat16
 autocast with ``optim.Adam`` stay finite."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from unittest import mock
 
 import pytest
 import torch
@@ -82,13 +81,9 @@ def test_the_mean_of_squares_is_at_least_the_square_of_the_mean(case, precision,
     if plain is None:
         pytest.skip(f"PyTorch cannot run {case} in {precision} on this processor")
     engine = pergrad.PerExample(model, _squared, verify=not autocast)
-    with (
-        mock.patch("pergrad.stats.at_least_square", lambda params: None),
-        _autocast(autocast),
-        warnings.catch_warnings(),
-    ):
+    with _autocast(autocast), warnings.catch_warnings():
         warnings.simplefilter("ignore", pergrad.FallbackWarning)  # slower, as exact
-        engine.backward(inputs, target)  # the moments as the rules and modes form them
+        engine.backward(inputs, target)
     for name, p in model.named_parameters():
         grad, sq_mean = p.grad.double(), p.grad_stats.sq_mean.double()
         g = expected[name]
@@ -124,16 +119,19 @@ def _plain(model, inputs, target, autocast: bool) -> dict | None:
     return dict(zip((n for n, _ in model.named_parameters()), grads))
 
 
-def test_the_merge_keeps_the_mean_of_squares_above_the_square_of_the_mean():
-    """Identical examples: ``q = ĝ²`` in exact arithmetic, which rounding alone would break."""
+def test_the_mean_of_squares_of_identical_examples_is_the_square_of_the_mean():
+    """Identical examples: ``q = ĝ²`` in exact arithmetic, up to rounding in float32, through
+    accumulation too; and on positions whose products cancel (the pair expansion)."""
     torch.manual_seed(0)
-    model = nn.Linear(7, 3)
-    x = torch.randn(1, 7).expand(6, 7) * 1e3
-    engine = pergrad.PerExample(model, lambda out, y: (out - y).square().sum(1))
-    for _ in range(3):  # and so it stays, accumulating
-        engine.backward(x, torch.randn(1, 3).expand(6, 3))
-        for p in model.parameters():
-            assert bool((p.grad_stats.sq_mean >= p.grad.square()).all())
+    for x in (torch.randn(1, 7).expand(6, 7) * 1e3, torch.randn(1, 2, 7).expand(6, 2, 7)):
+        model = nn.Linear(7, 3)
+        engine = pergrad.PerExample(model, lambda out, y: (out - y).square().flatten(1).sum(1))
+        for _ in range(3):
+            engine.backward(x, torch.randn(1, *x.shape[1:-1], 3).expand(6, *x.shape[1:-1], 3))
+            for p in model.parameters():
+                sq_mean, square = p.grad_stats.sq_mean, p.grad.square()
+                assert bool((sq_mean >= 0).all())
+                assert bool((sq_mean >= square * (1 - 1e-5)).all())
 
 
 def _gpt2():
@@ -212,7 +210,8 @@ def test_real_models_train_under_bfloat16_autocast_and_stay_finite(name):
             losses.append(float(engine.backward(inputs, target)))
         for p in model.parameters():
             assert p.grad.dtype == p.dtype == torch.float32
-            assert bool((p.grad_stats.sq_mean >= p.grad.square()).all())
+            sq_mean = p.grad_stats.sq_mean
+            assert bool((sq_mean >= 0).all()) and bool((sq_mean >= p.grad.square() * 0.999).all())
         opt.step()
         assert all(bool(p.isfinite().all()) for p in model.parameters())
     whole = {n for n, s in engine.sources.items() if s in ("func", "hooks", "loop")}

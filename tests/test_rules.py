@@ -136,4 +136,24 @@ def test_the_pair_expansion_equals_per_example_gradients():
         torch.randn(2, 5, 3, 6, dtype=torch.float64),
     )
     per_example = torch.einsum("gbto,gbti->gboi", delta, a)
-    torch.testing.assert_close(base.pair_moments(delta, a), per_example.square().sum(1))
+    squares = base.pair_moments(delta, a, per_example.sum(1))
+    torch.testing.assert_close(squares, per_example.square().sum(1))
+
+
+def test_the_pair_expansion_is_never_below_the_square_of_the_sum():
+    """Positions whose products nearly cancel, in float32: the expansion's terms of both
+    signs can round below zero; the result stays at or above ``(Σ_b g_b)²/B``."""
+    torch.manual_seed(0)
+    a = torch.randn(1, 6, 2, 5)
+    a[:, :, 1] = a[:, :, 0] * (1 + 1e-4)  # two positions of nearly the same input
+    delta = torch.randn(1, 6, 2, 3)
+    delta[:, :, 1] = -delta[:, :, 0]  # and opposite gradients: g_b nearly 0
+    per_example = torch.einsum("gbto,gbti->gboi", delta.double(), a.double())
+    grad_sum = per_example.sum(1).float()
+    squares = base.pair_moments(delta, a, grad_sum)
+    assert bool((squares >= grad_sum.square() / 6).all())
+    assert bool((squares >= 0).all())
+    exact = per_example.square().sum(1)
+    assert float((squares.double() - exact).abs().max()) < 1e-6 * float(
+        (delta.abs().sum(2).square().sum(1)).max() * a.abs().sum(2).square().sum(1).max()
+    )

@@ -323,15 +323,18 @@ def _alone(batch: Example) -> tuple[dict[str, Tensor], Tensor] | None:
     return {n: torch.stack(g) for n, g in grads.items()}, torch.stack(losses)
 
 
-def judge(case: Case, size: int, chunk_size: int | None = None) -> Verdict:
+def judge(
+    case: Case, size: int, chunk_size: int | None = None, verify: bool | None = None
+) -> Verdict:
     """pergrad's ``grads`` and ``backward`` on ``size`` examples of the sample against one
-    backward pass per example (the modules' own warnings silenced)."""
+    backward pass per example (the modules' own warnings silenced); ``verify`` as
+    :class:`pergrad.PerExample` takes it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _judge(case, size, chunk_size)
+        return _judge(case, size, chunk_size, verify)
 
 
-def _judge(case: Case, size: int, chunk_size: int | None) -> Verdict:
+def _judge(case: Case, size: int, chunk_size: int | None, verify: bool | None) -> Verdict:
     batch = example(case, size)
     if batch is None:
         return Verdict("not applicable", "the module cannot run this batch")
@@ -340,7 +343,7 @@ def _judge(case: Case, size: int, chunk_size: int | None) -> Verdict:
         losses = batch.loss(batch.model(*batch.inputs), batch.target)
     separable = reference is not None and _close(losses, reference[1])
     finite = reference is not None and all(bool(g.isfinite().all()) for g in reference[0].values())
-    engine = pergrad.PerExample(batch.model, batch.loss, chunk_size=chunk_size)
+    engine = pergrad.PerExample(batch.model, batch.loss, chunk_size=chunk_size, verify=verify)
     try:
         grads = engine.grads(batch.inputs, batch.target)
         sources = dict(engine.sources)

@@ -237,20 +237,22 @@ def positions(x: Tensor) -> Tensor:
     return x.reshape(len(x), -1, x.shape[-1])
 
 
-def pair_moments(delta: Tensor, a: Tensor) -> Tensor:
+def pair_moments(delta: Tensor, a: Tensor, grad_sum: Tensor) -> Tensor:
     """``Σ_b g_b²`` of ``g_b = δ_bᵀ a_b`` summed over positions, per group, for
     ``δ (G, B, P, o)`` and ``a (G, B, P, i)``, by the expansion
     ``Σ_b g_b² = Σ_{b,t,t'} (δ_bt ⊙ δ_bt')ᵀ (a_bt ⊙ a_bt')``: ``B·P²`` rows, never the ``B``
     gradients (for ``P = 1``, ``(δ²)ᵀ(a²)``). Returns ``(G, o, i)``.
 
     The terms with ``t ≠ t'`` may be negative, and where they nearly cancel the rounded sum
-    can fall below zero; a sum of squares is not, so the result is clamped at 0 (MATH.md,
-    "Sums of squares never below the square of the mean")."""
+    can fall below zero. A sum of squares is at least the square of the sum over ``B``,
+    ``Σ_b g_b² ≥ (Σ_b g_b)²/B``, so the result is clamped there, given ``grad_sum``
+    ``= Σ_b g_b`` ``(G, o, i)`` (MATH.md, "Sums of squares never below the square of the
+    mean")."""
     groups, batch, count = delta.shape[:3]
     rows = batch * count * count
     d = (delta.unsqueeze(3) * delta.unsqueeze(2)).reshape(groups, rows, -1)
     x = (a.unsqueeze(3) * a.unsqueeze(2)).reshape(groups, rows, -1)
-    return torch.bmm(d.mT, x).clamp_(min=0)
+    return torch.maximum(torch.bmm(d.mT, x), grad_sum.square().div_(batch))
 
 
 MEMORY_WEIGHT = 8

@@ -100,7 +100,8 @@ def _moments(layer: Conv, call: Call) -> dict[str, Moments]:
     if pairs_cheaper(batch * layer.groups, count, shape[0] // layer.groups, shape[1:].numel()):
         a, d = patches(x, layer), _grouped_delta(layer, delta)
         grad_sum = torch.bmm(d.flatten(1, 2).mT, a.flatten(1, 2))
-        found["weight"] = Moments(grad_sum.reshape(shape), pair_moments(d, a).reshape(shape))
+        squares = pair_moments(d, a, grad_sum)
+        found["weight"] = Moments(grad_sum.reshape(shape), squares.reshape(shape))
     else:
         patch = 0 if _grouped_cheaper(layer, delta) else layer.groups * shape[1:].numel() * count
         parts = chunks(batch, max(shape.numel(), patch), REDUCE_ELEMENTS)

@@ -44,7 +44,8 @@ def weight_moments(a: Tensor, delta: Tensor) -> Moments:
     (batch, count, columns), rows = a.shape, delta.shape[-1]
     if pairs_cheaper(batch, count, rows, columns):
         grad_sum = delta.reshape(-1, rows).T @ a.reshape(-1, columns)
-        return Moments(grad_sum, pair_moments(delta.unsqueeze(0), a.unsqueeze(0))[0])
+        pairs = pair_moments(delta.unsqueeze(0), a.unsqueeze(0), grad_sum.unsqueeze(0))
+        return Moments(grad_sum, pairs[0])
     parts = chunks(batch, rows * columns, REDUCE_ELEMENTS)
     return chunked_moments_in_place(torch.bmm(delta[i:j].mT, a[i:j]) for i, j in parts)
 
