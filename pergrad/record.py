@@ -174,7 +174,7 @@ class Record:
         changed = [move(d, tag)[0] for d, tag in zip(deltas, tags)]
         call = Call(
             args, kwargs, self._scaled(changed[0]), frozenset(moved), groups=groups,
-            precision=self.precision,
+            precision=self.precision, regrouped=True,
         )  # fmt: skip
         if rule.all_outputs:
             outputs = [move(o, tag)[0] for o, tag in zip(self._batch_outputs(), tags)]
@@ -499,6 +499,8 @@ def _by_example(tag: provenance.Tag, x: Tensor, ids: Tensor, regroup: Regroup):
     rows = len(examples) // max(1, len(ids))
     if rows < 1 or not torch.equal(examples.cpu(), ids.repeat_interleave(rows)):
         raise local.LocalError("an input's examples are not those of its output")
+    if rows > 1 and len(ids.unique()) < 2:  # a sequence-first key at B = 1 looks so too
+        raise local.LocalError("with one example, its inputs' rows do not say their layout")
     x = x.movedim(own, 0)
     if rows == 1:
         return regroup(x).squeeze(1), 1

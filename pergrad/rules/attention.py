@@ -32,8 +32,8 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _projections(layer: nn.MultiheadAttention, call: Call):
-    """The query, key and value inputs, their projections' output gradients, and the
-    attention output before the output projection.
+    """The query, key and value inputs, their projections' output gradients, the attention
+    output before the output projection, and ``δ`` of the layer's output, all batch first.
 
     Raises:
         ValueError: the attention weights computed again differ from the layer's.
@@ -43,6 +43,8 @@ def _projections(layer: nn.MultiheadAttention, call: Call):
     given = bound.arguments
     inputs = (given["query"], given["key"], given["value"])
     delta = call.output_grad
+    if not layer.batch_first and not call.regrouped:  # (T, B, E) as the layer took it
+        inputs, delta = tuple(x.transpose(0, 1) for x in inputs), delta.transpose(0, 1)
     batch, length, width, heads = len(delta), inputs[0].shape[1], layer.embed_dim, layer.num_heads
     weights = layer.in_proj_weight.detach().chunk(3)
     biases = (None,) * 3 if layer.in_proj_bias is None else layer.in_proj_bias.detach().chunk(3)
@@ -77,19 +79,19 @@ def _projections(layer: nn.MultiheadAttention, call: Call):
         if need_weights and not agree(outputs[0].detach(), call.outputs[1], call.precision):
             raise ValueError("the attention weights computed again differ from the layer's")
         grads = torch.autograd.grad([attended, *outputs], projected, deltas)
-    return inputs, grads, attended.detach()
+    return inputs, grads, attended.detach(), delta
 
 
 def _moments(layer: nn.MultiheadAttention, call: Call) -> dict[str, Moments]:
-    inputs, grads, attended = _projections(layer, call)
+    inputs, grads, attended, delta = _projections(layer, call)
     stacked = lambda parts: Moments(*map(torch.cat, zip(*parts)))  # noqa: E731  q, k, v rows
     found = {
         "in_proj_weight": stacked([linear.weight_moments(x, g) for x, g in zip(inputs, grads)]),
-        "out_proj.weight": linear.weight_moments(attended, call.output_grad),
+        "out_proj.weight": linear.weight_moments(attended, delta),
     }
     if layer.in_proj_bias is not None:
         found["in_proj_bias"] = stacked([linear.bias_moments(g) for g in grads])
-        found["out_proj.bias"] = linear.bias_moments(call.output_grad)
+        found["out_proj.bias"] = linear.bias_moments(delta)
     return found
 
 
@@ -105,12 +107,12 @@ def _supports(layer: nn.MultiheadAttention) -> str | None:
 
 @register_rule(nn.MultiheadAttention, moments=_moments, supports=_supports, all_outputs=True)
 def multihead_attention(layer: nn.MultiheadAttention, call: Call) -> dict[str, Tensor]:
-    inputs, grads, attended = _projections(layer, call)
+    inputs, grads, attended, delta = _projections(layer, call)
     found = {
         "in_proj_weight": torch.cat([linear.weight_grads(x, g) for x, g in zip(inputs, grads)], 1),
-        "out_proj.weight": linear.weight_grads(attended, call.output_grad),
+        "out_proj.weight": linear.weight_grads(attended, delta),
     }
     if layer.in_proj_bias is not None:
         found["in_proj_bias"] = torch.cat([linear.bias_grads(g) for g in grads], 1)
-        found["out_proj.bias"] = linear.bias_grads(call.output_grad)
+        found["out_proj.bias"] = linear.bias_grads(delta)
     return found

@@ -49,6 +49,9 @@ class Call:
         precision: the dtype autocast ran the layer in, or ``None``: compare a rule's
             recomputation with the layer's outputs to its rounding
             (``pergrad.checks.agree(actual, expected, call.precision)``).
+        regrouped: whether the rows reach the rule regrouped by example, batch first,
+            where the model moved them (else as the layer received them: a sequence-first
+            layer's ``(T, B, …)`` where ``B = 1`` and ``T = 1`` leave nothing to move).
     """
 
     args: tuple
@@ -61,6 +64,7 @@ class Call:
     outputs: tuple[Tensor, ...] = ()
     groups: dict = field(default_factory=dict)
     precision: torch.dtype | None = None
+    regrouped: bool = False
 
     @property
     def input(self) -> Tensor:
